@@ -1,0 +1,124 @@
+//! The admin API on a Unix socket: one request line (`GET /path`), one JSON document back.
+//! `weftctl` is its client. Paths: /ready, /status, /services, /workloads, /stats, /maps.
+
+use std::{path::Path, sync::Arc};
+
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixListener,
+    sync::Mutex,
+};
+
+use crate::{datapath::Datapath, proxy::Metrics, state::NodeState};
+
+/// What the control side publishes about itself.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub node: String,
+    pub config_generation: u64,
+    /// The last configuration change that was refused, and why (`None` once a later one
+    /// is accepted).
+    pub last_config_error: Option<String>,
+    pub attachment: Option<crate::datapath::Attachment>,
+    /// Milliseconds from process start to ready (capturing in every enrolled pod).
+    pub startup_ms: Option<u64>,
+    pub inherited_listeners: usize,
+    pub enrolled: Vec<String>,
+    pub draining: bool,
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub status: Arc<ArcSwap<Status>>,
+    pub state: Arc<ArcSwap<NodeState>>,
+    pub metrics: Arc<Metrics>,
+    pub datapath: Arc<Mutex<Datapath>>,
+}
+
+pub async fn serve(path: &Path, admin: AdminState) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    loop {
+        let (conn, _) = listener.accept().await?;
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = conn.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let body = match line.trim().strip_prefix("GET ") {
+                Some(path) => answer(&admin, path.trim()).await,
+                None => json!({"error": "expected a request line `GET /path`"}),
+            };
+            let _ = w.write_all(format!("{body}\n").as_bytes()).await;
+        });
+    }
+}
+
+async fn answer(admin: &AdminState, path: &str) -> Value {
+    match path {
+        "/ready" => json!({"ready": admin.status.load().ready}),
+        "/status" => json!(*admin.status.load_full()),
+        "/services" => {
+            let st = admin.state.load();
+            let svcs: Vec<_> = st
+                .services
+                .values()
+                .map(|s| json!({"name": s.name, "address": s.addr.vip.to_string(), "protocol": s.addr.protocol, "endpoints": s.endpoints}))
+                .collect();
+            json!({"generation": st.generation, "services": svcs})
+        }
+        "/workloads" => {
+            let st = admin.state.load();
+            let enrolled = &admin.status.load().enrolled;
+            let ws: Vec<_> = st
+                .local
+                .values()
+                .map(|w| json!({"name": w.id(), "ip": w.ip.to_string(), "meshed": w.meshed, "agent_down": w.agent_down, "enrolled": enrolled.contains(&w.id()), "service_account": w.service_account}))
+                .collect();
+            json!({"node": st.node, "workloads": ws})
+        }
+        "/stats" => {
+            let dp = admin.datapath.lock().await;
+            let ebpf: serde_json::Map<String, Value> = dp
+                .stats()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), json!(v)))
+                .collect();
+            let proxy: serde_json::Map<String, Value> = admin
+                .metrics
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), json!(v)))
+                .collect();
+            json!({"ebpf": ebpf, "proxy": proxy})
+        }
+        "/maps" => {
+            let dp = admin.datapath.lock().await;
+            let services: Vec<_> = dp
+                .dump_services()
+                .into_iter()
+                .map(|(vip, proto, id, eps)| json!({"address": vip.to_string(), "proto": proto, "id": id, "endpoints": eps.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+                .collect();
+            json!({"pin_root": dp.pin_root().display().to_string(), "services": services})
+        }
+        other => {
+            json!({"error": format!("unknown path {other}; try /ready, /status, /services, /workloads, /stats, /maps")})
+        }
+    }
+}
+
+/// Send one request to the admin socket at `path` and return the JSON answer.
+pub fn request(path: &Path, what: &str) -> std::io::Result<Value> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.write_all(format!("GET {what}\n").as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}

@@ -1,0 +1,357 @@
+//! The composition root: checks, configuration, datapath, pods, proxies, admin API, reload
+//! and shutdown, wired in that order. Nothing else in the agent starts tasks of its own.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use arc_swap::ArcSwap;
+use tokio::{
+    net::UnixListener,
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch, Mutex},
+};
+
+use crate::{
+    admin::{self, AdminState, Status},
+    config::{self, Config},
+    datapath::{preflight, Datapath, DatapathOptions},
+    enroll::{self, Enrolled},
+    handoff::{self, Inherited},
+    netns::{HostNetns, PodNetns},
+    proxy::{Metrics, ProxyInputs},
+    state::NodeState,
+};
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub node: String,
+    pub config: PathBuf,
+    /// The pods' cgroup v2 directory: absolute, or relative to the cgroup2 mount.
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub run_dir: PathBuf,
+    pub btf: PathBuf,
+    pub accelerate: bool,
+    pub reload_interval: Duration,
+    /// After SIGTERM, how long to keep serving while waiting for a successor to take over.
+    pub handoff_wait: Duration,
+    /// How long open connections may take to finish once accepting stopped.
+    pub drain_timeout: Duration,
+}
+
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
+
+    // 1. Privileges and kernel features, before anything is touched.
+    let mounts = preflight::check(&opts.bpffs, &opts.btf)?;
+
+    // 2. Configuration, parsed and validated before anything binds.
+    let cfg = config::load_path(&opts.config).context("the initial configuration is invalid")?;
+    if !cfg.nodes.contains_key(&opts.node) {
+        bail!(
+            "--node {:?} is not declared as a Node in {}",
+            opts.node,
+            opts.config.display()
+        );
+    }
+
+    // 3. The cgroup the pods live under; the agent itself must be outside it.
+    let cgroup = if opts.cgroup.is_absolute() {
+        opts.cgroup.clone()
+    } else {
+        mounts.cgroup2.join(&opts.cgroup)
+    };
+    check_own_cgroup(&mounts.cgroup2, &cgroup)?;
+
+    // 4. The datapath: load, adopt or attach, pinned under bpffs.
+    let (mut dp, capture) = Datapath::start(&DatapathOptions {
+        node: opts.node.clone(),
+        cgroup: cgroup.clone(),
+        bpffs: mounts.bpffs.clone(),
+        accelerate: opts.accelerate,
+    })?;
+    tracing::info!(cgroup = %cgroup.display(), pins = %dp.pin_root().display(), attachment = ?dp.attachment, "datapath ready");
+
+    // 5. The node's state, and the service maps that follow from it.
+    let state = Arc::new(ArcSwap::from_pointee(NodeState::build(&opts.node, &cfg, 1)));
+    dp.sync_services(&state.load())?;
+
+    // 6. Listeners from a predecessor, if one is running (graceful restart).
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    let handoff_path = opts.run_dir.join("handoff.sock");
+    let mut inherited =
+        handoff::receive(&handoff_path).context("taking over listeners from the running agent")?;
+    let inherited_count = inherited.len();
+    if inherited_count > 0 {
+        tracing::info!(
+            listeners = inherited_count,
+            "took over the listeners of the previous agent"
+        );
+    }
+
+    // 7. Proxy inputs, and every meshed pod of this node enrolled.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::default());
+    let inputs = ProxyInputs {
+        state: state.clone(),
+        capture: Arc::new(capture),
+        pods: Arc::new(ArcSwap::from_pointee(HashMap::new())),
+        metrics: metrics.clone(),
+        stop: stop_rx,
+    };
+    let host = HostNetns::current().context("opening the agent's own network namespace")?;
+    let mut pods = Pods {
+        enrolled: HashMap::new(),
+        host,
+        inputs: inputs.clone(),
+    };
+    pods.reconcile(&mut dp, &state.load(), &mut inherited);
+    dp.remove_leftovers(&state.load().local.keys().copied().collect());
+
+    let status = Arc::new(ArcSwap::from_pointee(Status {
+        ready: true,
+        node: opts.node.clone(),
+        config_generation: 1,
+        attachment: Some(dp.attachment),
+        startup_ms: Some(started.elapsed().as_millis() as u64),
+        inherited_listeners: inherited_count,
+        enrolled: pods.names(),
+        ..Status::default()
+    }));
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        pods = pods.enrolled.len(),
+        "capturing"
+    );
+    let datapath = Arc::new(Mutex::new(dp));
+
+    // 8. Admin API and the handoff socket for a successor.
+    let admin_state = AdminState {
+        status: status.clone(),
+        state: state.clone(),
+        metrics: metrics.clone(),
+        datapath: datapath.clone(),
+    };
+    let admin_path = opts.run_dir.join("admin.sock");
+    tokio::spawn(async move {
+        if let Err(e) = admin::serve(&admin_path, admin_state).await {
+            tracing::error!(error = %e, path = %admin_path.display(), "admin API stopped");
+        }
+    });
+    let (successor_tx, mut successor_rx) = mpsc::channel(1);
+    let _ = std::fs::remove_file(&handoff_path);
+    let handoff_listener = UnixListener::bind(&handoff_path)
+        .with_context(|| format!("binding {}", handoff_path.display()))?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = handoff_listener.accept().await {
+            if successor_tx.send(s).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    // 9. Reload on change; on SIGTERM or a successor, hand over and drain.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(opts.reload_interval);
+    let mut fingerprint = config::watch::fingerprint(&opts.config);
+    let mut generation = 1;
+    let mut terminating: Option<tokio::time::Instant> = None;
+    loop {
+        let handoff_deadline = terminating.map(|t| t + opts.handoff_wait);
+        tokio::select! {
+            _ = tick.tick() => {
+                let fp = config::watch::fingerprint(&opts.config);
+                let changed = fp != fingerprint;
+                fingerprint = fp;
+                let mut dp = datapath.lock().await;
+                if changed {
+                    match config::load_path(&opts.config) {
+                        Ok(cfg) => {
+                            generation += 1;
+                            apply(&opts, &cfg, generation, &state, &mut dp)?;
+                            status.rcu(|s| Status { config_generation: generation, last_config_error: None, ..(**s).clone() });
+                            tracing::info!(generation, "configuration reloaded");
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "configuration change refused; the last good configuration stays in force");
+                            status.rcu(|s| Status { last_config_error: Some(e.to_string()), ..(**s).clone() });
+                        }
+                    }
+                }
+                // Also retries pods whose enrolment failed (e.g. netns not there yet).
+                tokio::task::block_in_place(|| pods.reconcile(&mut dp, &state.load(), &mut Inherited::default()));
+                let names = pods.names();
+                if names != status.load().enrolled {
+                    status.rcu(|s| Status { enrolled: names.clone(), ..(**s).clone() });
+                }
+            }
+            Some(successor) = successor_rx.recv() => {
+                let listeners = pods.listener_fds();
+                let stream = successor.into_std().and_then(|s| { s.set_nonblocking(false)?; Ok(s) });
+                match stream.and_then(|s| tokio::task::block_in_place(|| handoff::send(s, &listeners))) {
+                    Ok(()) => {
+                        tracing::info!(listeners = listeners.len(), "handed the listeners to a new agent; draining");
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "handoff to a new agent failed; still serving"),
+                }
+            }
+            _ = sigterm.recv(), if terminating.is_none() => {
+                tracing::info!(wait_ms = opts.handoff_wait.as_millis() as u64, "SIGTERM: serving until a successor takes over or the wait ends");
+                status.rcu(|s| Status { draining: true, ..(**s).clone() });
+                terminating = Some(tokio::time::Instant::now());
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT: stopping");
+                break;
+            }
+            _ = sleep_until_opt(handoff_deadline) => {
+                tracing::info!("no successor took over; stopping");
+                break;
+            }
+        }
+    }
+
+    // Drain: stop accepting, let open connections finish, keep the datapath pinned.
+    let _ = stop_tx.send(true);
+    status.rcu(|s| Status {
+        ready: false,
+        draining: true,
+        ..(**s).clone()
+    });
+    let deadline = Instant::now() + opts.drain_timeout;
+    while metrics.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(
+        open = metrics.active.load(Ordering::Relaxed),
+        "drained; exiting (eBPF programs and maps stay pinned)"
+    );
+    Ok(())
+}
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Accept a new configuration: swap the state, then bring the maps in line.
+fn apply(
+    opts: &AgentOptions,
+    cfg: &Config,
+    generation: u64,
+    state: &ArcSwap<NodeState>,
+    dp: &mut Datapath,
+) -> anyhow::Result<()> {
+    if !cfg.nodes.contains_key(&opts.node) {
+        tracing::warn!(node = %opts.node, "this node is no longer declared; keeping its pods as they are");
+    }
+    let next = NodeState::build(&opts.node, cfg, generation);
+    dp.sync_services(&next)?;
+    state.store(Arc::new(next));
+    Ok(())
+}
+
+/// The pods this agent serves.
+struct Pods {
+    enrolled: HashMap<Ipv4Addr, Enrolled>,
+    host: Arc<HostNetns>,
+    inputs: ProxyInputs,
+}
+
+impl Pods {
+    /// Enrol meshed local pods that are not enrolled (or changed), let go of the others.
+    fn reconcile(&mut self, dp: &mut Datapath, st: &NodeState, inherited: &mut Inherited) {
+        let wanted: HashMap<Ipv4Addr, &config::Workload> = st
+            .local
+            .iter()
+            .filter(|(_, w)| w.meshed)
+            .map(|(ip, w)| (*ip, w))
+            .collect();
+        let gone: Vec<Ipv4Addr> = self
+            .enrolled
+            .iter()
+            .filter(|(ip, e)| wanted.get(ip).is_none_or(|w| **w != e.workload))
+            .map(|(ip, _)| *ip)
+            .collect();
+        let mut changed = !gone.is_empty();
+        for ip in gone {
+            if let Some(e) = self.enrolled.remove(&ip) {
+                dp.unenroll(e.netns.cookie());
+                tracing::info!(workload = %e.workload.id(), "unenrolled");
+            }
+        }
+        for (ip, w) in wanted {
+            if self.enrolled.contains_key(&ip) {
+                continue;
+            }
+            match enroll::enroll(dp, w, &self.host, &self.inputs, inherited) {
+                Ok(e) => {
+                    self.enrolled.insert(ip, e);
+                    changed = true;
+                }
+                Err(e) => tracing::error!(error = %e, "enrolment failed; will retry"),
+            }
+        }
+        if changed {
+            let map: HashMap<Ipv4Addr, Arc<PodNetns>> = self
+                .enrolled
+                .iter()
+                .map(|(ip, e)| (*ip, e.netns.clone()))
+                .collect();
+            self.inputs.pods.store(Arc::new(map));
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.enrolled.values().map(|e| e.workload.id()).collect();
+        v.sort();
+        v
+    }
+
+    fn listener_fds(&self) -> Vec<(u64, handoff::ListenerKind, i32)> {
+        self.enrolled
+            .values()
+            .flat_map(|e| {
+                e.listeners
+                    .iter()
+                    .map(|(k, fd)| (e.netns.cookie(), *k, fd.as_raw_fd()))
+            })
+            .collect()
+    }
+}
+
+/// Refuse to attach to a cgroup that contains the agent: its own sockets would be captured.
+fn check_own_cgroup(cgroup2: &std::path::Path, target: &std::path::Path) -> anyhow::Result<()> {
+    if !target.is_dir() {
+        bail!(
+            "--cgroup {}: no such cgroup v2 directory (cgroup2 is mounted at {})",
+            target.display(),
+            cgroup2.display()
+        );
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::")) {
+        let own_dir = cgroup2.join(rel.trim_start_matches('/'));
+        if own_dir.starts_with(target) {
+            bail!(
+                "weft-agent runs in cgroup {} which is inside --cgroup {}: its own sockets would be captured. \
+                 Run the agent outside the pods' cgroup subtree.",
+                own_dir.display(),
+                target.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,567 @@
+//! Documents -> validated [`Config`]. A source is one YAML file or a directory of them
+//! (`*.yaml`, `*.yml`, read in name order), each holding any number of `---`-separated
+//! Kubernetes-shaped documents. Every error names the file, the document (index, kind and
+//! name) and the field, so an operator can fix it without guessing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_norway::Value;
+
+use super::model::{
+    AgentDown, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort, Workload,
+    WorkloadPort,
+};
+
+/// Ports the agent itself binds inside every enrolled pod.
+const RESERVED_PORTS: [u16; 3] = [
+    weft_common::OUTBOUND_PORT,
+    weft_common::INBOUND_PORT,
+    weft_common::TUNNEL_PORT,
+];
+
+/// Where in the configuration a problem is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    /// 1-based index of the document in its file.
+    pub document: usize,
+    /// `Kind namespace/name`, as far as it could be read.
+    pub object: String,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file.display(), self.document)?;
+        if !self.object.is_empty() {
+            write!(f, " ({})", self.object)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid YAML: {source}")]
+    Syntax {
+        path: PathBuf,
+        source: serde_norway::Error,
+    },
+    #[error("{at}: field `{field}`: {message}")]
+    Field {
+        at: Location,
+        field: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn field(at: &Location, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Field {
+            at: at.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Read and validate every document under `path` (a file or a directory).
+pub fn load_path(path: &Path) -> Result<Config, ConfigError> {
+    let mut docs = Vec::new();
+    for file in files_of(path)? {
+        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        docs.extend(split_documents(&file, &text)?);
+    }
+    build(docs)
+}
+
+/// Parse configuration text as if it came from `name` (tests and `validate -`).
+pub fn load_str(name: &Path, text: &str) -> Result<Config, ConfigError> {
+    build(split_documents(name, text)?)
+}
+
+fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    if !path.metadata().map_err(read_err)?.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(read_err)? {
+        let p = entry.map_err(read_err)?.path();
+        let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+        if yaml && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// One document, with where it came from.
+struct Doc {
+    at: Location,
+    api_version: String,
+    kind: String,
+    meta: Metadata,
+    spec: Value,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    #[expect(
+        dead_code,
+        reason = "accepted so Kubernetes-style documents parse; no annotation has a meaning yet"
+    )]
+    annotations: BTreeMap<String, String>,
+}
+
+fn split_documents(file: &Path, text: &str) -> Result<Vec<Doc>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(de).map_err(|source| ConfigError::Syntax {
+            path: file.to_owned(),
+            source,
+        })?;
+        let mut at = Location {
+            file: file.to_owned(),
+            document: i + 1,
+            object: String::new(),
+        };
+        let Value::Mapping(mut map) = value else {
+            if value.is_null() {
+                continue; // an empty document, e.g. after a trailing `---`
+            }
+            return Err(ConfigError::field(&at, "", "a document must be a mapping"));
+        };
+        let mut take_str = |key: &str| -> Result<String, ConfigError> {
+            match map.remove(key) {
+                Some(Value::String(s)) => Ok(s),
+                Some(_) => Err(ConfigError::field(&at, key, "must be a string")),
+                None => Err(ConfigError::field(&at, key, "is required")),
+            }
+        };
+        let api_version = take_str("apiVersion")?;
+        let kind = take_str("kind")?;
+        let meta: Metadata = match map.remove("metadata") {
+            None => return Err(ConfigError::field(&at, "metadata", "is required")),
+            Some(v) => typed(&at, "metadata", v)?,
+        };
+        at.object = match &meta.namespace {
+            Some(ns) => format!("{kind} {ns}/{}", meta.name),
+            None => format!("{kind} {}", meta.name),
+        };
+        let spec = map.remove("spec").unwrap_or(Value::Null);
+        if let Some((k, _)) = map.into_iter().next() {
+            let key = k.as_str().unwrap_or("?").to_owned();
+            return Err(ConfigError::field(&at, key, "unknown top-level field"));
+        }
+        out.push(Doc {
+            at,
+            api_version,
+            kind,
+            meta,
+            spec,
+        });
+    }
+    Ok(out)
+}
+
+/// Deserialize `value` into `T`, reporting the failing field as `prefix.path`.
+fn typed<T: serde::de::DeserializeOwned>(
+    at: &Location,
+    prefix: &str,
+    value: Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let field = if inner == "." {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}.{inner}")
+        };
+        ConfigError::field(at, field, e.inner().to_string())
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NodeSpec {
+    address: Ipv4Addr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WorkloadSpec {
+    node: String,
+    ip: Ipv4Addr,
+    #[serde(default)]
+    service_account: Option<String>,
+    #[serde(default)]
+    ports: Vec<RawWorkloadPort>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    #[serde(default)]
+    mesh: Option<MeshMode>,
+    #[serde(default)]
+    agent_down: Option<AgentDown>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum MeshMode {
+    Enabled,
+    Disabled,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkloadPort {
+    #[serde(default)]
+    name: Option<String>,
+    port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceSpec {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Ipv4Addr,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    ports: Vec<RawServicePort>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServicePort {
+    #[serde(default)]
+    name: Option<String>,
+    port: u16,
+    #[serde(default)]
+    target_port: Option<RawTargetPort>,
+    #[serde(default)]
+    protocol: Option<RawProtocol>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Deserialize, Clone, Copy)]
+enum RawProtocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+const WEFT_API: &str = "weft.dev/v1alpha1";
+/// Namespace labels that set mesh defaults for the workloads in it.
+pub const LABEL_MESH: &str = "weft.dev/mesh";
+pub const LABEL_AGENT_DOWN: &str = "weft.dev/agent-down";
+
+fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
+    let mut cfg = Config::default();
+    let mut seen: HashMap<(String, String, String), Location> = HashMap::new();
+    let mut pending_workloads = Vec::new();
+    let mut vips: HashMap<(Ipv4Addr, u16, Protocol), String> = HashMap::new();
+    for doc in docs {
+        let Doc {
+            at,
+            api_version,
+            kind,
+            meta,
+            spec,
+        } = doc;
+        let ns = meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
+        let identity = (kind.clone(), ns.clone(), meta.name.clone());
+        if let Some(first) = seen.insert(identity, at.clone()) {
+            return Err(ConfigError::field(
+                &at,
+                "metadata.name",
+                format!(
+                    "duplicate {kind} {ns}/{}, first declared at {first}",
+                    meta.name
+                ),
+            ));
+        }
+        check_name(&at, "metadata.name", &meta.name)?;
+        match (api_version.as_str(), kind.as_str()) {
+            (WEFT_API, "Node") => {
+                let spec: NodeSpec = typed(&at, "spec", spec)?;
+                let node = Node {
+                    name: meta.name.clone(),
+                    address: spec.address,
+                };
+                cfg.nodes.insert(meta.name, node);
+            }
+            ("v1", "Namespace") => {
+                cfg.namespaces
+                    .insert(meta.name.clone(), namespace_from_labels(&at, &meta)?);
+            }
+            (WEFT_API, "Workload") => {
+                let spec: WorkloadSpec = typed(&at, "spec", spec)?;
+                pending_workloads.push((at, meta, ns, spec));
+            }
+            ("v1", "Service") => {
+                let spec: ServiceSpec = typed(&at, "spec", spec)?;
+                let svc = service(&at, meta, ns, spec)?;
+                for (i, p) in svc.ports.iter().enumerate() {
+                    if let Some(other) = vips.insert((svc.cluster_ip, p.port, p.protocol), svc.id())
+                    {
+                        return Err(ConfigError::field(
+                            &at,
+                            format!("spec.ports[{i}]"),
+                            format!(
+                                "{}:{}/{:?} is already served by Service {other}",
+                                svc.cluster_ip, p.port, p.protocol
+                            ),
+                        ));
+                    }
+                }
+                cfg.services.push(svc);
+            }
+            (_, "Node" | "Workload") => {
+                return Err(ConfigError::field(
+                    &at,
+                    "apiVersion",
+                    format!("must be {WEFT_API}"),
+                ));
+            }
+            (_, "Service" | "Namespace") => {
+                return Err(ConfigError::field(&at, "apiVersion", "must be v1"));
+            }
+            _ => {
+                return Err(ConfigError::field(
+                    &at,
+                    "kind",
+                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload or Service"),
+                ));
+            }
+        }
+    }
+    // Workloads last: they refer to nodes and namespaces declared anywhere in the source.
+    let mut ips: HashMap<Ipv4Addr, String> = HashMap::new();
+    for (at, meta, ns, spec) in pending_workloads {
+        let w = workload(&cfg, &at, meta, ns, spec)?;
+        if let Some(other) = ips.insert(w.ip, w.id()) {
+            return Err(ConfigError::field(
+                &at,
+                "spec.ip",
+                format!("{} is already the address of workload {other}", w.ip),
+            ));
+        }
+        cfg.workloads.push(w);
+    }
+    Ok(cfg)
+}
+
+fn check_name(at: &Location, field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::field(
+            at,
+            field,
+            format!("{name:?} is not a valid name (lowercase letters, digits, '-', '.')"),
+        ))
+    }
+}
+
+fn namespace_from_labels(at: &Location, meta: &Metadata) -> Result<Namespace, ConfigError> {
+    let mesh = match meta.labels.get(LABEL_MESH).map(String::as_str) {
+        None => None,
+        Some("enabled") => Some(true),
+        Some("disabled") => Some(false),
+        Some(v) => {
+            return Err(ConfigError::field(
+                at,
+                format!("metadata.labels.{LABEL_MESH}"),
+                format!("{v:?}: expected enabled or disabled"),
+            ));
+        }
+    };
+    let agent_down = match meta.labels.get(LABEL_AGENT_DOWN).map(String::as_str) {
+        None => None,
+        Some("fail-closed") => Some(AgentDown::FailClosed),
+        Some("fail-open") => Some(AgentDown::FailOpen),
+        Some(v) => {
+            return Err(ConfigError::field(
+                at,
+                format!("metadata.labels.{LABEL_AGENT_DOWN}"),
+                format!("{v:?}: expected fail-closed or fail-open"),
+            ));
+        }
+    };
+    Ok(Namespace { mesh, agent_down })
+}
+
+fn workload(
+    cfg: &Config,
+    at: &Location,
+    meta: Metadata,
+    namespace: String,
+    spec: WorkloadSpec,
+) -> Result<Workload, ConfigError> {
+    if !cfg.nodes.contains_key(&spec.node) {
+        let known: Vec<_> = cfg.nodes.keys().cloned().collect();
+        return Err(ConfigError::field(
+            at,
+            "spec.node",
+            format!(
+                "no Node named {:?} is declared (known: {})",
+                spec.node,
+                known.join(", ")
+            ),
+        ));
+    }
+    let mut ports = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, p) in spec.ports.into_iter().enumerate() {
+        if p.port == 0 || RESERVED_PORTS.contains(&p.port) {
+            return Err(ConfigError::field(
+                at,
+                format!("spec.ports[{i}].port"),
+                format!(
+                    "{} is not usable: 0 and the agent's ports {RESERVED_PORTS:?} are reserved",
+                    p.port
+                ),
+            ));
+        }
+        if let Some(n) = &p.name {
+            if !names.insert(n.clone()) {
+                return Err(ConfigError::field(
+                    at,
+                    format!("spec.ports[{i}].name"),
+                    format!("duplicate port name {n:?}"),
+                ));
+            }
+        }
+        ports.push(WorkloadPort {
+            name: p.name,
+            port: p.port,
+        });
+    }
+    let ns_defaults = cfg.namespaces.get(&namespace).cloned().unwrap_or_default();
+    let meshed = match spec.mesh {
+        Some(MeshMode::Enabled) => true,
+        Some(MeshMode::Disabled) => false,
+        None => ns_defaults.mesh.unwrap_or(true),
+    };
+    if let Some(cg) = &spec.cgroup {
+        if cg.is_absolute() {
+            return Err(ConfigError::field(
+                at,
+                "spec.cgroup",
+                "must be relative to the cgroup2 mount, e.g. weft/node-a/pod-1",
+            ));
+        }
+    }
+    Ok(Workload {
+        name: meta.name,
+        namespace,
+        node: spec.node,
+        ip: spec.ip,
+        labels: meta.labels,
+        service_account: spec.service_account.unwrap_or_else(|| "default".to_owned()),
+        ports,
+        netns: spec.netns,
+        cgroup: spec.cgroup,
+        meshed,
+        agent_down: spec
+            .agent_down
+            .or(ns_defaults.agent_down)
+            .unwrap_or_default(),
+    })
+}
+
+fn service(
+    at: &Location,
+    meta: Metadata,
+    namespace: String,
+    spec: ServiceSpec,
+) -> Result<Service, ConfigError> {
+    if spec.ports.is_empty() {
+        return Err(ConfigError::field(
+            at,
+            "spec.ports",
+            "a Service needs at least one port",
+        ));
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.into_iter().enumerate() {
+        if p.port == 0 {
+            return Err(ConfigError::field(
+                at,
+                format!("spec.ports[{i}].port"),
+                "must be 1-65535",
+            ));
+        }
+        let target = match p.target_port {
+            None => TargetPort::Number(p.port),
+            Some(RawTargetPort::Number(0)) => {
+                return Err(ConfigError::field(
+                    at,
+                    format!("spec.ports[{i}].targetPort"),
+                    "must be 1-65535",
+                ));
+            }
+            Some(RawTargetPort::Number(n)) => TargetPort::Number(n),
+            Some(RawTargetPort::Name(n)) => TargetPort::Name(n),
+        };
+        let protocol = match p.protocol {
+            None | Some(RawProtocol::Tcp) => Protocol::Tcp,
+            Some(RawProtocol::Udp) => Protocol::Udp,
+        };
+        ports.push(ServicePort {
+            name: p.name,
+            port: p.port,
+            target,
+            protocol,
+        });
+    }
+    Ok(Service {
+        name: meta.name,
+        namespace,
+        cluster_ip: spec.cluster_ip,
+        selector: spec.selector,
+        ports,
+    })
+}

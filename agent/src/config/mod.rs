@@ -1,0 +1,16 @@
+//! Configuration: Kubernetes-shaped YAML documents -> a validated [`Config`] (file mode).
+//! Parsing and validation never bind a port or touch the kernel, so `weft-agent validate`
+//! and the reload path share them.
+
+mod load;
+mod model;
+pub mod watch;
+
+pub use load::{load_path, load_str, ConfigError, Location, LABEL_AGENT_DOWN, LABEL_MESH};
+pub use model::{
+    AgentDown, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort, Workload,
+    WorkloadPort,
+};
+
+#[cfg(test)]
+mod tests;

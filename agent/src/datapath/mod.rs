@@ -1,0 +1,616 @@
+//! The eBPF datapath: load weft's object, attach (or adopt) its programs, and keep its maps
+//! in step with the node's state.
+//!
+//! Everything that must outlive the agent is pinned under
+//! `<bpffs>/weft/<node>/v<ABI_VERSION>/`: `maps/` (every map), `links/` (the cgroup
+//! programs' links) and `pods/<netns-cookie>` (each pod's sk_lookup link). A crashed agent
+//! therefore leaves capture attached, and its successor adopts the pinned links whose
+//! program is byte-identical (same kernel tag) to its own, replaces the others, and removes
+//! directories of other ABI versions.
+
+pub mod mounts;
+pub mod preflight;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd as _, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, SockHash},
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs, CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use weft_common::{
+    maps, programs, settings, workload_flags, ConnKey, DeliveryKey, EndpointKey, InboundKey,
+    InboundPort, ServiceKey, ServiceValue, SockAddr4, SockPairKey, Stat, Workload as WorkloadValue,
+    ABI_VERSION, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    config::{AgentDown, Protocol, Workload},
+    netns::PodNetns,
+    state::NodeState,
+};
+
+/// Cgroup programs are attached as bpf_links, which always coexist with other links on the
+/// same cgroup; the kernel rejects BPF_F_ALLOW_MULTI on link creation, so the mode is 0.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The compiled eBPF object, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this weft-agent was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it without that variable")]
+    NoObject,
+    #[error("loading the eBPF object failed (is the kernel new enough, 5.15+ with BTF?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("pinning under {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("cgroup {path}: {source} (does the directory exist under the cgroup2 mount?)")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn pin_err(path: &Path) -> impl FnOnce(String) -> DatapathError + '_ {
+    move |message| DatapathError::Pin {
+        path: path.to_owned(),
+        message,
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    pub node: String,
+    /// Absolute path of the cgroup v2 directory the pods live under.
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    /// Turn on sockops/sk_msg redirection between local sockets.
+    pub accelerate: bool,
+}
+
+/// How the cgroup programs came to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Attachment {
+    /// A pinned link with the identical program was already attached: kept as it was.
+    Adopted,
+    /// Attached now (first start, or the pinned program differed and was replaced).
+    Attached,
+}
+
+/// The maps the proxy uses per connection: `ORIG_DST` (read) and `DELIVERIES` (written).
+/// Both are used through `&self`, with no lock, from any task.
+pub struct CaptureMaps {
+    orig_dst: BpfHashMap<MapData, ConnKey, SockAddr4>,
+    deliveries: BpfHashMap<MapData, DeliveryKey, u8>,
+}
+
+impl CaptureMaps {
+    pub fn orig_dst(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = ConnKey {
+            netns_cookie,
+            src_ip: raw_ip(*client.ip()),
+            src_port: client.port(),
+            _pad: 0,
+        };
+        let v = self.orig_dst.get(&key, 0).ok()?;
+        Some(SocketAddrV4::new(ip_of(v.ip), v.port))
+    }
+
+    pub fn announce_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<()> {
+        let key = DeliveryKey {
+            src_ip: raw_ip(*src.ip()),
+            dst_ip: raw_ip(*dst.ip()),
+            src_port: src.port(),
+            dst_port: dst.port(),
+        };
+        raw_update(self.deliveries.map().fd().as_fd(), &key, &1u8)
+    }
+}
+
+/// BPF_MAP_UPDATE_ELEM through a shared reference (aya's typed maps want `&mut` to write).
+fn raw_update<K, V>(fd: std::os::fd::BorrowedFd<'_>, key: &K, value: &V) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    let attr = Attr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points at a valid bpf_attr prefix for this command; key and value point
+    // at values of the map's key and value sizes, alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &raw const attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn ip_of(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+pub fn raw_ip(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// What the datapath holds for one enrolled pod.
+struct PodEntry {
+    ip: Ipv4Addr,
+    ports: Vec<u16>,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    root: PathBuf,
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    endpoints: BpfHashMap<MapData, EndpointKey, SockAddr4>,
+    workloads: BpfHashMap<MapData, u64, WorkloadValue>,
+    inbound_ports: BpfHashMap<MapData, InboundKey, InboundPort>,
+    inbound_lsn: SockHash<MapData, u32>,
+    local_socks: SockHash<MapData, SockPairKey>,
+    stats: PerCpuArray<MapData, u64>,
+    /// Service key -> (endpoint list id, endpoints written), mirrored from the maps.
+    written: HashMap<ServiceKey, ServiceValue>,
+    pods: HashMap<u64, PodEntry>,
+    pub attachment: Attachment,
+}
+
+impl Datapath {
+    /// Load the object (reusing pinned maps), attach or adopt the cgroup programs, and
+    /// hand out the maps the proxy uses per connection.
+    pub fn start(opts: &DatapathOptions) -> Result<(Self, CaptureMaps), DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        let node_dir = opts.bpffs.join("weft").join(&opts.node);
+        let root = node_dir.join(format!("v{ABI_VERSION}"));
+        for sub in ["maps", "links", "pods"] {
+            std::fs::create_dir_all(root.join(sub)).map_err(|e| pin_err(&root)(e.to_string()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(root.join("maps"))
+            .load(OBJECT)?;
+
+        let cgroup = File::open(&opts.cgroup).map_err(|source| DatapathError::Cgroup {
+            path: opts.cgroup.clone(),
+            source,
+        })?;
+        let links = root.join("links");
+        let mut attachment = Attachment::Adopted;
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+            programs::SENDMSG4,
+            programs::RECVMSG4,
+        ] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let tag = prog.info().map_err(prog_err(name))?.tag();
+            if !adopt(&links.join(name), tag) {
+                let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(prog_err(name))?
+                    .try_into()
+                    .map_err(|e| pin_err(&links)(format!("{e}")))?;
+                replace_pin(link, &links.join(name))?;
+                attachment = Attachment::Attached;
+            }
+        }
+        {
+            let name = programs::SOCKOPS;
+            let prog: &mut SockOps = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let tag = prog.info().map_err(prog_err(name))?.tag();
+            if !adopt(&links.join(name), tag) {
+                let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(prog_err(name))?
+                    .try_into()
+                    .map_err(|e| pin_err(&links)(format!("{e}")))?;
+                replace_pin(link, &links.join(name))?;
+                attachment = Attachment::Attached;
+            }
+        }
+
+        let local_socks: SockHash<MapData, SockPairKey> = take_map(&mut ebpf, maps::LOCAL_SOCKS)?;
+        {
+            let name = programs::SK_MSG;
+            let prog: &mut SkMsg = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            // Attaching replaces whatever sk_msg program the pinned map had. The attachment
+            // belongs to the map, so it is not detached when this agent exits.
+            let id = prog.attach(local_socks.fd()).map_err(prog_err(name))?;
+            std::mem::forget(prog.take_link(id).map_err(prog_err(name))?);
+        }
+        {
+            let name = programs::SK_LOOKUP;
+            let prog: &mut SkLookup = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+        }
+
+        let mut settings_map: Array<MapData, u32> = take_map(&mut ebpf, maps::SETTINGS)?;
+        settings_map
+            .set(settings::ACCELERATE, u32::from(opts.accelerate), 0)
+            .map_err(map_err(maps::SETTINGS))?;
+
+        let services: BpfHashMap<MapData, ServiceKey, ServiceValue> =
+            take_map(&mut ebpf, maps::SERVICES)?;
+        let written = services.iter().filter_map(Result::ok).collect();
+        let capture = CaptureMaps {
+            orig_dst: take_map(&mut ebpf, maps::ORIG_DST)?,
+            deliveries: take_map(&mut ebpf, maps::DELIVERIES)?,
+        };
+        let dp = Self {
+            endpoints: take_map(&mut ebpf, maps::ENDPOINTS)?,
+            workloads: take_map(&mut ebpf, maps::WORKLOADS)?,
+            inbound_ports: take_map(&mut ebpf, maps::INBOUND_PORTS)?,
+            inbound_lsn: take_map(&mut ebpf, maps::INBOUND_LSN)?,
+            stats: take_map(&mut ebpf, maps::STATS)?,
+            local_socks,
+            services,
+            written,
+            pods: HashMap::new(),
+            ebpf,
+            root,
+            attachment,
+        };
+        remove_other_versions(&node_dir);
+        Ok((dp, capture))
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Make `SERVICES` and `ENDPOINTS` say what `state` says. Endpoints are written before
+    /// the service entry that counts them, and trimmed after it, so a concurrent connect
+    /// never picks an index that is not there.
+    pub fn sync_services(&mut self, state: &NodeState) -> Result<(), DatapathError> {
+        let mut desired: HashMap<ServiceKey, Vec<SockAddr4>> = HashMap::new();
+        for (addr, svc) in &state.services {
+            let key = ServiceKey {
+                ip: raw_ip(*addr.vip.ip()),
+                port: addr.vip.port(),
+                proto: match addr.protocol {
+                    Protocol::Tcp => PROTO_TCP,
+                    Protocol::Udp => PROTO_UDP,
+                },
+                _pad: 0,
+            };
+            let eps = svc
+                .endpoints
+                .iter()
+                .map(|e| SockAddr4::new(raw_ip(*e.addr.ip()), e.addr.port()))
+                .collect();
+            desired.insert(key, eps);
+        }
+        let mut used: HashSet<u32> = self.written.values().map(|v| v.id).collect();
+        let mut next_id = 0u32;
+        for (key, eps) in &desired {
+            let old = self.written.get(key).copied();
+            let id = match old {
+                Some(v) => v.id,
+                None => {
+                    while used.contains(&next_id) {
+                        next_id += 1;
+                    }
+                    used.insert(next_id);
+                    next_id
+                }
+            };
+            for (i, ep) in eps.iter().enumerate() {
+                let ek = EndpointKey {
+                    service: id,
+                    index: i as u32,
+                };
+                self.endpoints
+                    .insert(ek, ep, 0)
+                    .map_err(map_err(maps::ENDPOINTS))?;
+            }
+            let value = ServiceValue {
+                id,
+                count: eps.len() as u32,
+            };
+            if old != Some(value) {
+                self.services
+                    .insert(key, value, 0)
+                    .map_err(map_err(maps::SERVICES))?;
+            }
+            for i in eps.len() as u32..old.map_or(0, |v| v.count) {
+                let _ = self.endpoints.remove(&EndpointKey {
+                    service: id,
+                    index: i,
+                });
+            }
+            self.written.insert(*key, value);
+        }
+        let stale: Vec<ServiceKey> = self
+            .written
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            let old = self.written.remove(&key).expect("key listed from the map");
+            let _ = self.services.remove(&key);
+            for i in 0..old.count {
+                let _ = self.endpoints.remove(&EndpointKey {
+                    service: old.id,
+                    index: i,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Enrol a meshed pod: how connect4 treats it, which inbound ports sk_lookup steers,
+    /// where the agent's inbound listener is, and the sk_lookup program on its netns.
+    pub fn enroll(
+        &mut self,
+        w: &Workload,
+        netns: &PodNetns,
+        inbound_listener: &impl AsRawFd,
+    ) -> Result<(), DatapathError> {
+        let cookie = netns.cookie();
+        let mut flags = workload_flags::MESHED;
+        if w.agent_down == AgentDown::FailOpen {
+            flags |= workload_flags::FAIL_OPEN;
+        }
+        let ip = raw_ip(w.ip);
+        self.inbound_lsn
+            .insert(ip, inbound_listener.as_raw_fd(), 0)
+            .map_err(map_err(maps::INBOUND_LSN))?;
+        let ports: Vec<u16> = w.ports.iter().map(|p| p.port).collect();
+        for port in &ports {
+            let key = InboundKey {
+                ip,
+                port: *port,
+                _pad: 0,
+            };
+            self.inbound_ports
+                .insert(key, InboundPort { flags }, 0)
+                .map_err(map_err(maps::INBOUND_PORTS))?;
+        }
+        if let Some(old) = self.pods.get(&cookie) {
+            for port in old.ports.iter().filter(|p| !ports.contains(p)) {
+                let _ = self.inbound_ports.remove(&InboundKey {
+                    ip: raw_ip(old.ip),
+                    port: *port,
+                    _pad: 0,
+                });
+            }
+        }
+        self.workloads
+            .insert(cookie, WorkloadValue { flags, _pad: 0 }, 0)
+            .map_err(map_err(maps::WORKLOADS))?;
+        self.attach_sk_lookup(netns)?;
+        self.pods.insert(cookie, PodEntry { ip: w.ip, ports });
+        Ok(())
+    }
+
+    fn attach_sk_lookup(&mut self, netns: &PodNetns) -> Result<(), DatapathError> {
+        let name = programs::SK_LOOKUP;
+        let pin = self.root.join("pods").join(netns.cookie().to_string());
+        let prog: &mut SkLookup = program(&mut self.ebpf, name)?;
+        let tag = prog.info().map_err(prog_err(name))?.tag();
+        if adopt(&pin, tag) {
+            return Ok(());
+        }
+        let id = prog.attach(netns.as_fd()).map_err(prog_err(name))?;
+        let link: FdLink = prog.take_link(id).map_err(prog_err(name))?.into();
+        replace_pin(link, &pin)
+    }
+
+    /// Take a pod out of the datapath: its connects are no longer captured, its inbound
+    /// ports no longer steered.
+    pub fn unenroll(&mut self, cookie: u64) {
+        let _ = self.workloads.remove(&cookie);
+        if let Some(p) = self.pods.remove(&cookie) {
+            for port in &p.ports {
+                let _ = self.inbound_ports.remove(&InboundKey {
+                    ip: raw_ip(p.ip),
+                    port: *port,
+                    _pad: 0,
+                });
+            }
+            let _ = self.inbound_lsn.remove(&raw_ip(p.ip));
+        }
+        let _ = std::fs::remove_file(self.root.join("pods").join(cookie.to_string()));
+    }
+
+    /// Forget pods a previous agent enrolled that this one has not: their WORKLOADS
+    /// entries, inbound ports and sk_lookup pins. Call after the first enrolment pass.
+    pub fn remove_leftovers(&mut self, local_ips: &HashSet<Ipv4Addr>) {
+        let stale: Vec<u64> = self
+            .workloads
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|c| !self.pods.contains_key(c))
+            .collect();
+        for cookie in stale {
+            let _ = self.workloads.remove(&cookie);
+        }
+        let enrolled: HashSet<u32> = self.pods.values().map(|p| raw_ip(p.ip)).collect();
+        let stale_ports: Vec<InboundKey> = self
+            .inbound_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !enrolled.contains(&k.ip) || !local_ips.contains(&ip_of(k.ip)))
+            .collect();
+        for key in stale_ports {
+            let _ = self.inbound_ports.remove(&key);
+        }
+        if let Ok(dir) = std::fs::read_dir(self.root.join("pods")) {
+            for entry in dir.flatten() {
+                let keep = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .is_some_and(|c| self.pods.contains_key(&c));
+                if !keep {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+
+    /// Add one of the agent's own sockets of a local connection to `LOCAL_SOCKS`, so sk_msg
+    /// can redirect between it and the app's end (which sockops adds).
+    pub fn add_local_socket(&mut self, key: SockPairKey, sock: &impl AsRawFd) {
+        let _ = self.local_socks.insert(key, sock.as_raw_fd(), 0);
+    }
+
+    /// Sum of each per-CPU counter.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let total = self
+                    .stats
+                    .get(&(*s as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (s.name(), total)
+            })
+            .collect()
+    }
+
+    /// The service map as the kernel sees it (for `weftctl maps`).
+    pub fn dump_services(&self) -> Vec<(SocketAddrV4, u8, u32, Vec<SocketAddrV4>)> {
+        let mut out = Vec::new();
+        for (k, v) in self.services.iter().filter_map(Result::ok) {
+            let eps = (0..v.count)
+                .filter_map(|i| {
+                    self.endpoints
+                        .get(
+                            &EndpointKey {
+                                service: v.id,
+                                index: i,
+                            },
+                            0,
+                        )
+                        .ok()
+                })
+                .map(|e| SocketAddrV4::new(ip_of(e.ip), e.port))
+                .collect();
+            out.push((SocketAddrV4::new(ip_of(k.ip), k.port), k.proto, v.id, eps));
+        }
+        out.sort();
+        out
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    p.try_into().map_err(prog_err(name))
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(m).map_err(map_err(name))
+}
+
+/// Keep the link pinned at `pin` if its program has kernel tag `tag`.
+fn adopt(pin: &Path, tag: u64) -> bool {
+    let Ok(link) = PinnedLink::from_pin(pin) else {
+        return false;
+    };
+    let fd: FdLink = link.into();
+    let Ok(info) = fd.info() else {
+        return false;
+    };
+    let prog_id = info.program_id();
+    loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.id() == prog_id && p.tag() == tag)
+}
+
+/// Pin `link` at `pin`, replacing (and so detaching) whatever link was pinned there.
+fn replace_pin(link: FdLink, pin: &Path) -> Result<(), DatapathError> {
+    // bpffs refuses names with a dot (reserved for the kernel's own files).
+    let mut fresh = pin.as_os_str().to_owned();
+    fresh.push("_new");
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    link.pin(&fresh)
+        .map_err(|e| pin_err(pin)(format!("{e:?}")))?;
+    std::fs::rename(&fresh, pin).map_err(|e| pin_err(pin)(format!("rename: {e}")))?;
+    Ok(())
+}
+
+/// Remove pinned objects of other ABI versions (detaching their programs), once this
+/// version is attached.
+fn remove_other_versions(node_dir: &Path) {
+    let current = format!("v{ABI_VERSION}");
+    let Ok(dir) = std::fs::read_dir(node_dir) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        if entry.file_name().to_str() != Some(current.as_str()) {
+            tracing::info!(path = %entry.path().display(), "removing pinned objects of another weft version");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The shared L4 proxy. One [`outbound::Outbound`], [`inbound::Inbound`] and
+//! [`tunnel::TunnelServer`] per enrolled pod, all reading the same [`ProxyInputs`].
+//!
+//! Paths a connection can take (see docs/architecture.md for the picture):
+//! - outbound, endpoint meshed on this node: delivered inside the endpoint's netns with the
+//!   client pod's IP as source ([`deliver`]);
+//! - outbound, endpoint meshed on another node: through that node's agent ([`tunnel`]);
+//! - outbound, endpoint not meshed: connected from inside the client pod's netns;
+//! - inbound (steered by sk_lookup) and tunnelled: delivered like the first case.
+
+pub mod inbound;
+pub mod outbound;
+pub mod tunnel;
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use arc_swap::ArcSwap;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch};
+
+use crate::{netns::PodNetns, state::NodeState};
+
+/// The seam between capture and proxy: where a captured connection wanted to go, and
+/// telling inbound capture to let one of the agent's own deliveries through. The agent
+/// answers from eBPF maps; tests can answer from a table.
+pub trait Capture: Send + Sync + 'static {
+    fn orig_dst(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4>;
+    fn announce_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<()>;
+}
+
+impl Capture for crate::datapath::CaptureMaps {
+    fn orig_dst(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.orig_dst(netns_cookie, client)
+    }
+
+    fn announce_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<()> {
+        self.announce_delivery(src, dst)
+    }
+}
+
+/// Counters of the proxy, served by the admin API.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub outbound_accepted: AtomicU64,
+    pub outbound_no_orig_dst: AtomicU64,
+    pub outbound_no_service: AtomicU64,
+    pub outbound_no_endpoint: AtomicU64,
+    pub upstream_connect_errors: AtomicU64,
+    pub inbound_accepted: AtomicU64,
+    pub tunnel_accepted: AtomicU64,
+    pub tunnel_rejected: AtomicU64,
+    pub active: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+}
+
+impl Metrics {
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("outbound_accepted", g(&self.outbound_accepted)),
+            ("outbound_no_orig_dst", g(&self.outbound_no_orig_dst)),
+            ("outbound_no_service", g(&self.outbound_no_service)),
+            ("outbound_no_endpoint", g(&self.outbound_no_endpoint)),
+            ("upstream_connect_errors", g(&self.upstream_connect_errors)),
+            ("inbound_accepted", g(&self.inbound_accepted)),
+            ("tunnel_accepted", g(&self.tunnel_accepted)),
+            ("tunnel_rejected", g(&self.tunnel_rejected)),
+            ("active_connections", g(&self.active)),
+            ("bytes_client_to_server", g(&self.bytes_out)),
+            ("bytes_server_to_client", g(&self.bytes_in)),
+        ]
+    }
+}
+
+/// Everything the proxies read, passed together.
+#[derive(Clone)]
+pub struct ProxyInputs {
+    pub state: Arc<ArcSwap<NodeState>>,
+    pub capture: Arc<dyn Capture>,
+    /// Enrolled pods of this node, by IP.
+    pub pods: Arc<ArcSwap<HashMap<Ipv4Addr, Arc<PodNetns>>>>,
+    pub metrics: Arc<Metrics>,
+    /// Turns true when the agent stops accepting (drain or shutdown).
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Deliver a connection to an app inside `pod`, as if it came from `src`: the socket is
+/// made in the pod's netns, bound transparently to `src` and marked, so the app sees the
+/// real client and its replies come back to the agent (docs/architecture.md, "Delivering
+/// to the app").
+pub async fn deliver(
+    capture: &dyn Capture,
+    pod: &PodNetns,
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+) -> std::io::Result<TcpStream> {
+    let sock = pod.tcp_socket(Some(src))?;
+    match sock.local_addr()? {
+        std::net::SocketAddr::V4(bound) => capture.announce_delivery(bound, dst)?,
+        other => {
+            return Err(std::io::Error::other(format!(
+                "delivery socket bound to {other}"
+            )))
+        }
+    }
+    sock.connect(dst.into()).await
+}
+
+/// Counts a connection as active for as long as it lives.
+pub struct ActiveGuard(Arc<Metrics>);
+
+impl ActiveGuard {
+    pub fn new(m: &Arc<Metrics>) -> Self {
+        m.active.fetch_add(1, Ordering::Relaxed);
+        Self(m.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Copy both directions until both are done, passing each half-close on.
+pub async fn splice(metrics: &Metrics, mut client: TcpStream, mut server: TcpStream) {
+    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        Ok((out, inn)) => {
+            metrics.bytes_out.fetch_add(out, Ordering::Relaxed);
+            metrics.bytes_in.fetch_add(inn, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+    }
+    let _ = client.shutdown().await;
+    let _ = server.shutdown().await;
+}
+
+/// Accept until told to stop, handing each connection to `handle` in its own task.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddrV4) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            res = listener.accept() => match res {
+                Ok((conn, std::net::SocketAddr::V4(peer))) => {
+                    let _ = conn.set_nodelay(true);
+                    tokio::spawn(handle(conn, peer));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        }
+    }
+}
+
+/// Resolves once the stop flag is true.
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,105 @@
+//! Outbound: the listener on 127.0.0.1:15001 inside a pod, where connect4 sends the pod's
+//! service connects. Recovers the original destination, picks an endpoint, connects.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{atomic::Ordering, Arc},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{accept_loop, deliver, splice, tunnel, ActiveGuard, ProxyInputs};
+use crate::{config::Protocol, netns::PodNetns, state::Endpoint};
+
+pub struct Outbound {
+    listener: TcpListener,
+    pod: Arc<PodNetns>,
+    pod_ip: Ipv4Addr,
+    inputs: ProxyInputs,
+}
+
+impl Outbound {
+    pub fn new(
+        listener: TcpListener,
+        pod: Arc<PodNetns>,
+        pod_ip: Ipv4Addr,
+        inputs: ProxyInputs,
+    ) -> Self {
+        Self {
+            listener,
+            pod,
+            pod_ip,
+            inputs,
+        }
+    }
+
+    pub async fn run(self) {
+        let Self {
+            listener,
+            pod,
+            pod_ip,
+            inputs,
+        } = self;
+        let stop = inputs.stop.clone();
+        accept_loop(listener, stop, move |conn, peer| {
+            let (pod, inputs) = (pod.clone(), inputs.clone());
+            async move { handle(inputs, pod, pod_ip, conn, peer).await }
+        })
+        .await;
+    }
+}
+
+async fn handle(
+    inputs: ProxyInputs,
+    pod: Arc<PodNetns>,
+    pod_ip: Ipv4Addr,
+    conn: TcpStream,
+    peer: SocketAddrV4,
+) {
+    let m = &inputs.metrics;
+    m.outbound_accepted.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard::new(m);
+    let Some(orig) = inputs.capture.orig_dst(pod.cookie(), peer) else {
+        m.outbound_no_orig_dst.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, pod = %pod_ip, "no original destination recorded for this connection; closing it");
+        return;
+    };
+    let state = inputs.state.load();
+    let Some(svc) = state.service(orig, Protocol::Tcp) else {
+        m.outbound_no_service.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%orig, pod = %pod_ip, "connection to an address that is no longer a service; closing it");
+        return;
+    };
+    let Some(ep) = svc.pick().cloned() else {
+        m.outbound_no_endpoint.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(service = %svc.name, "no endpoint; closing the connection");
+        return;
+    };
+    let local_node = state.node == ep.node;
+    drop(state);
+    match connect(&inputs, &pod, pod_ip, &ep, local_node).await {
+        Ok(upstream) => splice(m, conn, upstream).await,
+        Err(e) => {
+            m.upstream_connect_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(endpoint = %ep.addr, workload = %ep.workload, error = %e, "connecting to the endpoint failed");
+        }
+    }
+}
+
+async fn connect(
+    inputs: &ProxyInputs,
+    pod: &PodNetns,
+    pod_ip: Ipv4Addr,
+    ep: &Endpoint,
+    local_node: bool,
+) -> std::io::Result<TcpStream> {
+    if ep.meshed && local_node {
+        if let Some(dst_pod) = inputs.pods.load().get(ep.addr.ip()).cloned() {
+            return deliver(&*inputs.capture, &dst_pod, pod_ip, ep.addr).await;
+        }
+    } else if ep.meshed {
+        return tunnel::connect(pod, ep.addr).await;
+    }
+    // Not meshed (or not enrolled yet): a plain connection from inside the client pod.
+    pod.tcp_socket(None)?.connect(ep.addr.into()).await
+}

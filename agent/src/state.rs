@@ -1,0 +1,181 @@
+//! The node's resolved view of the configuration: services with their endpoints, and the
+//! workloads that run on this node. Built whole from a [`Config`] and swapped atomically;
+//! the proxy only reads it, the control side only replaces it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use crate::config::{Config, Protocol, TargetPort, Workload};
+
+/// A service address as clients dial it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceAddr {
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// `namespace/name`.
+    pub name: String,
+    pub addr: ServiceAddr,
+    pub endpoints: Vec<Endpoint>,
+    /// Round-robin cursor of the L4 proxy.
+    next: AtomicUsize,
+}
+
+impl ServiceEntry {
+    /// The next endpoint in round-robin order, or `None` if there is none.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints.get(i)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddrV4,
+    /// `namespace/name` of the workload behind it.
+    pub workload: String,
+    pub node: String,
+    /// Whether the workload is in the mesh (reached through its node's agent).
+    pub meshed: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct NodeState {
+    pub node: String,
+    /// Bumped on every accepted configuration.
+    pub generation: u64,
+    pub services: BTreeMap<ServiceAddr, Arc<ServiceEntry>>,
+    /// Workloads scheduled on this node, by IP.
+    pub local: BTreeMap<Ipv4Addr, Workload>,
+    /// Every workload of the cluster, by IP (to recognise peers and endpoints).
+    pub workloads: HashMap<Ipv4Addr, Workload>,
+}
+
+impl NodeState {
+    pub fn build(node: &str, cfg: &Config, generation: u64) -> Self {
+        let mut services = BTreeMap::new();
+        for svc in &cfg.services {
+            let selected: Vec<&Workload> =
+                cfg.workloads.iter().filter(|w| svc.selects(w)).collect();
+            for port in &svc.ports {
+                let endpoints = selected
+                    .iter()
+                    .filter_map(|w| {
+                        let target = match &port.target {
+                            TargetPort::Number(n) => *n,
+                            TargetPort::Name(name) => w.port_named(name)?,
+                        };
+                        Some(Endpoint {
+                            addr: SocketAddrV4::new(w.ip, target),
+                            workload: w.id(),
+                            node: w.node.clone(),
+                            meshed: w.meshed,
+                        })
+                    })
+                    .collect();
+                let addr = ServiceAddr {
+                    vip: SocketAddrV4::new(svc.cluster_ip, port.port),
+                    protocol: port.protocol,
+                };
+                let entry = ServiceEntry {
+                    name: svc.id(),
+                    addr,
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                };
+                services.insert(addr, Arc::new(entry));
+            }
+        }
+        let workloads: HashMap<_, _> = cfg.workloads.iter().map(|w| (w.ip, w.clone())).collect();
+        let local = cfg
+            .workloads
+            .iter()
+            .filter(|w| w.node == node)
+            .map(|w| (w.ip, w.clone()))
+            .collect();
+        Self {
+            node: node.to_owned(),
+            generation,
+            services,
+            local,
+            workloads,
+        }
+    }
+
+    pub fn service(&self, vip: SocketAddrV4, protocol: Protocol) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(&ServiceAddr { vip, protocol })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+    use std::path::Path;
+
+    const DOCS: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Node
+metadata: {name: a}
+spec: {address: 192.168.50.1}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Node
+metadata: {name: b}
+spec: {address: 192.168.50.2}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: web-1, labels: {app: web}}
+spec: {node: a, ip: 10.1.1.2, ports: [{name: http, port: 8080}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: web-2, labels: {app: web}}
+spec: {node: b, ip: 10.1.2.2, ports: [{name: http, port: 9090}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}]
+"#;
+
+    #[test]
+    fn named_target_ports_resolve_per_workload() {
+        let cfg = load_str(Path::new("t.yaml"), DOCS).unwrap();
+        let st = NodeState::build("a", &cfg, 1);
+        let svc = st
+            .service("10.96.0.10:80".parse().unwrap(), Protocol::Tcp)
+            .unwrap();
+        let addrs: Vec<_> = svc.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["10.1.1.2:8080", "10.1.2.2:9090"]);
+        assert_eq!(st.local.len(), 1);
+        assert_eq!(st.workloads.len(), 2);
+    }
+
+    #[test]
+    fn round_robin_visits_every_endpoint() {
+        let cfg = load_str(Path::new("t.yaml"), DOCS).unwrap();
+        let st = NodeState::build("a", &cfg, 1);
+        let svc = st
+            .service("10.96.0.10:80".parse().unwrap(), Protocol::Tcp)
+            .unwrap();
+        let picks: Vec<_> = (0..4).map(|_| svc.pick().unwrap().node.clone()).collect();
+        assert_eq!(picks, ["a", "b", "a", "b"]);
+    }
+}
