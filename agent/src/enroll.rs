@@ -40,7 +40,7 @@ pub enum EnrollError {
     #[error("workload {workload}: {source}")]
     Datapath {
         workload: String,
-        source: DatapathError,
+        source: Box<DatapathError>,
     },
 }
 
@@ -109,7 +109,7 @@ pub fn enroll(
     dp.enroll(w, &netns, &inbound)
         .map_err(|source| EnrollError::Datapath {
             workload: id.clone(),
-            source,
+            source: Box::new(source),
         })?;
 
     let mut listeners = Vec::new();
