@@ -48,9 +48,12 @@ struct RunArgs {
     /// Kernel BTF, checked at start.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     btf: PathBuf,
-    /// Turn off sockops/sk_msg redirection between local sockets (to measure its effect).
+    /// Redirect payload between the app's and the agent's loopback sockets with sk_msg,
+    /// skipping the TCP stack. Off by default: the kernel's sockmap receive path can return
+    /// EAGAIN to a blocking reader that another thread's write wakes up (see
+    /// docs/architecture.md, "Same-node acceleration").
     #[arg(long)]
-    no_accelerate: bool,
+    accelerate: bool,
     /// Tokio worker threads [default: number of CPUs].
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -123,7 +126,7 @@ fn run(args: RunArgs) -> ExitCode {
         cgroup: args.cgroup,
         bpffs: args.bpffs,
         btf: args.btf,
-        accelerate: !args.no_accelerate,
+        accelerate: args.accelerate,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
         handoff_wait: Duration::from_secs(args.handoff_wait_secs),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),

@@ -3,8 +3,8 @@
 //! sockops sees every TCP socket of the pods' cgroup subtree become established. For a
 //! socket that connect4 redirected to the agent, it publishes the original destination
 //! under the connection's client address (`ORIG_DST`), which is what the agent knows on
-//! accept. With acceleration on, it also adds the socket to `LOCAL_SOCKS`; the agent adds
-//! its own ends of local connections from userspace. sk_msg then hands payload written on
+//! accept. With acceleration on, it also adds loopback sockets to `LOCAL_SOCKS`; the agent
+//! adds its own ends of those connections from userspace. sk_msg then hands payload written on
 //! one end straight to the other end's receive queue when both ends are in the map,
 //! skipping the loopback TCP stack.
 
@@ -86,6 +86,13 @@ fn accelerate(ctx: &SockOpsContext) {
     let Some((local_ip, remote_ip)) = addresses(ctx) else {
         return;
     };
+    // Only loopback connections: app to agent (captured) and app to app inside a pod. Both
+    // ends of those are in the map (the agent adds its own), so every byte takes the
+    // redirect. A socket whose peer never joins the map must not get a psock: its data
+    // would arrive on the normal queue of a psock socket, which blocking readers mishandle.
+    if local_ip.to_ne_bytes()[0] != 127 || remote_ip.to_ne_bytes()[0] != 127 {
+        return;
+    }
     // SAFETY: bpf_get_netns_cookie accepts a sock_ops context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let mut key = SockPairKey {

@@ -169,9 +169,13 @@ fn split_documents(file: &Path, text: &str) -> Result<Vec<Doc>, ConfigError> {
             None => return Err(ConfigError::field(&at, "metadata", "is required")),
             Some(v) => typed(&at, "metadata", v)?,
         };
-        at.object = match &meta.namespace {
-            Some(ns) => format!("{kind} {ns}/{}", meta.name),
-            None => format!("{kind} {}", meta.name),
+        at.object = match (kind.as_str(), &meta.namespace) {
+            ("Node" | "Namespace", _) => format!("{kind} {}", meta.name),
+            (_, ns) => format!(
+                "{kind} {}/{}",
+                ns.as_deref().unwrap_or("default"),
+                meta.name
+            ),
         };
         let spec = map.remove("spec").unwrap_or(Value::Null);
         if let Some((k, _)) = map.into_iter().next() {

@@ -113,6 +113,8 @@ pub enum Attachment {
 pub struct CaptureMaps {
     orig_dst: BpfHashMap<MapData, ConnKey, SockAddr4>,
     deliveries: BpfHashMap<MapData, DeliveryKey, u8>,
+    local_socks: SockHash<MapData, SockPairKey>,
+    accelerate: bool,
 }
 
 impl CaptureMaps {
@@ -135,6 +137,30 @@ impl CaptureMaps {
             dst_port: dst.port(),
         };
         raw_update(self.deliveries.map().fd().as_fd(), &key, &1u8)
+    }
+
+    /// Add the agent's end of a captured loopback connection to `LOCAL_SOCKS` (when
+    /// acceleration is on), so sk_msg redirects between it and the app's end.
+    pub fn accelerate(
+        &self,
+        netns_cookie: u64,
+        local: SocketAddrV4,
+        remote: SocketAddrV4,
+        sock: &impl AsRawFd,
+    ) -> std::io::Result<()> {
+        if !self.accelerate {
+            return Ok(());
+        }
+        let key = SockPairKey {
+            netns_cookie,
+            local_ip: raw_ip(*local.ip()),
+            remote_ip: raw_ip(*remote.ip()),
+            local_port: local.port(),
+            remote_port: remote.port(),
+            _pad: 0,
+        };
+        let fd = sock.as_raw_fd() as u32;
+        raw_update(self.local_socks.fd().as_fd(), &key, &fd)
     }
 }
 
@@ -194,7 +220,6 @@ pub struct Datapath {
     workloads: BpfHashMap<MapData, u64, WorkloadValue>,
     inbound_ports: BpfHashMap<MapData, InboundKey, InboundPort>,
     inbound_lsn: SockHash<MapData, u32>,
-    local_socks: SockHash<MapData, SockPairKey>,
     stats: PerCpuArray<MapData, u64>,
     /// Service key -> (endpoint list id, endpoints written), mirrored from the maps.
     written: HashMap<ServiceKey, ServiceValue>,
@@ -290,6 +315,8 @@ impl Datapath {
         let capture = CaptureMaps {
             orig_dst: take_map(&mut ebpf, maps::ORIG_DST)?,
             deliveries: take_map(&mut ebpf, maps::DELIVERIES)?,
+            local_socks,
+            accelerate: opts.accelerate,
         };
         let dp = Self {
             endpoints: take_map(&mut ebpf, maps::ENDPOINTS)?,
@@ -297,7 +324,6 @@ impl Datapath {
             inbound_ports: take_map(&mut ebpf, maps::INBOUND_PORTS)?,
             inbound_lsn: take_map(&mut ebpf, maps::INBOUND_LSN)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
-            local_socks,
             services,
             written,
             pods: HashMap::new(),
@@ -503,12 +529,6 @@ impl Datapath {
                 }
             }
         }
-    }
-
-    /// Add one of the agent's own sockets of a local connection to `LOCAL_SOCKS`, so sk_msg
-    /// can redirect between it and the app's end (which sockops adds).
-    pub fn add_local_socket(&mut self, key: SockPairKey, sock: &impl AsRawFd) {
-        let _ = self.local_socks.insert(key, sock.as_raw_fd(), 0);
     }
 
     /// Sum of each per-CPU counter.

@@ -32,6 +32,8 @@ use crate::{netns::PodNetns, state::NodeState};
 pub trait Capture: Send + Sync + 'static {
     fn orig_dst(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4>;
     fn announce_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<()>;
+    /// Offer the agent's end of a captured loopback connection for sk_msg acceleration.
+    fn accelerate(&self, netns_cookie: u64, conn: &TcpStream) -> std::io::Result<()>;
 }
 
 impl Capture for crate::datapath::CaptureMaps {
@@ -41,6 +43,15 @@ impl Capture for crate::datapath::CaptureMaps {
 
     fn announce_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<()> {
         self.announce_delivery(src, dst)
+    }
+
+    fn accelerate(&self, netns_cookie: u64, conn: &TcpStream) -> std::io::Result<()> {
+        match (conn.local_addr()?, conn.peer_addr()?) {
+            (std::net::SocketAddr::V4(l), std::net::SocketAddr::V4(r)) => {
+                self.accelerate(netns_cookie, l, r, conn)
+            }
+            _ => Ok(()),
+        }
     }
 }
 

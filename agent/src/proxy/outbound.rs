@@ -59,6 +59,11 @@ async fn handle(
     let m = &inputs.metrics;
     m.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(m);
+    // Before the agent writes a byte on this connection, so every byte it sends the app
+    // takes the same path.
+    if let Err(e) = inputs.capture.accelerate(pod.cookie(), &conn) {
+        tracing::debug!(error = %e, "could not add the connection to LOCAL_SOCKS");
+    }
     let Some(orig) = inputs.capture.orig_dst(pod.cookie(), peer) else {
         m.outbound_no_orig_dst.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, pod = %pod_ip, "no original destination recorded for this connection; closing it");

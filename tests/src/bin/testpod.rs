@@ -1,0 +1,223 @@
+//! weft-testpod: the programs the simulated cluster runs inside its pods.
+//!
+//! - `http-server PORT NAME`: answers every HTTP request with
+//!   `{"server":NAME,"peer":"IP:PORT"}`, the peer being the address the server saw.
+//! - `echo-server PORT`: echoes every TCP byte back; on the client's half-close it
+//!   finishes echoing, then half-closes too.
+//! - `dns-server PORT IP`: answers every UDP DNS query with one A record holding IP.
+//! - `echo-client ADDR BYTES`: sends BYTES pseudo-random bytes, half-closes, reads the echo
+//!   until EOF and exits 0 only if it matches byte for byte.
+//! - `connect ADDR`: one TCP connect with a 2 s timeout; prints `ok` or the error.
+//! - `udp-query ADDR NAME`: one DNS A query from an unconnected UDP socket; prints the
+//!   answer, and fails unless the reply's source is ADDR itself.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let res = match a.as_slice() {
+        ["http-server", port, name] => http_server(port, name),
+        ["echo-server", port] => echo_server(port),
+        ["dns-server", port, ip] => dns_server(port, ip),
+        ["echo-client", addr, bytes] => echo_client(addr, bytes),
+        ["connect", addr] => connect(addr),
+        ["udp-query", addr, name] => udp_query(addr, name),
+        _ => Err("usage: weft-testpod http-server PORT NAME | echo-server PORT | dns-server PORT IP | echo-client ADDR BYTES | connect ADDR".into()),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-testpod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Res = Result<(), String>;
+
+fn listen(port: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("bind {port}: {e}"))
+}
+
+fn http_server(port: &str, name: &str) -> Res {
+    let l = listen(port)?;
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Serve keep-alive requests until the client closes.
+            loop {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let end = buf
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("checked")
+                    + 4;
+                buf.drain(..end);
+                let body = format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\"}}\n");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if c.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn echo_server(port: &str) -> Res {
+    let l = listen(port)?;
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = c.shutdown(Shutdown::Write);
+                        return;
+                    }
+                    Ok(n) => {
+                        if c.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn dns_server(port: &str, ip: &str) -> Res {
+    let answer: std::net::Ipv4Addr = ip.parse().map_err(|e| format!("{ip}: {e}"))?;
+    let s =
+        UdpSocket::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("bind udp {port}: {e}"))?;
+    let mut buf = [0u8; 512];
+    loop {
+        let (n, from) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        if n < 12 {
+            continue;
+        }
+        // Find the end of the question (QNAME labels, then QTYPE and QCLASS).
+        let mut i = 12;
+        while i < n && buf[i] != 0 {
+            i += buf[i] as usize + 1;
+        }
+        let qend = i + 5;
+        if qend > n {
+            continue;
+        }
+        let mut resp = buf[..qend].to_vec();
+        resp[2] = 0x81; // QR, RD
+        resp[3] = 0x80; // RA, NOERROR
+        resp[6..8].copy_from_slice(&1u16.to_be_bytes()); // ANCOUNT
+        resp[8..12].fill(0);
+        // Answer: pointer to the QNAME, type A, class IN, TTL 30, 4 bytes of address.
+        resp.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+        resp.extend_from_slice(&answer.octets());
+        let _ = s.send_to(&resp, from);
+    }
+}
+
+fn echo_client(addr: &str, bytes: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let len: usize = bytes.parse().map_err(|e| format!("{bytes}: {e}"))?;
+    let data = pattern(len);
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let mut w = c.try_clone().map_err(|e| e.to_string())?;
+    let writer = std::thread::spawn(move || -> Res {
+        w.write_all(&data).map_err(|e| format!("write: {e}"))?;
+        w.shutdown(Shutdown::Write)
+            .map_err(|e| format!("half-close: {e}"))?;
+        Ok(())
+    });
+    let mut got = Vec::with_capacity(len);
+    c.read_to_end(&mut got).map_err(|e| format!("read: {e}"))?;
+    writer.join().map_err(|_| "writer panicked")??;
+    let want = pattern(len);
+    if got != want {
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        return Err(format!(
+            "echo differs: sent {len} bytes, got {} back, first difference at {first:?}",
+            got.len()
+        ));
+    }
+    println!("echoed {len} bytes intact");
+    Ok(())
+}
+
+fn udp_query(addr: &str, name: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    s.send_to(&q, addr)
+        .map_err(|e| format!("send_to {addr}: {e}"))?;
+    let mut buf = [0u8; 512];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .map_err(|e| format!("recv_from: {e}"))?;
+    if from != addr {
+        return Err(format!("reply came from {from}, not from {addr}"));
+    }
+    if n < 4 || buf[..2] != [0x12, 0x34] {
+        return Err("reply does not answer the query".into());
+    }
+    let ip = &buf[n - 4..n];
+    println!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]);
+    Ok(())
+}
+
+/// `len` pseudo-random bytes (xorshift): reproducible, and patterned enough that
+/// reordering, loss or corruption shows.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ len as u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn connect(addr: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => {
+            println!("ok");
+            Ok(())
+        }
+        Err(e) => Err(format!("connect {addr}: {e}")),
+    }
+}

@@ -1,0 +1,650 @@
+//! Building, configuring and tearing down a simulated cluster (see the crate docs for the
+//! topology and address plan).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::proc::{command_in, run_checked, Agent, Spawned};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+const E2E_CGROUP: &str = "weft-e2e";
+const RUN_ROOT: &str = "/run/weft-e2e";
+
+/// A pod to create.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: String,
+    pub labels: Vec<(String, String)>,
+    pub ports: Vec<u16>,
+    pub mesh: bool,
+    pub agent_down: Option<&'static str>,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: &str) -> Self {
+        Self {
+            name: name.into(),
+            node: node.into(),
+            labels: vec![],
+            ports: vec![],
+            mesh: true,
+            agent_down: None,
+        }
+    }
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.push((k.into(), v.into()));
+        self
+    }
+    pub fn port(mut self, p: u16) -> Self {
+        self.ports.push(p);
+        self
+    }
+    /// Not in the mesh: served by socket-level load balancing only.
+    pub fn unmeshed(mut self) -> Self {
+        self.mesh = false;
+        self
+    }
+    pub fn fail_open(mut self) -> Self {
+        self.agent_down = Some("fail-open");
+        self
+    }
+}
+
+/// A service to declare.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub cluster_ip: String,
+    pub selector: Vec<(String, String)>,
+    /// (port, targetPort, protocol)
+    pub ports: Vec<(u16, u16, &'static str)>,
+}
+
+impl ServiceSpec {
+    pub fn new(name: &str, cluster_ip: &str) -> Self {
+        Self {
+            name: name.into(),
+            cluster_ip: cluster_ip.into(),
+            selector: vec![],
+            ports: vec![],
+        }
+    }
+    pub fn select(mut self, k: &str, v: &str) -> Self {
+        self.selector.push((k.into(), v.into()));
+        self
+    }
+    pub fn tcp(mut self, port: u16, target: u16) -> Self {
+        self.ports.push((port, target, "TCP"));
+        self
+    }
+    pub fn udp(mut self, port: u16, target: u16) -> Self {
+        self.ports.push((port, target, "UDP"));
+        self
+    }
+}
+
+pub struct ClusterBuilder {
+    test: String,
+    nodes: Vec<String>,
+    pods: Vec<PodSpec>,
+    services: Vec<ServiceSpec>,
+}
+
+impl ClusterBuilder {
+    pub fn node(mut self, name: &str) -> Self {
+        self.nodes.push(name.into());
+        self
+    }
+    pub fn pod(mut self, p: PodSpec) -> Self {
+        self.pods.push(p);
+        self
+    }
+    pub fn service(mut self, s: ServiceSpec) -> Self {
+        self.services.push(s);
+        self
+    }
+
+    /// Create every namespace, link, route and cgroup, and write the configuration.
+    pub fn build(self) -> Cluster {
+        sweep_stale();
+        let cid = format!(
+            "{:x}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let cg2 = cgroup2_mount();
+        let dir = std::env::temp_dir().join(format!("weft-e2e-{cid}"));
+        std::fs::create_dir_all(&dir).expect("create cluster dir");
+        let mut c = Cluster {
+            cid: cid.clone(),
+            test: self.test,
+            dir,
+            cgroup_root: cg2.join(E2E_CGROUP).join(&cid),
+            cg2,
+            nodes: vec![],
+            pods: vec![],
+            services: self.services,
+            netns: vec![],
+        };
+        // Register everything before creating it, so a failure half-way still cleans up.
+        let fab = format!("weft-{cid}-fab");
+        c.netns.push(fab.clone());
+        ip(&["netns", "add", &fab]);
+        ip(&["-n", &fab, "link", "set", "lo", "up"]);
+        ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &fab, "link", "set", "br0", "up"]);
+        for (i, name) in self.nodes.iter().enumerate() {
+            let idx = i + 1;
+            let ns = format!("weft-{cid}-{name}");
+            c.netns.push(ns.clone());
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            sysctl(&ns, "net/ipv4/ip_forward", "1");
+            let fab_if = format!("n{idx}");
+            ip(&[
+                "-n", &fab, "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            ip(&["-n", &fab, "link", "set", &fab_if, "master", "br0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("192.168.250.{idx}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.244.{idx}.1/24"),
+                "dev",
+                "br0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "br0", "up"]);
+            for j in 1..=self.nodes.len() {
+                if j != idx {
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "route",
+                        "add",
+                        &format!("10.244.{j}.0/24"),
+                        "via",
+                        &format!("192.168.250.{j}"),
+                    ]);
+                }
+            }
+            let cgroup = c.cgroup_root.join(name);
+            std::fs::create_dir_all(&cgroup)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+            c.nodes.push(Node {
+                name: name.clone(),
+                full: format!("{cid}-{name}"),
+                index: idx,
+                netns: ns,
+                cgroup,
+            });
+        }
+        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        for p in self.pods {
+            let node = c
+                .nodes
+                .iter()
+                .find(|n| n.name == p.node)
+                .unwrap_or_else(|| panic!("pod {} on unknown node {}", p.name, p.node));
+            let k = per_node.entry(node.name.clone()).or_default();
+            let ip_addr = format!("10.244.{}.{}", node.index, 10 + *k);
+            let host_if = format!("p{k}");
+            *k += 1;
+            let ns = format!("weft-{cid}-{}", p.name);
+            c.netns.push(ns.clone());
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "add",
+                &host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ]);
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "set",
+                &host_if,
+                "master",
+                "br0",
+                "up",
+            ]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip_addr}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "10.244.0.0/16",
+                "via",
+                &format!("10.244.{}.1", node.index),
+            ]);
+            let cgroup = node.cgroup.join(&p.name);
+            std::fs::create_dir_all(&cgroup)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+            c.pods.push(Pod {
+                spec: p,
+                ip: ip_addr,
+                netns: ns,
+                cgroup,
+                node_full: node.full.clone(),
+            });
+        }
+        c.write_config(&c.config_yaml());
+        c
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    /// The node's name in the configuration and for the agent (unique per cluster).
+    pub full: String,
+    pub index: usize,
+    pub netns: String,
+    pub cgroup: PathBuf,
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub ip: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    node_full: String,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.netns)
+    }
+
+    /// Start a long-running program inside the pod (netns and cgroup).
+    pub fn spawn(&self, dir: &Path, program: &Path, args: &[&str]) -> Spawned {
+        let (cmd, keep) = command_in(&self.netns_path(), Some(&self.cgroup), program, args);
+        let log = dir.join(format!(
+            "{}-{}.log",
+            self.spec.name,
+            program.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        Spawned::start(&self.spec.name, cmd, keep, log)
+    }
+
+    /// Run a program inside the pod to completion (at most `timeout`).
+    pub fn run(&self, program: &str, args: &[&str], timeout: Duration) -> std::process::Output {
+        let (cmd, keep) = command_in(
+            &self.netns_path(),
+            Some(&self.cgroup),
+            Path::new(program),
+            args,
+        );
+        run_checked(cmd, keep, timeout)
+    }
+
+    /// Wait until something listens on TCP `port` inside the pod.
+    pub fn wait_listening(&self, port: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let needle = format!(":{port} ");
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.netns, "ss", "-Hltn"])
+                .output()
+                .expect("ss");
+            if String::from_utf8_lossy(&out.stdout).contains(&needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {port} in pod {} after {timeout:?}",
+                self.spec.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub struct Cluster {
+    pub cid: String,
+    pub test: String,
+    /// Scratch directory: configuration, logs.
+    pub dir: PathBuf,
+    cg2: PathBuf,
+    cgroup_root: PathBuf,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<ServiceSpec>,
+    netns: Vec<String>,
+}
+
+impl Cluster {
+    pub fn builder(test: &str) -> ClusterBuilder {
+        ClusterBuilder {
+            test: test.into(),
+            nodes: vec![],
+            pods: vec![],
+            services: vec![],
+        }
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+
+    /// The configuration documents describing this cluster.
+    pub fn config_yaml(&self) -> String {
+        let mut y = String::new();
+        for n in &self.nodes {
+            let _ = write!(
+                y,
+                "apiVersion: weft.dev/v1alpha1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{address: 192.168.250.{}}}\n---\n",
+                n.full, n.index
+            );
+        }
+        for p in &self.pods {
+            let s = &p.spec;
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let ports: Vec<String> = s.ports.iter().map(|p| format!("{{port: {p}}}")).collect();
+            let _ = write!(
+                y,
+                "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, labels: {{{}}}}}\nspec:\n  node: {}\n  ip: {}\n  netns: {}\n  cgroup: {}\n  ports: [{}]\n  mesh: {}\n",
+                s.name,
+                labels.join(", "),
+                p.node_full,
+                p.ip,
+                p.netns_path().display(),
+                p.cgroup.strip_prefix(&self.cg2).expect("pod cgroup under cgroup2").display(),
+                ports.join(", "),
+                if s.mesh { "enabled" } else { "disabled" },
+            );
+            if let Some(mode) = s.agent_down {
+                let _ = writeln!(y, "  agentDown: {mode}");
+            }
+            y.push_str("---\n");
+        }
+        for s in &self.services {
+            let sel: Vec<String> = s
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|(p, t, proto)| format!("{{port: {p}, targetPort: {t}, protocol: {proto}}}"))
+                .collect();
+            let _ = write!(
+                y,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {}}}\nspec:\n  clusterIP: {}\n  selector: {{{}}}\n  ports: [{}]\n---\n",
+                s.name,
+                s.cluster_ip,
+                sel.join(", "),
+                ports.join(", ")
+            );
+        }
+        y
+    }
+
+    /// Replace the configuration the agents read (atomically: write, then rename).
+    pub fn write_config(&self, yaml: &str) {
+        let dir = self.config_path();
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let tmp = self.dir.join("cluster.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, dir.join("cluster.yaml")).expect("rename config");
+    }
+
+    /// Start the agent of `node` (inside the node's netns, outside the pods' cgroups) and
+    /// wait until it is ready.
+    pub fn start_agent(&self, node: &str, extra: &[&str]) -> Agent {
+        let mut a = self.spawn_agent(node, extra);
+        a.wait_ready(Duration::from_secs(20));
+        a
+    }
+
+    /// Start the agent of `node` without waiting for it.
+    pub fn spawn_agent(&self, node: &str, extra: &[&str]) -> Agent {
+        let n = self.node(node);
+        let run_dir = Path::new(RUN_ROOT).join(&self.cid).join(&n.name);
+        let cgroup = n
+            .cgroup
+            .strip_prefix(&self.cg2)
+            .expect("node cgroup under cgroup2")
+            .display()
+            .to_string();
+        let config = self.config_path().display().to_string();
+        let run = run_dir.display().to_string();
+        let mut args = vec![
+            "run",
+            "--node",
+            &n.full,
+            "--config",
+            &config,
+            "--cgroup",
+            &cgroup,
+            "--run-dir",
+            &run,
+            "--reload-interval-ms",
+            "100",
+        ];
+        args.extend_from_slice(extra);
+        let (cmd, keep) = command_in(
+            &Path::new("/var/run/netns").join(&n.netns),
+            None,
+            &crate::bin("weft-agent"),
+            &args,
+        );
+        let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.join(format!("agent-{}-{seq}.log", n.name));
+        Agent {
+            proc: Spawned::start(&format!("agent-{}", n.name), cmd, keep, log),
+            node: n.full.clone(),
+            admin: run_dir.join("admin.sock"),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "test {} failed; logs are in {}",
+                self.test,
+                self.dir.display()
+            );
+        }
+        teardown(&self.cid, &self.cgroup_root, &self.netns);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Remove everything a cluster made: processes in its cgroups, its namespaces, cgroups,
+/// pinned eBPF objects and run directories.
+fn teardown(cid: &str, cgroup_root: &Path, netns: &[String]) {
+    kill_cgroup_tree(cgroup_root);
+    for ns in netns.iter().rev() {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+    remove_cgroup_tree(cgroup_root);
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf/weft") {
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{cid}-"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(Path::new(RUN_ROOT).join(cid));
+}
+
+fn kill_cgroup_tree(dir: &Path) {
+    for _ in 0..50 {
+        let mut any = false;
+        walk(dir, &mut |d| {
+            if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    any = true;
+                    // SAFETY: these processes were started by this harness in its own cgroups.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        });
+        if !any {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    let mut dirs = vec![];
+    walk(dir, &mut |d| dirs.push(d.to_owned()));
+    // Children before parents.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let _ = std::fs::remove_dir(&d);
+    }
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    if !dir.is_dir() {
+        return;
+    }
+    f(dir);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), f);
+            }
+        }
+    }
+}
+
+/// Clean up after clusters of test processes that died without dropping them.
+fn sweep_stale() {
+    let cg2 = cgroup2_mount();
+    let Ok(rd) = std::fs::read_dir(cg2.join(E2E_CGROUP)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let cid = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = cid
+            .split('x')
+            .next()
+            .and_then(|p| u32::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let netns: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("weft-{cid}-")))
+            .map(str::to_owned)
+            .collect();
+        teardown(&cid, &e.path(), &netns);
+    }
+}
+
+pub(crate) fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            (post.split(' ').next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .expect("no cgroup2 mount (see docs/operations.md)")
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) {
+    let path = format!("/proc/sys/{key}");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "sh",
+            "-c",
+            &format!("echo {value} > {path}"),
+        ])
+        .output()
+        .expect("sysctl");
+    assert!(
+        out.status.success(),
+        "sysctl {key} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
