@@ -1,1 +1,326 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands. `setup` installs what a fresh machine lacks;
+//! `test` and `demo` run it first, so a new user needs nothing else.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, Debian
+    /// packages, bpffs). Idempotent.
+    Setup,
+    /// Build the workspace, eBPF object included.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit tests and the end-to-end tests on a simulated cluster (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Show two nodes with pods talking through their agents, explained as it goes (root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build { release } => setup().and_then(|()| build(release)),
+        Cmd::Test { args } => setup().and_then(|()| test(&args)),
+        Cmd::Demo => setup().and_then(|()| demo()),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace());
+    c
+}
+
+fn run(mut c: Command) -> anyhow::Result<()> {
+    let desc = format!("{c:?}");
+    let st = c.status().with_context(|| format!("running {desc}"))?;
+    if !st.success() {
+        bail!("{desc} failed ({st})");
+    }
+    Ok(())
+}
+
+fn output(c: &mut Command) -> Option<String> {
+    let o = c.output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Debian packages the tests, the demo and the agent use: `ip` (iproute2), curl and dig as
+/// pod clients, bpftool to look at the datapath by hand.
+const DEB_PACKAGES: &[&str] = &["iproute2", "curl", "dnsutils", "bpftool"];
+
+/// bpf-linker's version, pinned: it must link against the same LLVM major as the nightly
+/// rustc that builds ebpf/, and this one was verified with LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn setup() -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    let mut step = |name: &str, r: anyhow::Result<&'static str>| match r {
+        Ok(what) => println!("setup: {name}: {what}"),
+        Err(e) => {
+            println!("setup: {name}: FAILED: {e:#}");
+            failed.push(name.to_owned());
+        }
+    };
+    step("nightly toolchain with rust-src", nightly());
+    step("bpf-linker", bpf_linker());
+    step("Debian packages", debian());
+    step("bpffs at /sys/fs/bpf", bpffs());
+    if !failed.is_empty() {
+        bail!("setup could not provide: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn nightly() -> anyhow::Result<&'static str> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok("present"),
+        Some(_) => {
+            run({
+                let mut c = Command::new("rustup");
+                c.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
+                c
+            })?;
+            Ok("installed rust-src")
+        }
+        None => {
+            run({
+                let mut c = Command::new("rustup");
+                c.args([
+                    "toolchain",
+                    "install",
+                    "nightly",
+                    "--profile",
+                    "minimal",
+                    "--component",
+                    "rust-src",
+                ]);
+                c
+            })?;
+            Ok("installed the nightly toolchain")
+        }
+    }
+}
+
+fn bpf_linker() -> anyhow::Result<&'static str> {
+    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok("present");
+    }
+    // bpf-linker must use the nightly rustc's own LLVM: point LLVM_PREFIX at a directory
+    // of links to rustc's libLLVM. It has to last: the binary's rpath refers to it.
+    let vv =
+        output(Command::new("rustc").args(["+nightly", "-vV"])).context("rustc +nightly -vV")?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("no LLVM version in rustc +nightly -vV")?
+        .to_owned();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("nightly sysroot")?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let lib = std::fs::read_dir(&libdir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        })
+        .with_context(|| format!("no libLLVM.so.{major}* in {}", libdir.display()))?;
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
+    let prefix = home.join("weft-llvm");
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib)?;
+    for name in [
+        lib.file_name().expect("file name").to_owned(),
+        "libLLVM.so".into(),
+    ] {
+        let link = plib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    run({
+        let mut c = Command::new("cargo");
+        c.args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix);
+        c
+    })?;
+    Ok("installed (about two minutes, once)")
+}
+
+fn debian() -> anyhow::Result<&'static str> {
+    let missing: Vec<&str> = DEB_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok("present");
+    }
+    if !is_root() {
+        bail!(
+            "missing {} and not root: run `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    run({
+        let mut c = Command::new("apt-get");
+        c.args(["update", "-qq"]);
+        c
+    })?;
+    run({
+        let mut c = Command::new("apt-get");
+        c.args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    })?;
+    Ok("installed")
+}
+
+fn bpffs() -> anyhow::Result<&'static str> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if info
+        .lines()
+        .any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "))
+    {
+        return Ok("mounted");
+    }
+    if !is_root() {
+        return Ok("not mounted (needs root; the agent mounts it itself when it starts)");
+    }
+    run({
+        let mut c = Command::new("mount");
+        c.args(["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+        c
+    })?;
+    Ok("mounted now")
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(c)
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    build(false)?;
+    if !is_root() {
+        println!(
+            "\nxtask: NOT ROOT: the end-to-end tests will print SKIPPED and not run. \
+             Run `sudo -E cargo xtask test` to run them.\n"
+        );
+    }
+    let mut c = cargo();
+    c.args(["test", "--workspace"]).args(args);
+    c.stdout(std::process::Stdio::piped());
+    let desc = format!("{c:?}");
+    let mut child = c.spawn().with_context(|| format!("running {desc}"))?;
+    // Pass cargo's output through and add up its per-binary results, so the run ends with
+    // one line that counts every test (cargo's last line is often a doc-test binary's 0).
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| {
+                rest.split([';', '.'])
+                    .find_map(|part| part.trim().strip_suffix(what)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let st = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !st.success() {
+        bail!("{desc} failed ({st})");
+    }
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the demo builds network namespaces and loads eBPF programs: run it as root (`sudo -E cargo xtask demo`)");
+    }
+    build(false)?;
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "weft-e2e", "--bin", "weft-demo"]);
+    run(c)
+}

@@ -1,1 +1,120 @@
+//! Parsing and validation: every refusal names the file, the document and the field.
 
+use std::path::Path;
+
+use super::*;
+
+const NODE: &str = "apiVersion: weft.dev/v1alpha1\nkind: Node\nmetadata: {name: a}\nspec: {address: 192.168.0.1}\n";
+
+fn parse(extra: &str) -> Result<Config, ConfigError> {
+    load_str(Path::new("mesh.yaml"), &format!("{NODE}---\n{extra}"))
+}
+
+fn err(extra: &str) -> String {
+    parse(extra).expect_err("should be refused").to_string()
+}
+
+#[test]
+fn a_complete_document_set_parses() {
+    let cfg = parse(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/agent-down: fail-open}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
+spec: {node: a, ip: 10.0.0.5, serviceAccount: cart, ports: [{name: http, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec:
+  clusterIP: 10.96.1.1
+  selector: {app: cart}
+  ports: [{port: 80, targetPort: http}, {name: dns, port: 53, protocol: UDP}]
+"#,
+    )
+    .unwrap();
+    let w = &cfg.workloads[0];
+    assert_eq!(
+        (w.id().as_str(), w.meshed, w.agent_down),
+        ("shop/cart-1", true, AgentDown::FailOpen)
+    );
+    assert_eq!(
+        cfg.services[0].ports[0].target,
+        TargetPort::Name("http".into())
+    );
+    assert_eq!(cfg.services[0].ports[1].protocol, Protocol::Udp);
+}
+
+#[test]
+fn a_bad_address_names_file_document_object_and_field() {
+    let e = err("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n");
+    assert!(
+        e.starts_with("mesh.yaml: document 2 (Service default/web): field `spec.clusterIP`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_nested_field_error_has_its_full_path() {
+    let e = err("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}, {port: 70000}]}\n");
+    assert!(e.contains("field `spec.ports[1].port`"), "{e}");
+}
+
+#[test]
+fn unknown_fields_and_kinds_are_refused() {
+    assert!(err("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIp: 10.96.0.1, ports: []}\n").contains("unknown field `clusterIp`"));
+    assert!(
+        err("apiVersion: v1\nkind: Deployment\nmetadata: {name: x}\n")
+            .contains("field `kind`: unknown kind \"Deployment\"")
+    );
+    assert!(err("apiVersion: v2\nkind: Service\nmetadata: {name: x}\n")
+        .contains("field `apiVersion`: must be v1"));
+}
+
+#[test]
+fn references_and_duplicates_are_checked() {
+    let e = err("apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec: {node: zz, ip: 10.0.0.1}\n");
+    assert!(e.contains("field `spec.node`: no Node named \"zz\""), "{e}");
+    let two = "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec: {node: a, ip: 10.0.0.1}\n";
+    assert!(err(&format!("{two}---\n{two}")).contains("duplicate Workload default/w"));
+    let other = "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: v}\nspec: {node: a, ip: 10.0.0.1}\n";
+    assert!(err(&format!("{two}---\n{other}"))
+        .contains("10.0.0.1 is already the address of workload default/w"));
+    let svc = |n: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n")
+    };
+    assert!(err(&format!("{}---\n{}", svc("a"), svc("b")))
+        .contains("10.96.0.1:80/Tcp is already served by Service default/a"));
+}
+
+#[test]
+fn the_agents_own_ports_cannot_be_declared() {
+    let e = err("apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec: {node: a, ip: 10.0.0.1, ports: [{port: 15001}]}\n");
+    assert!(
+        e.contains("field `spec.ports[0].port`: 15001 is not usable"),
+        "{e}"
+    );
+}
+
+#[test]
+fn namespace_labels_are_validated() {
+    let e = err(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {weft.dev/mesh: maybe}}\n",
+    );
+    assert!(
+        e.contains("metadata.labels.weft.dev/mesh") && e.contains("expected enabled or disabled"),
+        "{e}"
+    );
+}
+
+#[test]
+fn yaml_syntax_errors_name_the_file() {
+    let e = load_str(Path::new("broken.yaml"), "kind: [unclosed")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("broken.yaml: not valid YAML"), "{e}");
+}
