@@ -17,6 +17,8 @@ use crate::{datapath::Datapath, proxy::Metrics, state::NodeState};
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Status {
     pub ready: bool,
+    /// The agent's process id (two agents share the admin path during a handoff).
+    pub pid: u32,
     pub node: String,
     pub config_generation: u64,
     /// The last configuration change that was refused, and why (`None` once a later one
@@ -28,6 +30,9 @@ pub struct Status {
     pub inherited_listeners: usize,
     pub enrolled: Vec<String>,
     pub draining: bool,
+    /// What the datapath did while no agent ran before this one started: meshed connects
+    /// that bypassed the mesh (fail-open) or were refused (fail-closed), inbound likewise.
+    pub while_agent_down: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone)]

@@ -77,6 +77,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         bpffs: mounts.bpffs.clone(),
         accelerate: opts.accelerate,
     })?;
+    let while_down = report_while_down(&mut dp);
     tracing::info!(cgroup = %cgroup.display(), pins = %dp.pin_root().display(), attachment = ?dp.attachment, "datapath ready");
 
     // 5. The node's state, and the service maps that follow from it.
@@ -118,12 +119,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
     let status = Arc::new(ArcSwap::from_pointee(Status {
         ready: true,
+        pid: std::process::id(),
         node: opts.node.clone(),
         config_generation: 1,
         attachment: Some(dp.attachment),
         startup_ms: Some(started.elapsed().as_millis() as u64),
         inherited_listeners: inherited_count,
         enrolled: pods.names(),
+        while_agent_down: while_down,
         ..Status::default()
     }));
     tracing::info!(
@@ -244,6 +247,37 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
+}
+
+/// Alert on what the datapath did on its own since the last agent: connects that bypassed
+/// the mesh or were refused because no agent listened.
+fn report_while_down(dp: &mut Datapath) -> std::collections::BTreeMap<String, u64> {
+    const WATCHED: [&str; 4] = [
+        "fail_open_bypass",
+        "fail_closed_refused",
+        "inbound_bypass",
+        "inbound_refused",
+    ];
+    let mut out = std::collections::BTreeMap::new();
+    for (name, n) in dp.take_unacknowledged() {
+        if WATCHED.contains(&name) {
+            if n > 0 && name.ends_with("bypass") {
+                tracing::warn!(
+                    counter = name,
+                    connections = n,
+                    "connections bypassed the mesh while no agent ran (fail-open workloads)"
+                );
+            } else if n > 0 {
+                tracing::warn!(
+                    counter = name,
+                    connections = n,
+                    "connections were refused while no agent ran (fail-closed workloads)"
+                );
+            }
+            out.insert(name.to_owned(), n);
+        }
+    }
+    out
 }
 
 /// Accept a new configuration: swap the state, then bring the maps in line.

@@ -41,6 +41,7 @@ pub mod maps {
     pub const LOCAL_SOCKS: &str = "LOCAL_SOCKS";
     pub const DELIVERIES: &str = "DELIVERIES";
     pub const STATS: &str = "STATS";
+    pub const ACKED: &str = "ACKED";
     pub const SETTINGS: &str = "SETTINGS";
 }
 

@@ -62,6 +62,11 @@ pub static LOCAL_SOCKS: SockHash<SockPairKey> = SockHash::pinned(65_536, 0);
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 
+/// What the last agent had already reported of each counter (summed over CPUs), so the next
+/// one can tell what happened while no agent ran. Written by the agent only.
+#[map]
+pub static ACKED: Array<u64> = Array::pinned(Stat::COUNT, 0);
+
 /// Switches set by the agent, indexed by [`settings`].
 #[map]
 pub static SETTINGS: Array<u32> = Array::pinned(settings::COUNT, 0);

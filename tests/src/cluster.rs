@@ -516,6 +516,10 @@ fn teardown(cid: &str, cgroup_root: &Path, netns: &[String]) {
         let _ = Command::new("ip").args(["netns", "del", ns]).output();
     }
     remove_cgroup_tree(cgroup_root);
+    // The shared parent too, once no other cluster uses it (fails harmlessly otherwise).
+    if let Some(parent) = cgroup_root.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
     if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf/weft") {
         for e in dir.flatten() {
             if e.file_name()

@@ -163,7 +163,9 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(v) = self.admin("/status") {
-                if v["ready"] == true {
+                // During a handoff the old agent answers on the same path until the new
+                // one takes it over.
+                if v["ready"] == true && v["pid"] == self.proc.pid() {
                     return v;
                 }
             }

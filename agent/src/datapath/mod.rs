@@ -221,6 +221,7 @@ pub struct Datapath {
     inbound_ports: BpfHashMap<MapData, InboundKey, InboundPort>,
     inbound_lsn: SockHash<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
+    acked: Array<MapData, u64>,
     /// Service key -> (endpoint list id, endpoints written), mirrored from the maps.
     written: HashMap<ServiceKey, ServiceValue>,
     pods: HashMap<u64, PodEntry>,
@@ -324,6 +325,7 @@ impl Datapath {
             inbound_ports: take_map(&mut ebpf, maps::INBOUND_PORTS)?,
             inbound_lsn: take_map(&mut ebpf, maps::INBOUND_LSN)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
+            acked: take_map(&mut ebpf, maps::ACKED)?,
             services,
             written,
             pods: HashMap::new(),
@@ -544,6 +546,18 @@ impl Datapath {
                 (s.name(), total)
             })
             .collect()
+    }
+
+    /// How much each counter grew since an agent last acknowledged it (on a fresh start:
+    /// what happened while no agent ran), and acknowledge the current values.
+    pub fn take_unacknowledged(&mut self) -> Vec<(&'static str, u64)> {
+        let mut out = Vec::new();
+        for (i, (name, total)) in self.stats().into_iter().enumerate() {
+            let seen = self.acked.get(&(i as u32), 0).unwrap_or(0);
+            out.push((name, total.saturating_sub(seen)));
+            let _ = self.acked.set(i as u32, total, 0);
+        }
+        out
     }
 
     /// The service map as the kernel sees it (for `weftctl maps`).

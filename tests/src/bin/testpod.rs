@@ -7,6 +7,8 @@
 //! - `dns-server PORT IP`: answers every UDP DNS query with one A record holding IP.
 //! - `echo-client ADDR BYTES`: sends BYTES pseudo-random bytes, half-closes, reads the echo
 //!   until EOF and exits 0 only if it matches byte for byte.
+//! - `http-loop ADDR MILLIS`: one HTTP request per new connection, back to back, for
+//!   MILLIS (at most 100,000 requests); prints `ok=N failed=M` and fails if M > 0.
 //! - `connect ADDR`: one TCP connect with a 2 s timeout; prints `ok` or the error.
 //! - `udp-query ADDR NAME`: one DNS A query from an unconnected UDP socket; prints the
 //!   answer, and fails unless the reply's source is ADDR itself.
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         ["dns-server", port, ip] => dns_server(port, ip),
         ["echo-client", addr, bytes] => echo_client(addr, bytes),
         ["connect", addr] => connect(addr),
+        ["http-loop", addr, millis] => http_loop(addr, millis),
         ["udp-query", addr, name] => udp_query(addr, name),
         _ => Err("usage: weft-testpod http-server PORT NAME | echo-server PORT | dns-server PORT IP | echo-client ADDR BYTES | connect ADDR".into()),
     };
@@ -69,6 +72,7 @@ fn http_server(port: &str, name: &str) -> Res {
                     .expect("checked")
                     + 4;
                 buf.drain(..end);
+                println!("served {peer}");
                 let body = format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\"}}\n");
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -167,6 +171,55 @@ fn echo_client(addr: &str, bytes: &str) -> Res {
     }
     println!("echoed {len} bytes intact");
     Ok(())
+}
+
+fn http_loop(addr: &str, millis: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let ms: u64 = millis.parse().map_err(|e| format!("{millis}: {e}"))?;
+    let end = std::time::Instant::now() + Duration::from_millis(ms);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut first_error = None;
+    while std::time::Instant::now() < end && ok + failed < 100_000 {
+        match one_request(addr) {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    println!("ok={ok} failed={failed}");
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err(format!(
+            "{failed} of {} requests failed; first: {e}",
+            ok + failed
+        )),
+    }
+}
+
+fn one_request(addr: SocketAddr) -> Res {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    c.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 1024];
+    // The test server keeps connections open: read until the body's newline.
+    while !resp.ends_with(b"}\n") {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    if resp.starts_with(b"HTTP/1.1 200") && resp.ends_with(b"}\n") {
+        Ok(())
+    } else {
+        Err(format!("bad response {:?}", String::from_utf8_lossy(&resp)))
+    }
 }
 
 fn udp_query(addr: &str, name: &str) -> Res {

@@ -1,0 +1,288 @@
+//! End to end: the agent's life cycle. What pods experience when it is killed, how a
+//! restarted agent adopts the pinned datapath, restarts that refuse no connection, and
+//! refusing to start without what it needs.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use weft_e2e::{bin, http_get, peer_ip, require_root, Cluster, PodSpec, ServiceSpec};
+
+const SECS5: Duration = Duration::from_secs(5);
+
+fn served(log: &str) -> usize {
+    log.lines().filter(|l| l.starts_with("served ")).count()
+}
+
+#[test]
+fn killed_agent_fails_closed_or_open_and_a_new_one_adopts_the_datapath() {
+    if !require_root("killed_agent_fails_closed_or_open_and_a_new_one_adopts_the_datapath") {
+        return;
+    }
+    let c = Cluster::builder("sigkill")
+        .node("a")
+        .pod(PodSpec::new("closed", "a"))
+        .pod(PodSpec::new("open", "a").fail_open())
+        .pod(PodSpec::new("plain", "a").unmeshed())
+        .pod(PodSpec::new("web", "a").label("app", "web").port(8080))
+        .pod(
+            PodSpec::new("web-open", "a")
+                .label("app", "web-open")
+                .port(8080)
+                .fail_open(),
+        )
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .service(
+            ServiceSpec::new("web-open", "10.96.0.11")
+                .select("app", "web-open")
+                .tcp(80, 8080),
+        )
+        .build();
+    let tp = bin("weft-testpod");
+    let srv = c
+        .pod("web")
+        .spawn(&c.dir, &tp, &["http-server", "8080", "web"]);
+    let srv_open = c
+        .pod("web-open")
+        .spawn(&c.dir, &tp, &["http-server", "8080", "web-open"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    c.pod("web-open").wait_listening(8080, SECS5);
+    let mut agent = c.start_agent("a", &[]);
+    for (client, url) in [
+        ("closed", "http://10.96.0.10/"),
+        ("open", "http://10.96.0.11/"),
+    ] {
+        let a = http_get(c.pod(client), url).expect("works with the agent");
+        assert_eq!(peer_ip(&a), c.pod(client).ip);
+    }
+
+    agent.proc.kill(); // SIGKILL: no cleanup of any kind runs.
+    let before = served(&srv.output());
+
+    // Fail-closed (the default): the connect is refused, nothing reaches the server.
+    let err = http_get(c.pod("closed"), "http://10.96.0.10/").expect_err("fail-closed refuses");
+    assert!(err.contains("curl"), "{err}");
+    // Inbound likewise: a direct connection to the fail-closed server pod is refused
+    // rather than handed to the app unproxied.
+    let web_ip = &c.pod("web").ip;
+    http_get(c.pod("plain"), &format!("http://{web_ip}:8080/"))
+        .expect_err("inbound fail-closed refuses");
+    assert_eq!(
+        served(&srv.output()),
+        before,
+        "nothing reached the server while the agent was down"
+    );
+
+    // Fail-open (each pod's posture covers its own direction: the client's outbound, the
+    // server's inbound): the connect goes straight to an endpoint and is let in.
+    let open_before = served(&srv_open.output());
+    let a =
+        http_get(c.pod("open"), "http://10.96.0.11/").expect("fail-open falls back to socket LB");
+    assert_eq!(
+        (a["server"].as_str(), peer_ip(&a)),
+        (Some("web-open"), c.pod("open").ip.clone())
+    );
+    let open_ip = &c.pod("web-open").ip;
+    http_get(c.pod("plain"), &format!("http://{open_ip}:8080/"))
+        .expect("inbound fail-open lets it in");
+    assert_eq!(served(&srv_open.output()), open_before + 2);
+
+    // A new agent adopts the pinned programs and maps and captures again.
+    let t0 = Instant::now();
+    let mut agent = c.spawn_agent("a", &[]);
+    let status = agent.wait_ready(Duration::from_secs(10));
+    let ready = t0.elapsed();
+    let a = loop {
+        match http_get(c.pod("closed"), "http://10.96.0.10/") {
+            Ok(a) => break a,
+            Err(e) => assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no capture after restart: {e}"
+            ),
+        }
+    };
+    let capturing = t0.elapsed();
+    eprintln!(
+        "restart: agent ready after {ready:?} (it reports {} ms from exec to capturing); first captured request served after {capturing:?}",
+        status["startup_ms"]
+    );
+    assert_eq!(
+        status["attachment"], "adopted",
+        "the pinned links were kept, not re-attached"
+    );
+    assert!(
+        status["startup_ms"].as_u64().unwrap() < 2000,
+        "capturing within 2 s: {status}"
+    );
+    assert_eq!(peer_ip(&a), c.pod("closed").ip);
+    assert!(
+        agent.stat("proxy", "outbound_accepted") >= 1,
+        "the request went through the new agent"
+    );
+
+    // What happened while no agent ran is counted and reported.
+    let down = &status["while_agent_down"];
+    assert!(down["fail_closed_refused"].as_u64().unwrap() >= 1, "{down}");
+    assert!(down["fail_open_bypass"].as_u64().unwrap() >= 1, "{down}");
+    assert!(down["inbound_refused"].as_u64().unwrap() >= 1, "{down}");
+    assert!(down["inbound_bypass"].as_u64().unwrap() >= 1, "{down}");
+    assert!(agent
+        .proc
+        .output()
+        .contains("bypassed the mesh while no agent ran"));
+}
+
+#[test]
+fn graceful_restart_refuses_no_connection() {
+    if !require_root("graceful_restart_refuses_no_connection") {
+        return;
+    }
+    let c = Cluster::builder("handoff")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("web", "a").label("app", "web").port(8080))
+        .pod(PodSpec::new("web2", "b").label("app", "web").port(8080))
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .build();
+    let tp = bin("weft-testpod");
+    let _s1 = c
+        .pod("web")
+        .spawn(&c.dir, &tp, &["http-server", "8080", "web"]);
+    let _s2 = c
+        .pod("web2")
+        .spawn(&c.dir, &tp, &["http-server", "8080", "web2"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    c.pod("web2").wait_listening(8080, SECS5);
+    let mut old = c.start_agent("a", &[]);
+    let _b = c.start_agent("b", &[]);
+
+    // Back-to-back new connections for 4 s while node a's agent is replaced.
+    let mut load = c
+        .pod("client")
+        .spawn(&c.dir, &tp, &["http-loop", "10.96.0.10:80", "4000"]);
+    std::thread::sleep(Duration::from_millis(800));
+    old.proc.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let new = c.start_agent("a", &[]);
+    let status = new.admin("/status").expect("status");
+    assert!(
+        status["inherited_listeners"].as_u64().unwrap() >= 6,
+        "took over the pods' listeners: {status}"
+    );
+    let exit = old
+        .proc
+        .wait_exit(Duration::from_secs(20))
+        .expect("the old agent drains and exits");
+    assert!(exit.success(), "old agent: {exit}");
+
+    let result = load
+        .wait_exit(Duration::from_secs(20))
+        .expect("load finishes");
+    let out = load.output();
+    assert!(
+        result.success(),
+        "connections failed during the restart: {out}"
+    );
+    let ok: u64 = out
+        .trim()
+        .strip_prefix("ok=")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ok >= 50, "too little load to mean anything: {out}");
+    assert!(
+        new.stat("proxy", "outbound_accepted") > 0,
+        "the new agent served after taking over"
+    );
+    eprintln!("graceful restart: {out}");
+}
+
+/// Run the agent with `setup` applied in the child; expect a quick failure naming `what`.
+fn refuses(args: &[&str], what: &str, setup: impl Fn(&mut Command)) {
+    let mut cmd = Command::new(bin("weft-agent"));
+    cmd.args([
+        "run",
+        "--node",
+        "n",
+        "--config",
+        "/nonexistent/config.yaml",
+        "--cgroup",
+        "weft-none",
+    ])
+    .args(args);
+    setup(&mut cmd);
+    let t0 = Instant::now();
+    let out = cmd.output().expect("run weft-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started anyway: {stderr}");
+    assert!(t0.elapsed() < SECS5, "took {:?} to give up", t0.elapsed());
+    assert!(stderr.contains(what), "expected {what:?} in:\n{stderr}");
+    assert!(stderr.contains("fix:"), "says how to fix it:\n{stderr}");
+}
+
+#[test]
+fn agent_refuses_to_start_without_what_it_needs() {
+    if !require_root("agent_refuses_to_start_without_what_it_needs") {
+        return;
+    }
+    refuses(&[], "not running as root", |c| {
+        c.uid(65534).gid(65534);
+    });
+    refuses(
+        &["--btf", "/nonexistent/vmlinux"],
+        "kernel BTF not found at /nonexistent/vmlinux",
+        |_| {},
+    );
+    refuses(
+        &["--bpffs", "/proc/weft-no-bpffs"],
+        "bpffs is not mounted at /proc/weft-no-bpffs",
+        |_| {},
+    );
+    // No cgroup2: a private mount namespace in which it is unmounted.
+    let cg2 = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mp = pre.split(' ').nth(4)?.to_owned();
+            post.starts_with("cgroup2 ").then_some(mp)
+        })
+        .expect("cgroup2 mount");
+    refuses(&[], "no cgroup2 filesystem is mounted", move |c| {
+        let cg2 = std::ffi::CString::new(cg2.clone()).unwrap();
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let root = c"/";
+                if libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::umount2(cg2.as_ptr(), libc::MNT_DETACH) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+}
