@@ -314,10 +314,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
             return Err(ConfigError::field(
                 &at,
                 "metadata.name",
-                format!(
-                    "duplicate {kind} {ns}/{}, first declared at {first}",
-                    meta.name
-                ),
+                format!("duplicate {}, first declared at {first}", at.object),
             ));
         }
         check_name(&at, "metadata.name", &meta.name)?;

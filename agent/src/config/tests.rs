@@ -118,3 +118,22 @@ fn yaml_syntax_errors_name_the_file() {
         .to_string();
     assert!(e.starts_with("broken.yaml: not valid YAML"), "{e}");
 }
+
+#[test]
+fn every_documented_example_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if let Err(e) = load_path(&path) {
+            panic!("{} is invalid: {e}", path.display());
+        }
+        n += 1;
+    }
+    assert!(n >= 3, "examples missing from {}", dir.display());
+    let cfg = load_path(&dir.join("postures.yaml")).unwrap();
+    let by_name = |n: &str| cfg.workloads.iter().find(|w| w.name == n).unwrap().clone();
+    assert_eq!(by_name("report").agent_down, AgentDown::FailOpen);
+    assert_eq!(by_name("payments").agent_down, AgentDown::FailClosed);
+    assert!(!by_name("old-app").meshed);
+}
