@@ -111,6 +111,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let host = HostNetns::current().context("opening the agent's own network namespace")?;
     let mut pods = Pods {
         enrolled: HashMap::new(),
+        failed: HashMap::new(),
         host,
         inputs: inputs.clone(),
     };
@@ -177,16 +178,15 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 fingerprint = fp;
                 let mut dp = datapath.lock().await;
                 if changed {
-                    match config::load_path(&opts.config) {
-                        Ok(cfg) => {
+                    match config::load_path(&opts.config).map_err(anyhow::Error::from).and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp)) {
+                        Ok(()) => {
                             generation += 1;
-                            apply(&opts, &cfg, generation, &state, &mut dp)?;
                             status.rcu(|s| Status { config_generation: generation, last_config_error: None, ..(**s).clone() });
                             tracing::info!(generation, "configuration reloaded");
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "configuration change refused; the last good configuration stays in force");
-                            status.rcu(|s| Status { last_config_error: Some(e.to_string()), ..(**s).clone() });
+                            tracing::error!(error = %format!("{e:#}"), "configuration change refused; the last good configuration stays in force");
+                            status.rcu(|s| Status { last_config_error: Some(format!("{e:#}")), ..(**s).clone() });
                         }
                     }
                 }
@@ -292,7 +292,8 @@ fn apply(
         tracing::warn!(node = %opts.node, "this node is no longer declared; keeping its pods as they are");
     }
     let next = NodeState::build(&opts.node, cfg, generation);
-    dp.sync_services(&next)?;
+    dp.sync_services(&next)
+        .context("writing the service maps (the proxy keeps the previous state)")?;
     state.store(Arc::new(next));
     Ok(())
 }
@@ -300,6 +301,8 @@ fn apply(
 /// The pods this agent serves.
 struct Pods {
     enrolled: HashMap<Ipv4Addr, Enrolled>,
+    /// Last enrolment error per pod, so a retried failure is logged once.
+    failed: HashMap<Ipv4Addr, String>,
     host: Arc<HostNetns>,
     inputs: ProxyInputs,
 }
@@ -319,6 +322,7 @@ impl Pods {
             .filter(|(ip, e)| wanted.get(ip).is_none_or(|w| **w != e.workload))
             .map(|(ip, _)| *ip)
             .collect();
+        self.failed.retain(|ip, _| wanted.contains_key(ip));
         let mut changed = !gone.is_empty();
         for ip in gone {
             if let Some(e) = self.enrolled.remove(&ip) {
@@ -332,10 +336,18 @@ impl Pods {
             }
             match enroll::enroll(dp, w, &self.host, &self.inputs, inherited) {
                 Ok(e) => {
+                    self.failed.remove(&ip);
                     self.enrolled.insert(ip, e);
                     changed = true;
                 }
-                Err(e) => tracing::error!(error = %e, "enrolment failed; will retry"),
+                Err(e) => {
+                    // Retried on every tick; said once per distinct error.
+                    let msg = e.to_string();
+                    if self.failed.get(&ip) != Some(&msg) {
+                        tracing::error!(error = %msg, "enrolment failed; will retry");
+                        self.failed.insert(ip, msg);
+                    }
+                }
             }
         }
         if changed {

@@ -31,13 +31,16 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    /// The next endpoint in round-robin order, or `None` if there is none.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
+    /// Up to `n` distinct endpoints to try for one connection: the next one in round-robin
+    /// order first, then the ones after it. The cursor moves by one per connection.
+    pub fn candidates(&self, n: usize) -> impl Iterator<Item = &Endpoint> {
+        let len = self.endpoints.len();
+        let start = if len == 0 {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed) % len
+        };
+        (0..n.min(len)).map(move |i| &self.endpoints[(start + i) % len])
     }
 }
 
@@ -169,13 +172,24 @@ spec:
     }
 
     #[test]
-    fn round_robin_visits_every_endpoint() {
+    fn round_robin_visits_every_endpoint_and_falls_back_in_order() {
         let cfg = load_str(Path::new("t.yaml"), DOCS).unwrap();
         let st = NodeState::build("a", &cfg, 1);
         let svc = st
             .service("10.96.0.10:80".parse().unwrap(), Protocol::Tcp)
             .unwrap();
-        let picks: Vec<_> = (0..4).map(|_| svc.pick().unwrap().node.clone()).collect();
-        assert_eq!(picks, ["a", "b", "a", "b"]);
+        let nodes = |n| {
+            svc.candidates(n)
+                .map(|e| e.node.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(nodes(3), ["a", "b"], "at most every endpoint once");
+        assert_eq!(
+            nodes(3),
+            ["b", "a"],
+            "the next connection starts one further"
+        );
+        assert_eq!(nodes(1), ["a"]);
+        assert_eq!(nodes(1), ["b"]);
     }
 }

@@ -1,9 +1,14 @@
 //! Every map of the object, in one place. Maps marked `pinned` are pinned by name under the
 //! directory the agent passes to the loader (`<bpffs>/weft/<node>/v<ABI>/maps/`), so a
 //! restarted agent finds the same maps, and the attached programs keep working while no
-//! agent runs. Sizes are upper bounds the agent can raise at load time.
+//! agent runs. Sizes are upper bounds; the hash maps the agent fills are not preallocated,
+//! so they cost kernel memory in proportion to what is configured.
+
+/// BPF_F_NO_PREALLOC as the u32 map flags take it.
+const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
@@ -14,15 +19,15 @@ use weft_common::{
 
 /// Service address -> endpoint list id and size.
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(262_144, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(262_144, NO_PREALLOC);
 
 /// (endpoint list id, index) -> backend address.
 #[map]
-pub static ENDPOINTS: HashMap<EndpointKey, SockAddr4> = HashMap::pinned(1_048_576, 0);
+pub static ENDPOINTS: HashMap<EndpointKey, SockAddr4> = HashMap::pinned(1_048_576, NO_PREALLOC);
 
 /// Pod network-namespace cookie -> how the pod's traffic is treated.
 #[map]
-pub static WORKLOADS: HashMap<u64, Workload> = HashMap::pinned(16_384, 0);
+pub static WORKLOADS: HashMap<u64, Workload> = HashMap::pinned(16_384, NO_PREALLOC);
 
 /// Client socket cookie -> original destination, for sockets redirected to the agent and
 /// not yet connected.
@@ -43,7 +48,7 @@ pub static UDP_REVNAT: LruHashMap<RevNatKey, SockAddr4> = LruHashMap::pinned(65_
 
 /// (pod IP, port) of enrolled pods whose inbound traffic is steered to the agent.
 #[map]
-pub static INBOUND_PORTS: HashMap<InboundKey, InboundPort> = HashMap::pinned(65_536, 0);
+pub static INBOUND_PORTS: HashMap<InboundKey, InboundPort> = HashMap::pinned(65_536, NO_PREALLOC);
 
 /// Pod IP -> the agent's inbound listener inside that pod's netns (sk_lookup target).
 #[map]

@@ -373,3 +373,107 @@ fn invalid_config_change_keeps_the_last_good_one() {
     http_get(c.pod("client"), "http://10.96.0.12/").expect("the new service address works");
     http_get(c.pod("client"), "http://10.96.0.10/").expect_err("the old one is gone");
 }
+
+#[test]
+fn dual_stack_sockets_reach_ipv4_services_through_connect6() {
+    if !require_root("dual_stack_sockets_reach_ipv4_services_through_connect6") {
+        return;
+    }
+    let c = two_nodes("connect6");
+    let agent = c.start_agent("a", &[]);
+    let _srv = c
+        .pod("web")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    // An AF_INET6 socket dialling the IPv4-mapped service address.
+    let answer = http_get(c.pod("client"), "http://[::ffff:10.96.0.10]/")
+        .expect("connect6 captures mapped addresses");
+    assert_eq!(answer["server"], "web");
+    assert_eq!(peer_ip(&answer), c.pod("client").ip);
+    assert!(agent.stat("proxy", "outbound_accepted") >= 1);
+}
+
+#[test]
+fn workload_changes_apply_on_reload() {
+    if !require_root("workload_changes_apply_on_reload") {
+        return;
+    }
+    let c = two_nodes("reload-workloads");
+    let agent = c.start_agent("a", &[]);
+    let _srv = c
+        .pod("web")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    http_get(c.pod("client"), "http://10.96.0.10/").expect("captured");
+    let captured = agent.stat("ebpf", "captured");
+    assert_eq!(captured, 1);
+
+    // Take the client out of the mesh: it is unenrolled and falls back to socket LB.
+    let yaml = c.config_yaml();
+    let marker = "metadata: {name: client,";
+    let at = yaml.find(marker).expect("client document");
+    let end = at + yaml[at..].find("mesh: enabled").expect("mesh line");
+    let changed = format!(
+        "{}mesh: disabled{}",
+        &yaml[..end],
+        &yaml[end + "mesh: enabled".len()..]
+    );
+    c.write_config(&changed);
+    let deadline = Instant::now() + SECS5;
+    loop {
+        let st = agent.admin("/status").unwrap();
+        if st["config_generation"] == 2
+            && !st["enrolled"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == "default/client")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "client still enrolled: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lb = agent.stat("ebpf", "sock_lb");
+    let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("served by socket LB now");
+    assert_eq!(answer["server"], "web");
+    assert_eq!(
+        agent.stat("ebpf", "captured"),
+        captured,
+        "no longer captured"
+    );
+    assert_eq!(agent.stat("ebpf", "sock_lb"), lb + 1);
+}
+
+#[test]
+fn an_unreachable_endpoint_is_skipped_for_the_next_one() {
+    if !require_root("an_unreachable_endpoint_is_skipped_for_the_next_one") {
+        return;
+    }
+    let c = Cluster::builder("connect-retry")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("web", "a").label("tier", "web").port(8080))
+        .pod(PodSpec::new("web2", "b").label("tier", "web").port(8080))
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("tier", "web")
+                .tcp(80, 8080),
+        )
+        .build();
+    // Node b has no agent: its meshed pod cannot be reached through the tunnel.
+    let agent = c.start_agent("a", &[]);
+    let _srv = c
+        .pod("web")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    for _ in 0..6 {
+        let a = http_get(c.pod("client"), "http://10.96.0.10/").expect("every request is served");
+        assert_eq!(a["server"], "web");
+    }
+    assert!(
+        agent.stat("proxy", "upstream_connect_errors") >= 1,
+        "web2 was tried and skipped"
+    );
+}

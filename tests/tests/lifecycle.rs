@@ -286,3 +286,24 @@ fn agent_refuses_to_start_without_what_it_needs() {
         }
     });
 }
+
+#[test]
+fn pins_of_other_versions_are_removed_once_attached() {
+    if !require_root("pins_of_other_versions_are_removed_once_attached") {
+        return;
+    }
+    let c = Cluster::builder("versions")
+        .node("a")
+        .pod(PodSpec::new("client", "a"))
+        .build();
+    let node_dir = std::path::Path::new("/sys/fs/bpf/weft").join(&c.node("a").full);
+    let old = node_dir.join("v0").join("links");
+    std::fs::create_dir_all(&old).expect("mkdir on bpffs");
+    let agent = c.start_agent("a", &[]);
+    assert!(!node_dir.join("v0").exists(), "the v0 directory is gone");
+    assert!(
+        node_dir.join("v1/links/weft_connect4").exists(),
+        "this version is pinned"
+    );
+    assert_eq!(agent.admin("/status").unwrap()["attachment"], "attached");
+}

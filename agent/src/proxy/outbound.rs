@@ -11,6 +11,9 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{accept_loop, deliver, splice, tunnel, ActiveGuard, ProxyInputs};
 use crate::{config::Protocol, netns::PodNetns, state::Endpoint};
 
+/// Endpoints tried per connection before the client's connection is closed.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
 pub struct Outbound {
     listener: TcpListener,
     pod: Arc<PodNetns>,
@@ -75,18 +78,24 @@ async fn handle(
         tracing::warn!(%orig, pod = %pod_ip, "connection to an address that is no longer a service; closing it");
         return;
     };
-    let Some(ep) = svc.pick().cloned() else {
+    // Try up to three endpoints: a connect failure (endpoint gone, its node's agent down)
+    // moves on to the next one instead of failing the client.
+    let attempts = svc.endpoints.len().min(MAX_CONNECT_ATTEMPTS);
+    if attempts == 0 {
         m.outbound_no_endpoint.fetch_add(1, Ordering::Relaxed);
         tracing::info!(service = %svc.name, "no endpoint; closing the connection");
         return;
-    };
-    let local_node = state.node == ep.node;
+    }
+    let candidates: Vec<Endpoint> = svc.candidates(attempts).cloned().collect();
+    let local_node = state.node.clone();
     drop(state);
-    match connect(&inputs, &pod, pod_ip, &ep, local_node).await {
-        Ok(upstream) => splice(m, conn, upstream).await,
-        Err(e) => {
-            m.upstream_connect_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(endpoint = %ep.addr, workload = %ep.workload, error = %e, "connecting to the endpoint failed");
+    for ep in candidates {
+        match connect(&inputs, &pod, pod_ip, &ep, ep.node == local_node).await {
+            Ok(upstream) => return splice(m, conn, upstream).await,
+            Err(e) => {
+                m.upstream_connect_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(endpoint = %ep.addr, workload = %ep.workload, error = %e, "connecting to the endpoint failed");
+            }
         }
     }
 }
