@@ -16,7 +16,7 @@ use crate::{
     datapath::{Datapath, DatapathError},
     handoff::{Inherited, ListenerKind},
     netns::{HostNetns, PodNetns},
-    proxy::{inbound::Inbound, outbound::Outbound, tunnel::TunnelServer, ProxyInputs},
+    proxy::{inbound::Inbound, outbound::Outbound, tunnel::TunnelServer, PodListener, ProxyInputs},
 };
 
 const BACKLOG: i32 = 4096;
@@ -127,19 +127,18 @@ pub fn enroll(
         tokio::net::TcpListener::from_std(l).map_err(io("registering a listener"))
     };
     let ports = w.ports.iter().map(|p| p.port).collect();
+    let pod = |listener| -> Result<PodListener, EnrollError> {
+        Ok(PodListener {
+            listener: to_tokio(listener)?,
+            pod: netns.clone(),
+            pod_ip: w.ip,
+            inputs: inputs.clone(),
+        })
+    };
     let tasks = vec![
-        tokio::spawn(Outbound::new(to_tokio(outbound)?, netns.clone(), w.ip, inputs.clone()).run()),
-        tokio::spawn(Inbound::new(to_tokio(inbound)?, netns.clone(), w.ip, inputs.clone()).run()),
-        tokio::spawn(
-            TunnelServer::new(
-                to_tokio(tunnel)?,
-                netns.clone(),
-                w.ip,
-                ports,
-                inputs.clone(),
-            )
-            .run(),
-        ),
+        tokio::spawn(Outbound::new(pod(outbound)?).run()),
+        tokio::spawn(Inbound::new(pod(inbound)?).run()),
+        tokio::spawn(TunnelServer::new(pod(tunnel)?, ports).run()),
     ];
     tracing::info!(workload = %id, ip = %w.ip, netns = %path.display(), cookie = netns.cookie(), "enrolled");
     Ok(Enrolled {

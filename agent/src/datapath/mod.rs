@@ -57,6 +57,11 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("eBPF program {name}: its link: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -250,6 +255,11 @@ impl Datapath {
         })?;
         let links = root.join("links");
         let mut attachment = Attachment::Adopted;
+        let mut attached = |fresh: bool| {
+            if fresh {
+                attachment = Attachment::Attached;
+            }
+        };
         for name in [
             programs::CONNECT4,
             programs::CONNECT6,
@@ -261,32 +271,22 @@ impl Datapath {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
             let tag = prog.info().map_err(prog_err(name))?.tag();
-            if !adopt(&links.join(name), tag) {
+            attached(adopt_or_attach(&links.join(name), tag, || {
                 let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(prog_err(name))?
-                    .try_into()
-                    .map_err(|e| pin_err(&links)(format!("{e}")))?;
-                replace_pin(link, &links.join(name))?;
-                attachment = Attachment::Attached;
-            }
+                let link = prog.take_link(id).map_err(prog_err(name))?;
+                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })
+            })?);
         }
         {
             let name = programs::SOCKOPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
             let tag = prog.info().map_err(prog_err(name))?.tag();
-            if !adopt(&links.join(name), tag) {
+            attached(adopt_or_attach(&links.join(name), tag, || {
                 let id = prog.attach(&cgroup, LINK_MODE).map_err(prog_err(name))?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(prog_err(name))?
-                    .try_into()
-                    .map_err(|e| pin_err(&links)(format!("{e}")))?;
-                replace_pin(link, &links.join(name))?;
-                attachment = Attachment::Attached;
-            }
+                let link = prog.take_link(id).map_err(prog_err(name))?;
+                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })
+            })?);
         }
 
         let local_socks: SockHash<MapData, SockPairKey> = take_map(&mut ebpf, maps::LOCAL_SOCKS)?;
@@ -472,12 +472,11 @@ impl Datapath {
         let pin = self.root.join("pods").join(netns.cookie().to_string());
         let prog: &mut SkLookup = program(&mut self.ebpf, name)?;
         let tag = prog.info().map_err(prog_err(name))?.tag();
-        if adopt(&pin, tag) {
-            return Ok(());
-        }
-        let id = prog.attach(netns.as_fd()).map_err(prog_err(name))?;
-        let link: FdLink = prog.take_link(id).map_err(prog_err(name))?.into();
-        replace_pin(link, &pin)
+        adopt_or_attach(&pin, tag, || {
+            let id = prog.attach(netns.as_fd()).map_err(prog_err(name))?;
+            Ok(prog.take_link(id).map_err(prog_err(name))?.into())
+        })?;
+        Ok(())
     }
 
     /// Take a pod out of the datapath: its connects are no longer captured, its inbound
@@ -604,6 +603,21 @@ where
         .take_map(name)
         .ok_or(DatapathError::MissingMap { name })?;
     T::try_from(m).map_err(map_err(name))
+}
+
+/// Keep the link pinned at `pin` if its program is the one with kernel tag `tag` (adopt);
+/// otherwise attach with `attach` and pin the new link there, replacing the old one.
+/// Returns whether a new link was attached.
+fn adopt_or_attach(
+    pin: &Path,
+    tag: u64,
+    attach: impl FnOnce() -> Result<FdLink, DatapathError>,
+) -> Result<bool, DatapathError> {
+    if adopt(pin, tag) {
+        return Ok(false);
+    }
+    replace_pin(attach()?, pin)?;
+    Ok(true)
 }
 
 /// Keep the link pinned at `pin` if its program has kernel tag `tag`.

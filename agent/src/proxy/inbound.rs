@@ -3,60 +3,33 @@
 //! it is delivered to the app with the real client as source.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::{atomic::Ordering, Arc},
+    net::{SocketAddr, SocketAddrV4},
+    sync::atomic::Ordering,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use super::{accept_loop, deliver, splice, ActiveGuard, ProxyInputs};
-use crate::netns::PodNetns;
+use super::{deliver, splice, ActiveGuard, PodCtx, PodListener};
 
-pub struct Inbound {
-    listener: TcpListener,
-    pod: Arc<PodNetns>,
-    pod_ip: Ipv4Addr,
-    inputs: ProxyInputs,
-}
+/// The inbound listener (127.0.0.1:15006) inside one pod.
+pub struct Inbound(PodListener);
 
 impl Inbound {
-    pub fn new(
-        listener: TcpListener,
-        pod: Arc<PodNetns>,
-        pod_ip: Ipv4Addr,
-        inputs: ProxyInputs,
-    ) -> Self {
-        Self {
-            listener,
-            pod,
-            pod_ip,
-            inputs,
-        }
+    pub fn new(listener: PodListener) -> Self {
+        Self(listener)
     }
 
     pub async fn run(self) {
-        let Self {
-            listener,
-            pod,
-            pod_ip,
-            inputs,
-        } = self;
-        let stop = inputs.stop.clone();
-        accept_loop(listener, stop, move |conn, peer| {
-            let (pod, inputs) = (pod.clone(), inputs.clone());
-            async move { handle(inputs, pod, pod_ip, conn, peer).await }
-        })
-        .await;
+        self.0.serve(handle).await;
     }
 }
 
-async fn handle(
-    inputs: ProxyInputs,
-    pod: Arc<PodNetns>,
-    pod_ip: Ipv4Addr,
-    conn: TcpStream,
-    peer: SocketAddrV4,
-) {
+async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
+    let PodCtx {
+        pod,
+        pod_ip,
+        inputs,
+    } = ctx;
     let m = &inputs.metrics;
     m.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(m);

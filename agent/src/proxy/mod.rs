@@ -153,29 +153,56 @@ pub async fn splice(metrics: &Metrics, mut client: TcpStream, mut server: TcpStr
     let _ = server.shutdown().await;
 }
 
-/// Accept until told to stop, handing each connection to `handle` in its own task.
-pub async fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
-    mut stop: watch::Receiver<bool>,
-    handle: F,
-) where
-    F: Fn(TcpStream, SocketAddrV4) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        tokio::select! {
-            res = listener.accept() => match res {
-                Ok((conn, std::net::SocketAddr::V4(peer))) => {
-                    let _ = conn.set_nodelay(true);
-                    tokio::spawn(handle(conn, peer));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            _ = stopped(&mut stop) => break,
+/// What every per-pod proxy is made of: its listener inside the pod, and the pod.
+pub struct PodListener {
+    pub listener: tokio::net::TcpListener,
+    pub pod: Arc<PodNetns>,
+    pub pod_ip: Ipv4Addr,
+    pub inputs: ProxyInputs,
+}
+
+/// What a connection's handler gets besides the connection.
+#[derive(Clone)]
+pub struct PodCtx {
+    pub pod: Arc<PodNetns>,
+    pub pod_ip: Ipv4Addr,
+    pub inputs: ProxyInputs,
+}
+
+impl PodListener {
+    /// Accept until told to stop, handing each connection to `handle` in its own task.
+    pub async fn serve<F, Fut>(self, handle: F)
+    where
+        F: Fn(PodCtx, TcpStream, SocketAddrV4) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Self {
+            listener,
+            pod,
+            pod_ip,
+            inputs,
+        } = self;
+        let mut stop = inputs.stop.clone();
+        let ctx = PodCtx {
+            pod,
+            pod_ip,
+            inputs,
+        };
+        loop {
+            tokio::select! {
+                res = listener.accept() => match res {
+                    Ok((conn, std::net::SocketAddr::V4(peer))) => {
+                        let _ = conn.set_nodelay(true);
+                        tokio::spawn(handle(ctx.clone(), conn, peer));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, pod = %ctx.pod_ip, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stopped(&mut stop) => break,
+            }
         }
     }
 }

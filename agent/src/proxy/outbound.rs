@@ -3,62 +3,36 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{atomic::Ordering, Arc},
+    sync::atomic::Ordering,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use super::{accept_loop, deliver, splice, tunnel, ActiveGuard, ProxyInputs};
+use super::{deliver, splice, tunnel, ActiveGuard, PodCtx, PodListener, ProxyInputs};
 use crate::{config::Protocol, netns::PodNetns, state::Endpoint};
 
 /// Endpoints tried per connection before the client's connection is closed.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
-pub struct Outbound {
-    listener: TcpListener,
-    pod: Arc<PodNetns>,
-    pod_ip: Ipv4Addr,
-    inputs: ProxyInputs,
-}
+/// The listener on 127.0.0.1:15001 inside one pod.
+pub struct Outbound(PodListener);
 
 impl Outbound {
-    pub fn new(
-        listener: TcpListener,
-        pod: Arc<PodNetns>,
-        pod_ip: Ipv4Addr,
-        inputs: ProxyInputs,
-    ) -> Self {
-        Self {
-            listener,
-            pod,
-            pod_ip,
-            inputs,
-        }
+    pub fn new(listener: PodListener) -> Self {
+        Self(listener)
     }
 
     pub async fn run(self) {
-        let Self {
-            listener,
-            pod,
-            pod_ip,
-            inputs,
-        } = self;
-        let stop = inputs.stop.clone();
-        accept_loop(listener, stop, move |conn, peer| {
-            let (pod, inputs) = (pod.clone(), inputs.clone());
-            async move { handle(inputs, pod, pod_ip, conn, peer).await }
-        })
-        .await;
+        self.0.serve(handle).await;
     }
 }
 
-async fn handle(
-    inputs: ProxyInputs,
-    pod: Arc<PodNetns>,
-    pod_ip: Ipv4Addr,
-    conn: TcpStream,
-    peer: SocketAddrV4,
-) {
+async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
+    let PodCtx {
+        pod,
+        pod_ip,
+        inputs,
+    } = ctx;
     let m = &inputs.metrics;
     m.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(m);

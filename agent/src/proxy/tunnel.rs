@@ -17,10 +17,10 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
-use super::{accept_loop, deliver, splice, ActiveGuard, ProxyInputs};
+use super::{deliver, splice, ActiveGuard, PodCtx, PodListener};
 use crate::netns::PodNetns;
 
 const MAGIC: &[u8; 4] = b"WEFT";
@@ -79,58 +79,38 @@ pub async fn connect(src: &PodNetns, target: SocketAddrV4) -> std::io::Result<Tc
     Ok(s)
 }
 
-/// The tunnel listener inside one pod.
+/// The tunnel listener (0.0.0.0:15008) inside one pod; `ports` are the pod's declared
+/// ports, the only ones a tunnel may ask for.
 pub struct TunnelServer {
-    listener: TcpListener,
-    pod: Arc<PodNetns>,
-    pod_ip: Ipv4Addr,
-    ports: Vec<u16>,
-    inputs: ProxyInputs,
+    listener: PodListener,
+    ports: Arc<Vec<u16>>,
 }
 
 impl TunnelServer {
-    pub fn new(
-        listener: TcpListener,
-        pod: Arc<PodNetns>,
-        pod_ip: Ipv4Addr,
-        ports: Vec<u16>,
-        inputs: ProxyInputs,
-    ) -> Self {
+    pub fn new(listener: PodListener, ports: Vec<u16>) -> Self {
         Self {
             listener,
-            pod,
-            pod_ip,
-            ports,
-            inputs,
+            ports: Arc::new(ports),
         }
     }
 
     pub async fn run(self) {
-        let Self {
-            listener,
-            pod,
-            pod_ip,
-            ports,
-            inputs,
-        } = self;
-        let ports = Arc::new(ports);
-        let stop = inputs.stop.clone();
-        accept_loop(listener, stop, move |conn, peer| {
-            let (pod, inputs, ports) = (pod.clone(), inputs.clone(), ports.clone());
-            async move { handle(inputs, pod, pod_ip, &ports, conn, peer).await }
-        })
-        .await;
+        let ports = self.ports;
+        self.listener
+            .serve(move |ctx, conn, peer| {
+                let ports = ports.clone();
+                async move { handle(ctx, &ports, conn, peer).await }
+            })
+            .await;
     }
 }
 
-async fn handle(
-    inputs: ProxyInputs,
-    pod: Arc<PodNetns>,
-    pod_ip: Ipv4Addr,
-    ports: &[u16],
-    mut conn: TcpStream,
-    peer: SocketAddrV4,
-) {
+async fn handle(ctx: PodCtx, ports: &[u16], mut conn: TcpStream, peer: SocketAddrV4) {
+    let PodCtx {
+        pod,
+        pod_ip,
+        inputs,
+    } = ctx;
     let m = &inputs.metrics;
     let _active = ActiveGuard::new(m);
     let mut h = [0u8; HEADER_LEN];
