@@ -272,6 +272,13 @@ impl ClusterBuilder {
     }
 }
 
+impl Node {
+    /// Run a host tool inside the node's netns; panics with its stderr if it fails.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        exec_in(&self.netns, program, args)
+    }
+}
+
 pub struct Node {
     pub name: String,
     /// The node's name in the configuration and for the agent (unique per cluster).
@@ -314,6 +321,17 @@ impl Pod {
             args,
         );
         run_checked(cmd, keep, timeout)
+    }
+
+    /// Set a sysctl inside the pod's netns (`key` as a /proc/sys path, e.g. net/ipv4/...).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        sysctl(&self.netns, key, value);
+    }
+
+    /// Run a host tool (iptables, ip, ...) inside the pod's netns, outside its cgroup;
+    /// panics with its stderr if it fails.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        exec_in(&self.netns, program, args)
     }
 
     /// Wait until something listens on TCP `port` inside the pod.
@@ -472,9 +490,10 @@ impl Cluster {
             &cgroup,
             "--run-dir",
             &run,
-            "--reload-interval-ms",
-            "100",
         ];
+        if !extra.contains(&"--reload-interval-ms") {
+            args.extend(["--reload-interval-ms", "100"]);
+        }
         args.extend_from_slice(extra);
         let (cmd, keep) = command_in(
             &Path::new("/var/run/netns").join(&n.netns),
@@ -631,6 +650,21 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn exec_in(netns: &str, program: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, program])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{program} {} in {netns}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) {

@@ -11,6 +11,7 @@
 //! 10.244.i.0/24 (bridge 10.244.i.1); its pods get 10.244.i.10, .11, ...; services live in
 //! 10.96.0.0/16, which no namespace routes.
 
+pub mod bench;
 mod cluster;
 mod proc;
 

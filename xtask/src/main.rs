@@ -34,6 +34,13 @@ enum Cmd {
     },
     /// Show two nodes with pods talking through their agents, explained as it goes (root).
     Demo,
+    /// Measure weft against the direct path and a sidecar mesh; writes docs/benchmarks.md
+    /// (about 10 minutes; root).
+    Bench {
+        /// About 2 minutes; writes target/bench/ only (the CI smoke run).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Build { release } => setup().and_then(|()| build(release)),
         Cmd::Test { args } => setup().and_then(|()| test(&args)),
         Cmd::Demo => setup().and_then(|()| demo()),
+        Cmd::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -215,7 +223,12 @@ fn bpf_linker() -> anyhow::Result<&'static str> {
 }
 
 fn debian() -> anyhow::Result<&'static str> {
-    let missing: Vec<&str> = DEB_PACKAGES
+    debian_packages(DEB_PACKAGES)
+}
+
+/// Install whichever of `packages` are missing.
+fn debian_packages(packages: &[&str]) -> anyhow::Result<&'static str> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -313,6 +326,41 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("{desc} failed ({st})");
     }
     Ok(())
+}
+
+/// Tools only the benchmark uses: the sidecar reference (HAProxy, iptables), iperf3.
+const BENCH_DEB_PACKAGES: &[&str] = &["haproxy", "iptables", "iperf3"];
+/// The load generator, pinned so runs stay comparable: fixed-rate mode with latency
+/// correction (no coordinated omission) and JSON output.
+const OHA_VERSION: &str = "1.16.0";
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark builds network namespaces and loads eBPF programs: run it as root");
+    }
+    println!(
+        "setup: bench packages: {}",
+        debian_packages(BENCH_DEB_PACKAGES)?
+    );
+    let oha = output(Command::new("oha").arg("--version"));
+    if !oha.as_deref().is_some_and(|v| v.contains(OHA_VERSION)) {
+        println!("setup: installing oha {OHA_VERSION} (about three minutes, once)");
+        run({
+            let mut c = Command::new("cargo");
+            c.args(["install", "oha", "--locked", "--version", OHA_VERSION]);
+            c
+        })?;
+    }
+    build(true)?;
+    let root = workspace();
+    let mut c = Command::new(root.join("target/release/weft-bench"));
+    c.current_dir(&root);
+    if quick {
+        c.arg("--quick");
+    } else {
+        c.args(["--report", "docs/benchmarks.md"]);
+    }
+    run(c)
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -1,7 +1,8 @@
 //! weft-testpod: the programs the simulated cluster runs inside its pods.
 //!
-//! - `http-server PORT NAME`: answers every HTTP request with
-//!   `{"server":NAME,"peer":"IP:PORT"}`, the peer being the address the server saw.
+//! - `http-server PORT NAME [BYTES]`: answers every HTTP request with
+//!   `{"server":NAME,"peer":"IP:PORT"}`, the peer being the address the server saw, and
+//!   logs `served PEER`; with BYTES, the body is padded to that size and nothing is logged.
 //! - `echo-server PORT`: echoes every TCP byte back; on the client's half-close it
 //!   finishes echoing, then half-closes too.
 //! - `dns-server PORT IP`: answers every UDP DNS query with one A record holding IP.
@@ -9,6 +10,9 @@
 //!   until EOF and exits 0 only if it matches byte for byte.
 //! - `http-loop ADDR MILLIS`: one HTTP request per new connection, back to back, for
 //!   MILLIS (at most 100,000 requests); prints `ok=N failed=M` and fails if M > 0.
+//! - `connect-echo ADDR MILLIS`: back-to-back new connections to an echo server, each
+//!   sending and reading back one byte, for MILLIS (at most 1,000,000); prints JSON with the
+//!   count, errors, rate, and connect and round-trip latency percentiles in microseconds.
 //! - `connect ADDR`: one TCP connect with a 2 s timeout; prints `ok` or the error.
 //! - `udp-query ADDR NAME`: one DNS A query from an unconnected UDP socket; prints the
 //!   answer, and fails unless the reply's source is ADDR itself.
@@ -24,12 +28,17 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let res = match a.as_slice() {
-        ["http-server", port, name] => http_server(port, name),
+        ["http-server", port, name] => http_server(port, name, 0),
+        ["http-server", port, name, size] => match size.parse() {
+            Ok(n) => http_server(port, name, n),
+            Err(e) => Err(format!("{size}: {e}")),
+        },
         ["echo-server", port] => echo_server(port),
         ["dns-server", port, ip] => dns_server(port, ip),
         ["echo-client", addr, bytes] => echo_client(addr, bytes),
         ["connect", addr] => connect(addr),
         ["http-loop", addr, millis] => http_loop(addr, millis),
+        ["connect-echo", addr, millis] => connect_echo(addr, millis),
         ["udp-query", addr, name] => udp_query(addr, name),
         _ => Err("usage: weft-testpod http-server PORT NAME | echo-server PORT | dns-server PORT IP | echo-client ADDR BYTES | connect ADDR".into()),
     };
@@ -48,12 +57,13 @@ fn listen(port: &str) -> Result<TcpListener, String> {
     TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("bind {port}: {e}"))
 }
 
-fn http_server(port: &str, name: &str) -> Res {
+fn http_server(port: &str, name: &str, body_size: usize) -> Res {
     let l = listen(port)?;
     for conn in l.incoming() {
         let Ok(mut c) = conn else { continue };
         let name = name.to_owned();
         std::thread::spawn(move || {
+            let quiet = body_size > 0;
             let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
             let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
             let mut buf = Vec::new();
@@ -72,8 +82,16 @@ fn http_server(port: &str, name: &str) -> Res {
                     .expect("checked")
                     + 4;
                 buf.drain(..end);
-                println!("served {peer}");
-                let body = format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\"}}\n");
+                if !quiet {
+                    println!("served {peer}");
+                }
+                let mut body = format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\"");
+                if body.len() + 11 < body_size {
+                    // Pad to the requested size (benchmarks ask for 1 KiB responses).
+                    let pad = body_size - body.len() - 11;
+                    body.push_str(&format!(",\"pad\":\"{}\"", "x".repeat(pad)));
+                }
+                body.push_str("}\n");
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
@@ -196,6 +214,49 @@ fn http_loop(addr: &str, millis: &str) -> Res {
             ok + failed
         )),
     }
+}
+
+fn connect_echo(addr: &str, millis: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let ms: u64 = millis.parse().map_err(|e| format!("{millis}: {e}"))?;
+    let t0 = std::time::Instant::now();
+    let end = t0 + Duration::from_millis(ms);
+    let (mut connect_us, mut total_us, mut errors) = (Vec::new(), Vec::new(), 0u64);
+    while std::time::Instant::now() < end && connect_us.len() < 1_000_000 {
+        let start = std::time::Instant::now();
+        let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            errors += 1;
+            continue;
+        };
+        let connected = start.elapsed();
+        let mut b = [0u8; 1];
+        let ok = c.set_nodelay(true).is_ok()
+            && c.write_all(b"x").is_ok()
+            && c.read_exact(&mut b).is_ok();
+        if !ok {
+            errors += 1;
+            continue;
+        }
+        connect_us.push(connected.as_secs_f64() * 1e6);
+        total_us.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "{{\"count\":{},\"errors\":{errors},\"rate\":{:.1},\"connect_p50_us\":{:.1},\"connect_p99_us\":{:.1},\"rtt_p50_us\":{:.1},\"rtt_p99_us\":{:.1}}}",
+        connect_us.len(),
+        connect_us.len() as f64 / secs,
+        pct(&mut connect_us, 0.5),
+        pct(&mut connect_us, 0.99),
+        pct(&mut total_us, 0.5),
+        pct(&mut total_us, 0.99),
+    );
+    Ok(())
 }
 
 fn one_request(addr: SocketAddr) -> Res {

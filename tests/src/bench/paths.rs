@@ -1,0 +1,487 @@
+//! Request-path cases on one simulated cluster: HTTP/1.1 keep-alive at fixed rates and at
+//! maximum throughput, bulk TCP, new connections, and same-node acceleration, for the
+//! direct path, weft (same node, other node) and the sidecar reference (iptables REDIRECT
+//! to a per-pod HAProxy on each side). Cases run interleaved (A B C D A B C D ...).
+
+use std::{path::Path, time::Duration};
+
+use serde_json::Value;
+
+use super::{procstat, results::Results, Options};
+use crate::{bin, Agent, Cluster, Pod, PodSpec, ServiceSpec, Spawned};
+
+/// Cluster layout: weft on nodes a and b; nodes c and d run no agent and host the direct
+/// baseline (c) and the sidecar pair (c -> d).
+fn cluster() -> Cluster {
+    let mut b = Cluster::builder("bench-paths")
+        .node("a")
+        .node("b")
+        .node("c")
+        .node("d");
+    b = b
+        .pod(PodSpec::new("client", "a"))
+        .pod(
+            PodSpec::new("srv-a", "a")
+                .label("app", "srv-a")
+                .port(8080)
+                .port(5201)
+                .port(7000),
+        )
+        .pod(
+            PodSpec::new("srv-b", "b")
+                .label("app", "srv-b")
+                .port(8080)
+                .port(5201)
+                .port(7000),
+        )
+        .pod(PodSpec::new("d-client", "c").unmeshed())
+        .pod(PodSpec::new("d-srv", "c").label("app", "d-srv").unmeshed())
+        .pod(PodSpec::new("sc-client", "c").unmeshed())
+        .pod(
+            PodSpec::new("sc-srv", "d")
+                .label("app", "sc-srv")
+                .unmeshed(),
+        );
+    for (name, ip, app) in [
+        ("svc-a", "10.96.1.1", "srv-a"),
+        ("svc-b", "10.96.1.2", "srv-b"),
+    ] {
+        b = b.service(
+            ServiceSpec::new(name, ip)
+                .select("app", app)
+                .tcp(80, 8080)
+                .tcp(5201, 5201)
+                .tcp(7, 7000),
+        );
+    }
+    b.build()
+}
+
+/// The sidecar reference: the service address the client dials, redirected by iptables.
+const SIDECAR_VIP: &str = "10.96.1.3";
+
+/// One way from a client to a server.
+struct Route {
+    name: &'static str,
+    client: &'static str,
+    /// Address of the HTTP server as the client dials it (port 80 is the HTTP port, 5201
+    /// iperf3's, 7 the echo server's, on the same host).
+    host: String,
+    http_port: u16,
+}
+
+pub struct Fixture {
+    c: Cluster,
+    agents: Vec<Agent>,
+    sidecars: Vec<Spawned>,
+    _servers: Vec<Spawned>,
+}
+
+impl Fixture {
+    fn start(opts: &Options) -> Self {
+        let c = cluster();
+        for p in &c.pods {
+            // Short connections leave TIME_WAIT sockets that stall reused ports (PAWS).
+            p.sysctl("net/ipv4/tcp_max_tw_buckets", "0");
+        }
+        let tp = bin("weft-testpod");
+        let mut servers = vec![];
+        for s in ["srv-a", "srv-b", "d-srv", "sc-srv"] {
+            let pod = c.pod(s);
+            servers.push(pod.spawn(&c.dir, &tp, &["http-server", "8080", s, "1024"]));
+            servers.push(pod.spawn(&c.dir, &tp, &["echo-server", "7000"]));
+            servers.push(pod.spawn(&c.dir, Path::new("/usr/bin/iperf3"), &["-s", "-p", "5201"]));
+            pod.wait_listening(8080, Duration::from_secs(5));
+            pod.wait_listening(7000, Duration::from_secs(5));
+        }
+        let _ = opts;
+        Self {
+            c,
+            agents: vec![],
+            sidecars: vec![],
+            _servers: servers,
+        }
+    }
+
+    /// (Re)start both agents with these extra flags.
+    fn agents(&mut self, extra: &[&str]) {
+        self.agents.clear(); // SIGKILL; the next ones adopt the pinned datapath
+        for n in ["a", "b"] {
+            self.agents.push(self.c.start_agent(n, extra));
+        }
+    }
+
+    /// (Re)start the HAProxy sidecars with `threads` threads each.
+    fn sidecars(&mut self, threads: usize) {
+        self.sidecars.clear();
+        let sc_srv = self.c.pod("sc-srv").ip.clone();
+        let out = format!(
+            "global\n  nbthread {threads}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
+             frontend out\n  bind 127.0.0.1:15001\n  default_backend s\nbackend s\n  server s1 {sc_srv}:8080\n"
+        );
+        let inn = format!(
+            "global\n  nbthread {threads}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
+             frontend in\n  bind 0.0.0.0:15006\n  default_backend app\nbackend app\n  server app 127.0.0.1:8080\n"
+        );
+        for (pod, cfg, name) in [
+            ("sc-client", out, "haproxy-out.cfg"),
+            ("sc-srv", inn, "haproxy-in.cfg"),
+        ] {
+            let path = self.c.dir.join(name);
+            std::fs::write(&path, cfg).expect("haproxy config");
+            let p = self.c.pod(pod);
+            self.sidecars.push(p.spawn(
+                &self.c.dir,
+                Path::new("/usr/sbin/haproxy"),
+                &["-db", "-f", path.to_str().expect("utf-8")],
+            ));
+        }
+        self.c
+            .pod("sc-client")
+            .wait_listening(15001, Duration::from_secs(5));
+        self.c
+            .pod("sc-srv")
+            .wait_listening(15006, Duration::from_secs(5));
+    }
+
+    fn wire_sidecars(&self) {
+        // As Istio wires sidecars: the client's outbound to the service address and the
+        // server's inbound to its port are redirected to the local proxy.
+        let cl = self.c.pod("sc-client");
+        cl.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                &format!("{SIDECAR_VIP}/32"),
+                "via",
+                "10.244.3.1",
+            ],
+        );
+        cl.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                SIDECAR_VIP,
+                "--dport",
+                "80",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+        );
+        self.c.pod("sc-srv").exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "8080",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15006",
+            ],
+        );
+    }
+
+    fn paths(&self) -> Vec<Route> {
+        vec![
+            Route {
+                name: "direct",
+                client: "d-client",
+                host: self.c.pod("d-srv").ip.clone(),
+                http_port: 8080,
+            },
+            Route {
+                name: "weft same node",
+                client: "client",
+                host: "10.96.1.1".into(),
+                http_port: 80,
+            },
+            Route {
+                name: "weft other node",
+                client: "client",
+                host: "10.96.1.2".into(),
+                http_port: 80,
+            },
+            Route {
+                name: "sidecars (iptables+HAProxy)",
+                client: "sc-client",
+                host: SIDECAR_VIP.into(),
+                http_port: 80,
+            },
+        ]
+    }
+
+    /// PIDs of the proxies a path goes through.
+    fn proxies(&self, path: &str) -> Vec<i32> {
+        match path {
+            "weft same node" => vec![self.agents[0].proc.pid()],
+            "weft other node" => self.agents.iter().map(|a| a.proc.pid()).collect(),
+            p if p.starts_with("sidecars") => self.sidecars.iter().map(Spawned::pid).collect(),
+            _ => vec![],
+        }
+    }
+}
+
+fn oha_version() -> String {
+    std::process::Command::new("oha")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "oha".into())
+}
+
+/// One oha run; None if it failed outright.
+fn oha(pod: &Pod, url: &str, secs: f64, conns: u32, rate: Option<u32>) -> Option<Value> {
+    let dur = format!("{}ms", (secs * 1000.0) as u64);
+    let c = conns.to_string();
+    let mut args = vec![
+        url,
+        "-z",
+        &dur,
+        "-c",
+        &c,
+        "--no-tui",
+        "--output-format",
+        "json",
+    ];
+    let q;
+    if let Some(r) = rate {
+        q = r.to_string();
+        args.extend(["-q", &q, "--latency-correction"]);
+    }
+    let out = pod.run("oha", &args, Duration::from_secs_f64(secs + 30.0));
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn record_oha(r: &mut Results, group: &str, case: &str, v: &Value, cpu: f64) {
+    let s = &v["summary"];
+    let rps = s["requestsPerSec"].as_f64().unwrap_or(f64::NAN);
+    let total = s["total"].as_f64().unwrap_or(0.0);
+    r.record(group, case, "throughput", "req/s", rps);
+    r.record(
+        group,
+        case,
+        "success",
+        "%",
+        s["successRate"].as_f64().unwrap_or(0.0) * 100.0,
+    );
+    for p in ["p50", "p90", "p99", "p99.9"] {
+        r.record(
+            group,
+            case,
+            &format!("latency {p}"),
+            "ms",
+            v["latencyPercentiles"][p].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        );
+    }
+    let requests = rps * total;
+    if requests > 0.0 && cpu > 0.0 {
+        r.record(
+            group,
+            case,
+            "proxy CPU per 1k req",
+            "ms",
+            cpu / (requests / 1000.0) * 1000.0,
+        );
+    }
+}
+
+fn iperf(pod: &Pod, host: &str, secs: f64, streams: u32) -> f64 {
+    let t = format!("{}", secs.ceil() as u64);
+    let p = streams.to_string();
+    let out = pod.run(
+        "iperf3",
+        &["-c", host, "-p", "5201", "-t", &t, "-P", &p, "-J"],
+        Duration::from_secs_f64(secs + 20.0),
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map_or(f64::NAN, |b| b / 1e9)
+}
+
+fn connect_echo(pod: &Pod, addr: &str, secs: f64) -> Value {
+    let tp = bin("weft-testpod").display().to_string();
+    let ms = ((secs * 1000.0) as u64).to_string();
+    let out = pod.run(
+        &tp,
+        &["connect-echo", addr, &ms],
+        Duration::from_secs_f64(secs + 20.0),
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+pub fn run(opts: &Options, r: &mut Results) {
+    let mut f = Fixture::start(opts);
+    f.wire_sidecars();
+    let secs = opts.run_secs;
+    let default_threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    r.method.push((
+        "http1".into(),
+        format!("{} -c 16 -z {secs}s, with -q RATE --latency-correction for fixed rates (no coordinated omission); 1 KiB responses; keep-alive", oha_version()),
+    ));
+
+    for threads in [1, default_threads] {
+        let t = threads.to_string();
+        f.agents(&["--worker-threads", &t]);
+        f.sidecars(threads);
+        let group_rate = |rate: u32| format!("http1 {rate} rps, {threads} thread(s)");
+        let group_max = format!("http1 max throughput, 16 connections, {threads} thread(s)");
+        for _rep in 0..opts.reps {
+            for rate in [Some(5000), Some(20000), None] {
+                for path in f.paths() {
+                    let url = format!("http://{}:{}/", path.host, path.http_port);
+                    let proxies = f.proxies(path.name);
+                    let cpu0 = procstat::cpu_of(&proxies);
+                    let Some(v) = oha(f.c.pod(path.client), &url, secs, 16, rate) else {
+                        r.failures
+                            .push(format!("oha failed for {} at {rate:?}", path.name));
+                        continue;
+                    };
+                    let cpu = procstat::cpu_of(&proxies) - cpu0;
+                    let group = rate.map_or(group_max.clone(), group_rate);
+                    record_oha(r, &group, path.name, &v, cpu);
+                }
+            }
+        }
+        for path in f.paths() {
+            let rss: f64 = f
+                .proxies(path.name)
+                .iter()
+                .map(|p| procstat::peak_rss_mib(*p))
+                .sum();
+            if rss > 0.0 {
+                r.record(
+                    "proxy memory",
+                    &format!("{} ({threads} thread(s))", path.name),
+                    "peak RSS, all proxies on the path",
+                    "MiB",
+                    rss,
+                );
+            }
+        }
+    }
+
+    // Bulk TCP and new connections (default threads; the sidecars are HTTP proxies, so
+    // these compare the direct path and weft's L4 path).
+    f.agents(&[]);
+    r.method.push(("tcp".into(), format!("iperf3 -t {} -P 1|8; weft-testpod connect-echo (connect, 1-byte echo, close, back to back)", secs.ceil())));
+    for _rep in 0..opts.reps {
+        for path in f
+            .paths()
+            .into_iter()
+            .filter(|p| !p.name.starts_with("sidecars"))
+        {
+            let pod = f.c.pod(path.client);
+            for streams in [1, 8] {
+                r.record(
+                    &format!("tcp bulk, {streams} connection(s)"),
+                    path.name,
+                    "throughput",
+                    "Gbit/s",
+                    iperf(pod, &path.host, secs, streams),
+                );
+            }
+            let echo_port = if path.name == "direct" { 7000 } else { 7 };
+            let v = connect_echo(pod, &format!("{}:{echo_port}", path.host), secs);
+            let g = "new connection + 1-byte echo";
+            r.record(
+                g,
+                path.name,
+                "connections",
+                "conn/s",
+                v["rate"].as_f64().unwrap_or(f64::NAN),
+            );
+            r.record(
+                g,
+                path.name,
+                "connect p50",
+                "us",
+                v["connect_p50_us"].as_f64().unwrap_or(f64::NAN),
+            );
+            r.record(
+                g,
+                path.name,
+                "round trip p50",
+                "us",
+                v["rtt_p50_us"].as_f64().unwrap_or(f64::NAN),
+            );
+            r.record(
+                g,
+                path.name,
+                "round trip p99",
+                "us",
+                v["rtt_p99_us"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+
+    // Same-node acceleration, off then on, interleaved.
+    let g = "same-node acceleration (sockops/sk_msg)";
+    for _rep in 0..opts.reps {
+        for (label, extra) in [("off", &[][..]), ("on", &["--accelerate"][..])] {
+            f.agents(extra);
+            let pod = f.c.pod("client");
+            let cpu0 = procstat::cpu_of(&f.proxies("weft same node"));
+            if let Some(v) = oha(pod, "http://10.96.1.1/", secs, 16, Some(5000)) {
+                let cpu = procstat::cpu_of(&f.proxies("weft same node")) - cpu0;
+                let s = &v["latencyPercentiles"];
+                r.record(
+                    g,
+                    &format!("acceleration {label}"),
+                    "latency p50 at 5000 rps",
+                    "ms",
+                    s["p50"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+                );
+                r.record(
+                    g,
+                    &format!("acceleration {label}"),
+                    "latency p99 at 5000 rps",
+                    "ms",
+                    s["p99"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+                );
+                let req = v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0)
+                    * v["summary"]["total"].as_f64().unwrap_or(0.0);
+                if req > 0.0 {
+                    r.record(
+                        g,
+                        &format!("acceleration {label}"),
+                        "proxy CPU per 1k req",
+                        "ms",
+                        cpu / (req / 1000.0) * 1000.0,
+                    );
+                }
+            }
+            if let Some(v) = oha(pod, "http://10.96.1.1/", secs, 16, None) {
+                r.record(
+                    g,
+                    &format!("acceleration {label}"),
+                    "max throughput",
+                    "req/s",
+                    v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
+                );
+            }
+            r.record(
+                g,
+                &format!("acceleration {label}"),
+                "bulk TCP, 1 connection",
+                "Gbit/s",
+                iperf(pod, "10.96.1.1", secs, 1),
+            );
+        }
+    }
+}
