@@ -48,8 +48,8 @@ impl ServiceEntry {
 pub struct Endpoint {
     pub addr: SocketAddrV4,
     /// `namespace/name` of the workload behind it.
-    pub workload: String,
-    pub node: String,
+    pub workload: Arc<str>,
+    pub node: Arc<str>,
     /// Whether the workload is in the mesh (reached through its node's agent).
     pub meshed: bool,
 }
@@ -68,22 +68,49 @@ pub struct NodeState {
 
 impl NodeState {
     pub fn build(node: &str, cfg: &Config, generation: u64) -> Self {
+        // Names shared by every endpoint of a workload, and an index of workloads by
+        // (namespace, label, value) so a selector visits only the workloads it can match.
+        let names: Vec<(Arc<str>, Arc<str>)> = cfg
+            .workloads
+            .iter()
+            .map(|w| (Arc::from(w.id()), Arc::from(w.node.as_str())))
+            .collect();
+        let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        for (i, w) in cfg.workloads.iter().enumerate() {
+            for (k, v) in &w.labels {
+                by_label
+                    .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
         let mut services = BTreeMap::new();
         for svc in &cfg.services {
-            let selected: Vec<&Workload> =
-                cfg.workloads.iter().filter(|w| svc.selects(w)).collect();
+            let selected: Vec<usize> = match svc.selector.iter().next() {
+                None => vec![],
+                Some((k, v)) => by_label
+                    .get(&(svc.namespace.as_str(), k.as_str(), v.as_str()))
+                    .map(|c| {
+                        c.iter()
+                            .copied()
+                            .filter(|&i| svc.selects(&cfg.workloads[i]))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
             for port in &svc.ports {
                 let endpoints = selected
                     .iter()
-                    .filter_map(|w| {
+                    .filter_map(|&i| {
+                        let w = &cfg.workloads[i];
                         let target = match &port.target {
                             TargetPort::Number(n) => *n,
                             TargetPort::Name(name) => w.port_named(name)?,
                         };
                         Some(Endpoint {
                             addr: SocketAddrV4::new(w.ip, target),
-                            workload: w.id(),
-                            node: w.node.clone(),
+                            workload: names[i].0.clone(),
+                            node: names[i].1.clone(),
                             meshed: w.meshed,
                         })
                     })
@@ -178,11 +205,7 @@ spec:
         let svc = st
             .service("10.96.0.10:80".parse().unwrap(), Protocol::Tcp)
             .unwrap();
-        let nodes = |n| {
-            svc.candidates(n)
-                .map(|e| e.node.as_str())
-                .collect::<Vec<_>>()
-        };
+        let nodes = |n| svc.candidates(n).map(|e| &*e.node).collect::<Vec<_>>();
         assert_eq!(nodes(3), ["a", "b"], "at most every endpoint once");
         assert_eq!(
             nodes(3),

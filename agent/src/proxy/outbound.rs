@@ -64,7 +64,7 @@ async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
     let local_node = state.node.clone();
     drop(state);
     for ep in candidates {
-        match connect(&inputs, &pod, pod_ip, &ep, ep.node == local_node).await {
+        match connect(&inputs, &pod, pod_ip, &ep, *ep.node == *local_node).await {
             Ok(upstream) => return splice(m, conn, upstream).await,
             Err(e) => {
                 m.upstream_connect_errors.fetch_add(1, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 
 mod paths;
 pub mod procstat;
-mod report;
+pub mod report;
 pub mod results;
 mod services;
 
@@ -23,6 +23,8 @@ pub struct Options {
     pub out: PathBuf,
     /// The markdown report (plots beside it in `bench/`).
     pub report: PathBuf,
+    /// Run only these parts (`paths`, `services`, `pods`); all when empty.
+    pub only: Vec<String>,
 }
 
 impl Options {
@@ -34,6 +36,7 @@ impl Options {
             reps,
             out,
             report,
+            only: vec![],
         }
     }
 }
@@ -42,12 +45,19 @@ impl Options {
 pub fn run(opts: &Options) -> std::io::Result<Results> {
     let t0 = Instant::now();
     let mut r = Results::new(opts.quick);
-    eprintln!("bench: request paths (HTTP/1.1, TCP, acceleration)");
-    paths::run(opts, &mut r);
-    eprintln!("bench: services and the control side");
-    services::run(opts, &mut r);
-    eprintln!("bench: agent memory with many pods");
-    pods_memory(opts, &mut r);
+    let wanted = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
+    if wanted("paths") {
+        eprintln!("bench: request paths (HTTP/1.1, TCP, acceleration)");
+        paths::run(opts, &mut r);
+    }
+    if wanted("services") {
+        eprintln!("bench: services and the control side");
+        services::run(opts, &mut r);
+    }
+    if wanted("pods") {
+        eprintln!("bench: agent memory with many pods");
+        pods_memory(opts, &mut r);
+    }
     r.seconds = t0.elapsed().as_secs_f64();
     std::fs::create_dir_all(&opts.out)?;
     std::fs::write(

@@ -475,13 +475,23 @@ pub fn run(opts: &Options, r: &mut Results) {
                     v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
                 );
             }
-            r.record(
-                g,
-                &format!("acceleration {label}"),
-                "bulk TCP, 1 connection",
-                "Gbit/s",
-                iperf(pod, "10.96.1.1", secs, 1),
-            );
+            // iperf3 reads with blocking calls while it also writes, which is exactly what
+            // the kernel's sockmap receive path mishandles (see docs/architecture.md): a
+            // failure here is a finding about acceleration, reported, not a harness error.
+            let gbps = iperf(pod, "10.96.1.1", secs, 1);
+            if gbps.is_finite() {
+                r.record(
+                    g,
+                    &format!("acceleration {label}"),
+                    "bulk TCP, 1 connection",
+                    "Gbit/s",
+                    gbps,
+                );
+            } else {
+                r.notes.push(format!(
+                    "iperf3 failed through the same-node path with acceleration {label}"
+                ));
+            }
         }
     }
 }

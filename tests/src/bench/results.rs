@@ -1,9 +1,9 @@
 //! What a benchmark run measured: samples grouped by case and metric, with medians and
 //! ranges over repetitions, and the machine they were taken on.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub kernel: String,
     pub cpu: String,
@@ -35,7 +35,7 @@ impl Machine {
 }
 
 /// Every value of one metric of one case, over the repetitions.
-#[derive(Debug, Serialize, Clone)]
+#[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct Series {
     pub group: String,
     pub case: String,
@@ -81,7 +81,7 @@ impl Series {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub machine: Machine,
     pub quick: bool,

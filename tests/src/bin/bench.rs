@@ -16,11 +16,41 @@ fn main() -> ExitCode {
     };
     let out = value("--out").unwrap_or_else(|| PathBuf::from("target/bench"));
     let report = value("--report").unwrap_or_else(|| out.join("benchmarks.md"));
+    // `--from results.json`: only write the report again, from an earlier run's results.
+    if let Some(from) = value("--from") {
+        let r: bench::Results = match std::fs::read(&from)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("weft-bench: {}: {e}", from.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        return match bench::report::write(&r, &report) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weft-bench: writing {}: {e}", report.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if !is_root() {
         eprintln!("weft-bench: needs root (network namespaces, cgroups, eBPF)");
         return ExitCode::FAILURE;
     }
-    let opts = bench::Options::new(quick, out.clone(), report.clone());
+    let mut opts = bench::Options::new(quick, out.clone(), report.clone());
+    // `--only paths,services,pods`: part of the run, for working on one case.
+    opts.only = value("--only")
+        .map(|v| {
+            v.display()
+                .to_string()
+                .split(',')
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     match bench::run(&opts) {
         Ok(r) => {
             println!(
