@@ -54,6 +54,72 @@ fn table(r: &Results, group: &str) -> String {
     t
 }
 
+/// Each case's medians as a ratio to the direct path's and the sidecar pair's, for every
+/// metric both have (only for groups that contain a direct case).
+fn ratios(r: &Results, group: &str) -> Option<String> {
+    let cases = r.cases(group);
+    if !cases.iter().any(|c| c == "direct") {
+        return None;
+    }
+    let sc = cases.iter().find(|c| c.starts_with("sidecars")).cloned();
+    let units: Vec<(String, String)> = r
+        .metrics(group)
+        .into_iter()
+        .filter(|(m, _)| {
+            m != "success"
+                && r.get(group, "direct", m)
+                    .is_some_and(|s| s.median().is_finite())
+        })
+        .collect();
+    let metrics: Vec<String> = units.iter().map(|(m, _)| m.clone()).collect();
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| case | {} |",
+        metrics
+            .iter()
+            .map(|m| format!(
+                "{m}: vs direct{}",
+                if sc.is_some() { " / vs sidecars" } else { "" }
+            ))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(t, "|---|{}", "---|".repeat(metrics.len()));
+    for case in cases.iter().filter(|c| *c != "direct") {
+        let cells: Vec<String> = metrics
+            .iter()
+            .map(|m| {
+                let v = median(r, group, case, m);
+                let direct = median(r, group, "direct", m);
+                let mut d = times(v, direct);
+                // For times, also what the path adds in absolute terms.
+                let unit = units
+                    .iter()
+                    .find(|(n, _)| n == m)
+                    .map_or("", |(_, u)| u.as_str());
+                if (unit == "us" || unit == "ms") && v.is_finite() && direct.is_finite() {
+                    d = format!("{d} ({:+.3} {unit})", v - direct);
+                }
+                match &sc {
+                    Some(sc) => format!("{d} / {}", times(v, median(r, group, sc, m))),
+                    None => d,
+                }
+            })
+            .collect();
+        let _ = writeln!(t, "| {case} | {} |", cells.join(" | "));
+    }
+    Some(t)
+}
+
+fn times(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "n/a".into()
+    }
+}
+
 fn median(r: &Results, group: &str, case: &str, metric: &str) -> f64 {
     r.get(group, case, metric).map_or(f64::NAN, Series::median)
 }
@@ -384,6 +450,9 @@ pub fn write(r: &Results, md_path: &Path) -> std::io::Result<String> {
     let _ = writeln!(md, "## All results\n");
     for g in &groups {
         let _ = writeln!(md, "### {g}\n\n{}", table(r, g));
+        if let Some(t) = ratios(r, g) {
+            let _ = writeln!(md, "Ratios of the medians:\n\n{t}");
+        }
     }
     let _ = writeln!(md, "## Method\n");
     for (g, how) in &r.method {
