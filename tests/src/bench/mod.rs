@@ -29,7 +29,7 @@ pub struct Options {
 
 impl Options {
     pub fn new(quick: bool, out: PathBuf, report: PathBuf) -> Self {
-        let (run_secs, reps) = if quick { (1.0, 1) } else { (5.0, 2) };
+        let (run_secs, reps) = if quick { (1.0, 1) } else { (4.0, 2) };
         Self {
             quick,
             run_secs,

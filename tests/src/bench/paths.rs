@@ -24,6 +24,7 @@ fn cluster() -> Cluster {
             PodSpec::new("srv-a", "a")
                 .label("app", "srv-a")
                 .port(8080)
+                .port(8081)
                 .port(5201)
                 .port(7000),
         )
@@ -31,6 +32,7 @@ fn cluster() -> Cluster {
             PodSpec::new("srv-b", "b")
                 .label("app", "srv-b")
                 .port(8080)
+                .port(8081)
                 .port(5201)
                 .port(7000),
         )
@@ -50,6 +52,7 @@ fn cluster() -> Cluster {
             ServiceSpec::new(name, ip)
                 .select("app", app)
                 .tcp(80, 8080)
+                .tcp(81, 8081)
                 .tcp(5201, 5201)
                 .tcp(7, 7000),
         );
@@ -68,6 +71,8 @@ struct Route {
     /// iperf3's, 7 the echo server's, on the same host).
     host: String,
     http_port: u16,
+    /// The h2c server's port as the client dials it.
+    h2_port: u16,
 }
 
 pub struct Fixture {
@@ -90,9 +95,11 @@ impl Fixture {
             let pod = c.pod(s);
             servers.push(pod.spawn(&c.dir, &tp, &["http-server", "8080", s, "1024"]));
             servers.push(pod.spawn(&c.dir, &tp, &["echo-server", "7000"]));
+            servers.push(pod.spawn(&c.dir, &tp, &["h2-server", "8081", s, "1024"]));
             servers.push(pod.spawn(&c.dir, Path::new("/usr/bin/iperf3"), &["-s", "-p", "5201"]));
             pod.wait_listening(8080, Duration::from_secs(5));
             pod.wait_listening(7000, Duration::from_secs(5));
+            pod.wait_listening(8081, Duration::from_secs(5));
         }
         let _ = opts;
         Self {
@@ -117,11 +124,13 @@ impl Fixture {
         let sc_srv = self.c.pod("sc-srv").ip.clone();
         let out = format!(
             "global\n  nbthread {threads}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
-             frontend out\n  bind 127.0.0.1:15001\n  default_backend s\nbackend s\n  server s1 {sc_srv}:8080\n"
+             frontend out\n  bind 127.0.0.1:15001\n  default_backend s\nbackend s\n  server s1 {sc_srv}:8080\n\
+             frontend out2\n  bind 127.0.0.1:15002 proto h2\n  default_backend s2\nbackend s2\n  server s1 {sc_srv}:8081 proto h2\n"
         );
         let inn = format!(
             "global\n  nbthread {threads}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
-             frontend in\n  bind 0.0.0.0:15006\n  default_backend app\nbackend app\n  server app 127.0.0.1:8080\n"
+             frontend in\n  bind 0.0.0.0:15006\n  default_backend app\nbackend app\n  server app 127.0.0.1:8080\n\
+             frontend in2\n  bind 0.0.0.0:15007 proto h2\n  default_backend app2\nbackend app2\n  server app 127.0.0.1:8081 proto h2\n"
         );
         for (pod, cfg, name) in [
             ("sc-client", out, "haproxy-out.cfg"),
@@ -158,42 +167,47 @@ impl Fixture {
                 "10.244.3.1",
             ],
         );
-        cl.exec(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-d",
-                SIDECAR_VIP,
-                "--dport",
-                "80",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15001",
-            ],
-        );
-        self.c.pod("sc-srv").exec(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "--dport",
-                "8080",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15006",
-            ],
-        );
+        for (port, to) in [("80", "15001"), ("81", "15002")] {
+            cl.exec(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "-d",
+                    SIDECAR_VIP,
+                    "--dport",
+                    port,
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    to,
+                ],
+            );
+        }
+        let srv = self.c.pod("sc-srv");
+        for (port, to) in [("8080", "15006"), ("8081", "15007")] {
+            srv.exec(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    port,
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    to,
+                ],
+            );
+        }
     }
 
     fn paths(&self) -> Vec<Route> {
@@ -203,24 +217,28 @@ impl Fixture {
                 client: "d-client",
                 host: self.c.pod("d-srv").ip.clone(),
                 http_port: 8080,
+                h2_port: 8081,
             },
             Route {
                 name: "weft same node",
                 client: "client",
                 host: "10.96.1.1".into(),
                 http_port: 80,
+                h2_port: 81,
             },
             Route {
                 name: "weft other node",
                 client: "client",
                 host: "10.96.1.2".into(),
                 http_port: 80,
+                h2_port: 81,
             },
             Route {
                 name: "sidecars (iptables+HAProxy)",
                 client: "sc-client",
                 host: SIDECAR_VIP.into(),
                 http_port: 80,
+                h2_port: 81,
             },
         ]
     }
@@ -246,6 +264,18 @@ fn oha_version() -> String {
 
 /// One oha run; None if it failed outright.
 fn oha(pod: &Pod, url: &str, secs: f64, conns: u32, rate: Option<u32>) -> Option<Value> {
+    oha_with(pod, url, secs, conns, rate, &[])
+}
+
+/// oha with extra flags (e.g. `--http2 -p 100`).
+fn oha_with(
+    pod: &Pod,
+    url: &str,
+    secs: f64,
+    conns: u32,
+    rate: Option<u32>,
+    extra: &[&str],
+) -> Option<Value> {
     let dur = format!("{}ms", (secs * 1000.0) as u64);
     let c = conns.to_string();
     let mut args = vec![
@@ -263,6 +293,7 @@ fn oha(pod: &Pod, url: &str, secs: f64, conns: u32, rate: Option<u32>) -> Option
         q = r.to_string();
         args.extend(["-q", &q, "--latency-correction"]);
     }
+    args.extend_from_slice(extra);
     let out = pod.run("oha", &args, Duration::from_secs_f64(secs + 30.0));
     serde_json::from_slice(&out.stdout).ok()
 }
@@ -372,6 +403,40 @@ pub fn run(opts: &Options, r: &mut Results) {
                     "MiB",
                     rss,
                 );
+            }
+        }
+    }
+
+    // HTTP/2: 100 concurrent streams on one connection (h2c with prior knowledge), with
+    // the default number of threads (the proxies from the last loop iteration).
+    r.method.push((
+        "http2".into(),
+        format!("{} --http2 -c 1 -p 100 -z {secs}s, and -q 5000 --latency-correction for the fixed rate; h2c servers (hyper); HAProxy sidecars with proto h2 on both sides", oha_version()),
+    ));
+    for _rep in 0..opts.reps {
+        for rate in [Some(5000), None] {
+            for path in f.paths() {
+                let url = format!("http://{}:{}/", path.host, path.h2_port);
+                let proxies = f.proxies(path.name);
+                let cpu0 = procstat::cpu_of(&proxies);
+                let Some(v) = oha_with(
+                    f.c.pod(path.client),
+                    &url,
+                    secs,
+                    1,
+                    rate,
+                    &["--http2", "-p", "100"],
+                ) else {
+                    r.failures
+                        .push(format!("oha --http2 failed for {} at {rate:?}", path.name));
+                    continue;
+                };
+                let cpu = procstat::cpu_of(&proxies) - cpu0;
+                let group = match rate {
+                    Some(q) => format!("http2 {q} rps, 100 streams on 1 connection"),
+                    None => "http2 max throughput, 100 streams on 1 connection".to_owned(),
+                };
+                record_oha(r, &group, path.name, &v, cpu);
             }
         }
     }

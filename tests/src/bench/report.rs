@@ -520,8 +520,7 @@ cargo xtask bench           # about 10 minutes; rewrites this page and its plots
 cargo xtask bench --quick   # about 2 minutes; writes target/bench/ only
 ```
 
-Raw numbers, with the machine's description, are in `target/bench/results.json`.
-
-Not measured yet: HTTP/2 (100 concurrent streams on one connection) waits for the
-proxy's HTTP/2 support.
+Raw numbers, with the machine's description, are in `target/bench/results.json` (a copy
+of this page's run is in `docs/bench/results.json`; `weft-bench --from FILE --report
+FILE` writes a report again from one).
 ";

@@ -3,6 +3,8 @@
 //! - `http-server PORT NAME [BYTES]`: answers every HTTP request with
 //!   `{"server":NAME,"peer":"IP:PORT"}`, the peer being the address the server saw, and
 //!   logs `served PEER`; with BYTES, the body is padded to that size and nothing is logged.
+//! - `h2-server PORT NAME BYTES`: HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on one
+//!   port (hyper), answering every request with BYTES bytes.
 //! - `echo-server PORT`: echoes every TCP byte back; on the client's half-close it
 //!   finishes echoing, then half-closes too.
 //! - `dns-server PORT IP`: answers every UDP DNS query with one A record holding IP.
@@ -34,6 +36,10 @@ fn main() -> ExitCode {
             Err(e) => Err(format!("{size}: {e}")),
         },
         ["echo-server", port] => echo_server(port),
+        ["h2-server", port, name, size] => match size.parse() {
+            Ok(n) => h2_server(port, name, n),
+            Err(e) => Err(format!("{size}: {e}")),
+        },
         ["dns-server", port, ip] => dns_server(port, ip),
         ["echo-client", addr, bytes] => echo_client(addr, bytes),
         ["connect", addr] => connect(addr),
@@ -103,6 +109,48 @@ fn http_server(port: &str, name: &str, body_size: usize) -> Res {
         });
     }
     Ok(())
+}
+
+fn h2_server(port: &str, name: &str, size: usize) -> Res {
+    use http_body_util::Full;
+    use hyper::{body::Bytes, service::service_fn, Response};
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut body = format!("{{\"server\":\"{name}\"");
+    if body.len() + 11 < size {
+        body.push_str(&format!(
+            ",\"pad\":\"{}\"",
+            "x".repeat(size - body.len() - 11)
+        ));
+    }
+    body.push_str("}\n");
+    let body = Bytes::from(body);
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(format!("0.0.0.0:{port}"))
+            .await
+            .map_err(|e| format!("bind {port}: {e}"))?;
+        loop {
+            let (c, _) = l.accept().await.map_err(|e| e.to_string())?;
+            let _ = c.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let body = body.clone();
+                    async move { Ok::<_, std::convert::Infallible>(Response::new(Full::new(body))) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(c), svc)
+                    .await;
+            });
+        }
+    })
 }
 
 fn echo_server(port: &str) -> Res {
