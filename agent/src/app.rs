@@ -81,6 +81,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     tracing::info!(cgroup = %cgroup.display(), pins = %dp.pin_root().display(), attachment = ?dp.attachment, "datapath ready");
 
     // 5. The node's state, and the service maps that follow from it.
+    warn_inactive_routes(&cfg);
     let state = Arc::new(ArcSwap::from_pointee(NodeState::build(&opts.node, &cfg, 1)));
     dp.sync_services(&state.load())?;
 
@@ -290,6 +291,14 @@ fn report_while_down(dp: &mut Datapath) -> std::collections::BTreeMap<String, u6
     out
 }
 
+/// HTTP routing is being built (issue 4): routes are validated, but until the HTTP proxy
+/// is in, traffic to their services is forwarded at L4. Say so rather than ignore them.
+fn warn_inactive_routes(cfg: &Config) {
+    for r in &cfg.routes {
+        tracing::warn!(route = %format!("{}/{}", r.namespace, r.name), "HTTPRoute is valid but not applied yet: this agent forwards at L4");
+    }
+}
+
 /// Accept a new configuration: swap the state, then bring the maps in line.
 fn apply(
     opts: &AgentOptions,
@@ -301,6 +310,7 @@ fn apply(
     if !cfg.nodes.contains_key(&opts.node) {
         tracing::warn!(node = %opts.node, "this node is no longer declared; keeping its pods as they are");
     }
+    warn_inactive_routes(cfg);
     let next = NodeState::build(&opts.node, cfg, generation);
     dp.sync_services(&next)
         .context("writing the service maps (the proxy keeps the previous state)")?;

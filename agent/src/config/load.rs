@@ -14,9 +14,10 @@ use serde::Deserialize;
 use serde_norway::Value;
 
 use super::model::{
-    AgentDown, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort, Workload,
-    WorkloadPort,
+    AgentDown, AppProtocol, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort,
+    Workload, WorkloadPort,
 };
+use super::route;
 
 /// Ports the agent itself binds inside every enrolled pod.
 const RESERVED_PORTS: [u16; 3] = [
@@ -270,6 +271,8 @@ struct RawServicePort {
     target_port: Option<RawTargetPort>,
     #[serde(default)]
     protocol: Option<RawProtocol>,
+    #[serde(default)]
+    app_protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +299,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     let mut cfg = Config::default();
     let mut seen: HashMap<(String, String, String), Location> = HashMap::new();
     let mut pending_workloads = Vec::new();
+    let mut pending_routes = Vec::new();
     let mut vips: HashMap<(Ipv4Addr, u16, Protocol), String> = HashMap::new();
     for doc in docs {
         let Doc {
@@ -353,6 +357,17 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 }
                 cfg.services.push(svc);
             }
+            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+                let spec: route::RouteSpec = typed(&at, "spec", spec)?;
+                pending_routes.push((at, meta, ns, spec));
+            }
+            (_, "HTTPRoute") => {
+                return Err(ConfigError::field(
+                    &at,
+                    "apiVersion",
+                    "must be gateway.networking.k8s.io/v1",
+                ));
+            }
             (_, "Node" | "Workload") => {
                 return Err(ConfigError::field(
                     &at,
@@ -367,7 +382,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 return Err(ConfigError::field(
                     &at,
                     "kind",
-                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload or Service"),
+                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload, Service or HTTPRoute"),
                 ));
             }
         }
@@ -384,6 +399,18 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
             ));
         }
         cfg.workloads.push(w);
+    }
+    // Routes last: they refer to Services declared anywhere in the source.
+    for (at, meta, ns, spec) in pending_routes {
+        let ports: route::ServicePorts<'_> = cfg
+            .services
+            .iter()
+            .filter(|s| s.namespace == ns)
+            .map(|s| (s.name.as_str(), s.ports.iter().map(|p| p.port).collect()))
+            .collect();
+        let r = route::convert(meta.name, ns, spec, &ports)
+            .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
+        cfg.routes.push(r);
     }
     Ok(cfg)
 }
@@ -551,11 +578,26 @@ fn service(
             None | Some(RawProtocol::Tcp) => Protocol::Tcp,
             Some(RawProtocol::Udp) => Protocol::Udp,
         };
+        let app_protocol = match p.app_protocol.as_deref() {
+            None => None,
+            Some("http" | "kubernetes.io/http") => Some(AppProtocol::Http),
+            Some("http2" | "h2c" | "kubernetes.io/h2c" | "grpc") => Some(AppProtocol::Http2),
+            Some("tcp") => Some(AppProtocol::Tcp),
+            Some("tls" | "https") => Some(AppProtocol::Tls),
+            Some(other) => {
+                return Err(ConfigError::field(
+                    at,
+                    format!("spec.ports[{i}].appProtocol"),
+                    format!("{other:?}: expected http, http2 (h2c, grpc), tcp or tls"),
+                ));
+            }
+        };
         ports.push(ServicePort {
             name: p.name,
             port: p.port,
             target,
             protocol,
+            app_protocol,
         });
     }
     Ok(Service {

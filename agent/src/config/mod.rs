@@ -4,12 +4,13 @@
 
 mod load;
 mod model;
+pub mod route;
 pub mod watch;
 
 pub use load::{load_path, load_str, ConfigError, Location, LABEL_AGENT_DOWN, LABEL_MESH};
 pub use model::{
-    AgentDown, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort, Workload,
-    WorkloadPort,
+    AgentDown, AppProtocol, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort,
+    Workload, WorkloadPort,
 };
 
 #[cfg(test)]

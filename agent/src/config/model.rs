@@ -11,6 +11,7 @@ pub struct Config {
     pub namespaces: BTreeMap<String, Namespace>,
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
+    pub routes: Vec<super::route::HttpRoute>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -106,6 +107,18 @@ pub struct ServicePort {
     pub port: u16,
     pub target: TargetPort,
     pub protocol: Protocol,
+    /// What the port speaks (`http`, `http2`/`h2c`, `tcp`, `tls`), from Kubernetes'
+    /// `appProtocol`; when set, the proxy skips protocol detection.
+    pub app_protocol: Option<AppProtocol>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    Http,
+    Http2,
+    Tcp,
+    Tls,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -137,3 +137,90 @@ fn every_documented_example_is_valid() {
     assert_eq!(by_name("payments").agent_down, AgentDown::FailClosed);
     assert!(!by_name("old-app").meshed);
 }
+
+const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web-v2}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80, appProtocol: http}]}\n---\n";
+
+fn route(rules: &str) -> String {
+    format!("{WEB}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{kind: Service, name: web, port: 80}}]\n  rules:\n{rules}")
+}
+
+#[test]
+fn a_canary_route_parses() {
+    let cfg = parse(&route(
+        r#"    - matches:
+        - path: {type: PathPrefix, value: /api}
+          headers: [{name: X-Api-Version, value: "2"}]
+          method: GET
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-canary, value: "yes"}], remove: [x-debug]}
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+      backendRefs:
+        - {name: web, port: 80, weight: 90}
+        - {name: web-v2, port: 80, weight: 10}
+      timeouts: {request: 2s, backendRequest: 500ms}
+      retry: {codes: [503], attempts: 2, backoff: 100ms}
+"#,
+    ))
+    .unwrap();
+    let r = &cfg.routes[0];
+    assert_eq!((r.name.as_str(), r.namespace.as_str()), ("r", "default"));
+    assert_eq!(r.parents, [("web".to_owned(), Some(80))]);
+    let rule = &r.rules[0];
+    assert_eq!(
+        rule.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+        [90, 10]
+    );
+    assert_eq!(
+        rule.matches[0].headers[0].0, "x-api-version",
+        "header names are lowercased"
+    );
+    assert_eq!(
+        rule.backend_timeout,
+        Some(std::time::Duration::from_millis(500))
+    );
+    assert_eq!(rule.retry.as_ref().unwrap().attempts, 2);
+    assert_eq!(rule.filters.len(), 2);
+    assert_eq!(
+        cfg.services[1].ports[0].app_protocol,
+        Some(AppProtocol::Http)
+    );
+}
+
+#[test]
+fn route_errors_name_the_field() {
+    let e = err(&route("    - backendRefs: [{name: nope, port: 80}]\n"));
+    assert!(e.contains("(HTTPRoute default/r): field `spec.rules[0].backendRefs[0].name`: no Service default/nope"), "{e}");
+    let e = err(&route("    - backendRefs: [{name: web, port: 81}]\n"));
+    assert!(
+        e.contains("spec.rules[0].backendRefs[0].port`: Service default/web has no port 81"),
+        "{e}"
+    );
+    let e = err(&route("    - matches: [{headers: [{type: RegularExpression, name: a, value: \"(\"}]}]\n      backendRefs: [{name: web, port: 80}]\n"));
+    assert!(
+        e.contains("spec.rules[0].matches[0].headers[0].value`: invalid regular expression"),
+        "{e}"
+    );
+    let e = err(&route("    - backendRefs: [{name: web, port: 80}]\n      timeouts: {request: 1s, backendRequest: 2s}\n"));
+    assert!(
+        e.contains("timeouts.backendRequest`: must not exceed timeouts.request"),
+        "{e}"
+    );
+    let e = err(&route(
+        "    - backendRefs: [{name: web, port: 80, weight: 0}]\n",
+    ));
+    assert!(e.contains("all weights are 0"), "{e}");
+    let e = err(&route("    - matches: [{path: {type: Exact, value: /a}}]\n      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]\n      backendRefs: [{name: web, port: 80}]\n"));
+    assert!(
+        e.contains("ReplacePrefixMatch needs every match of the rule to be a PathPrefix"),
+        "{e}"
+    );
+    let e = err(&format!("{WEB}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec: {{parentRefs: [{{name: gone}}]}}\n"));
+    assert!(
+        e.contains("spec.parentRefs[0].name`: no Service default/gone"),
+        "{e}"
+    );
+    let e = err("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80, appProtocol: quic}]}\n");
+    assert!(e.contains("spec.ports[0].appProtocol`: \"quic\""), "{e}");
+}

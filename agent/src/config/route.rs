@@ -1,0 +1,731 @@
+//! HTTPRoute (`gateway.networking.k8s.io/v1`), the Gateway API's mesh (GAMMA) profile: a
+//! route attaches to a Service through `parentRefs` and says how requests to it are
+//! matched, changed and spread over backend Services. Parsed and checked here; the proxy
+//! uses the model.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Deserialize;
+
+/// A request or header value pattern.
+#[derive(Clone, Debug)]
+pub enum StringMatch {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+impl PartialEq for StringMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl StringMatch {
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            Self::Exact(e) => e == v,
+            Self::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PathMatch {
+    Exact(String),
+    /// Matches whole path segments: `/api` matches `/api` and `/api/x`, not `/apix`.
+    Prefix(String),
+    Regex(StringMatch),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => {
+                let p = p.trim_end_matches('/');
+                p.is_empty()
+                    || path == p
+                    || path
+                        .strip_prefix(p)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            }
+            Self::Regex(r) => r.matches(path),
+        }
+    }
+}
+
+/// One way a request can match a rule: every condition given must hold.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RouteMatch {
+    pub path: Option<PathMatch>,
+    /// Header names are lowercase.
+    pub headers: Vec<(String, StringMatch)>,
+    pub query: Vec<(String, StringMatch)>,
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct HeaderChanges {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PathRewrite {
+    Full(String),
+    /// Replace the part the rule's PathPrefix matched.
+    Prefix(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Filter {
+    RequestHeaders(HeaderChanges),
+    ResponseHeaders(HeaderChanges),
+    Rewrite {
+        hostname: Option<String>,
+        path: Option<PathRewrite>,
+    },
+    Redirect {
+        scheme: Option<String>,
+        hostname: Option<String>,
+        path: Option<PathRewrite>,
+        port: Option<u16>,
+        status: u16,
+    },
+    Mirror {
+        service: String,
+        port: u16,
+        percent: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendRef {
+    /// A Service in the route's namespace.
+    pub service: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Retry {
+    pub codes: Vec<u16>,
+    pub attempts: u32,
+    pub backoff: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RouteRule {
+    /// Empty: every request matches.
+    pub matches: Vec<RouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backends: Vec<BackendRef>,
+    pub request_timeout: Option<Duration>,
+    pub backend_timeout: Option<Duration>,
+    pub retry: Option<Retry>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRoute {
+    pub name: String,
+    pub namespace: String,
+    /// (Service name, port): the services this route applies to; no port means all.
+    pub parents: Vec<(String, Option<u16>)>,
+    pub rules: Vec<RouteRule>,
+}
+
+// ---- the documents as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RouteSpec {
+    pub parent_refs: Vec<RawParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawParentRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawRule {
+    #[serde(default)]
+    pub matches: Vec<RawMatch>,
+    #[serde(default)]
+    pub filters: Vec<RawFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<RawBackendRef>,
+    #[serde(default)]
+    pub timeouts: Option<RawTimeouts>,
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawMatch {
+    #[serde(default)]
+    pub path: Option<RawPath>,
+    #[serde(default)]
+    pub headers: Vec<RawNameValue>,
+    #[serde(default)]
+    pub query_params: Vec<RawNameValue>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPath {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNameValue {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawFilter {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub request_header_modifier: Option<RawHeaderChanges>,
+    #[serde(default)]
+    pub response_header_modifier: Option<RawHeaderChanges>,
+    #[serde(default)]
+    pub url_rewrite: Option<RawRewrite>,
+    #[serde(default)]
+    pub request_redirect: Option<RawRedirect>,
+    #[serde(default)]
+    pub request_mirror: Option<RawMirror>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeaderChanges {
+    #[serde(default)]
+    pub set: Vec<RawHeader>,
+    #[serde(default)]
+    pub add: Vec<RawHeader>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeader {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawRewrite {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<RawPathModifier>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawPathModifier {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub replace_full_path: Option<String>,
+    #[serde(default)]
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawRedirect {
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<RawPathModifier>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub status_code: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawMirror {
+    pub backend_ref: RawBackendRef,
+    #[serde(default)]
+    pub percent: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawBackendRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawTimeouts {
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// A Gateway API duration (GEP-2257): one to four `<number><unit>` parts, units h, m, s,
+/// ms, e.g. `1h30m`, `500ms`, `10s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 || digits > 5 {
+            return Err(format!("{s:?} is not a duration like 10s, 500ms or 1h30m"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: bad number"))?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return Err(format!("{s:?}: units are h, m, s and ms"));
+        };
+        total += unit * n as u32;
+        rest = &rest[len..];
+        parts += 1;
+    }
+    if parts == 0 || parts > 4 {
+        return Err(format!("{s:?} is not a duration like 10s, 500ms or 1h30m"));
+    }
+    Ok(total)
+}
+
+/// What conversion needs to know about the other documents: the services of the route's
+/// namespace and their ports.
+pub(super) type ServicePorts<'a> = BTreeMap<&'a str, Vec<u16>>;
+
+/// Convert a parsed route; errors are `(field, message)` for the caller to locate.
+pub(super) fn convert(
+    name: String,
+    namespace: String,
+    spec: RouteSpec,
+    services: &ServicePorts<'_>,
+) -> Result<HttpRoute, (String, String)> {
+    let err = |f: String, m: String| (f, m);
+    if !spec.hostnames.is_empty() {
+        return Err(err(
+            "spec.hostnames".into(),
+            "mesh routes attach to Services and match by address; hostnames are not used".into(),
+        ));
+    }
+    if spec.parent_refs.is_empty() {
+        return Err(err(
+            "spec.parentRefs".into(),
+            "a mesh route needs at least one Service parent".into(),
+        ));
+    }
+    let mut parents = vec![];
+    for (i, p) in spec.parent_refs.into_iter().enumerate() {
+        let f = |x: &str| format!("spec.parentRefs[{i}]{x}");
+        if p.kind.as_deref().is_some_and(|k| k != "Service")
+            || p.group
+                .as_deref()
+                .is_some_and(|g| !g.is_empty() && g != "core")
+        {
+            return Err(err(
+                f(".kind"),
+                "weft routes attach to Services (kind: Service, group: \"\")".into(),
+            ));
+        }
+        if p.namespace.as_deref().is_some_and(|n| n != namespace) {
+            return Err(err(
+                f(".namespace"),
+                "must be the route's own namespace".into(),
+            ));
+        }
+        let Some(ports) = services.get(p.name.as_str()) else {
+            return Err(err(
+                f(".name"),
+                format!("no Service {namespace}/{} is declared", p.name),
+            ));
+        };
+        if let Some(port) = p.port {
+            if !ports.contains(&port) {
+                return Err(err(
+                    f(".port"),
+                    format!("Service {namespace}/{} has no port {port}", p.name),
+                ));
+            }
+        }
+        parents.push((p.name, p.port));
+    }
+    let mut rules = vec![];
+    for (r, raw) in spec.rules.into_iter().enumerate() {
+        let at = |x: &str| format!("spec.rules[{r}]{x}");
+        let mut rule = RouteRule::default();
+        for (m, rm) in raw.matches.into_iter().enumerate() {
+            rule.matches.push(
+                convert_match(rm).map_err(|(x, msg)| (at(&format!(".matches[{m}]{x}")), msg))?,
+            );
+        }
+        for (b, rb) in raw.backend_refs.into_iter().enumerate() {
+            rule.backends.push(
+                convert_backend(rb, &namespace, services)
+                    .map_err(|(x, msg)| (at(&format!(".backendRefs[{b}]{x}")), msg))?,
+            );
+        }
+        if rule.backends.iter().all(|b| b.weight == 0) && !rule.backends.is_empty() {
+            return Err(err(
+                at(".backendRefs"),
+                "all weights are 0: no request could be sent anywhere".into(),
+            ));
+        }
+        for (i, rf) in raw.filters.into_iter().enumerate() {
+            let filter = convert_filter(rf, &namespace, services, &rule.matches)
+                .map_err(|(x, msg)| (at(&format!(".filters[{i}]{x}")), msg))?;
+            rule.filters.push(filter);
+        }
+        let redirects = rule
+            .filters
+            .iter()
+            .any(|f| matches!(f, Filter::Redirect { .. }));
+        if rule.backends.is_empty() && !redirects {
+            return Err(err(
+                at(".backendRefs"),
+                "a rule needs backendRefs (or a RequestRedirect filter)".into(),
+            ));
+        }
+        if let Some(t) = raw.timeouts {
+            let d = |v: Option<String>, f: &str| -> Result<Option<Duration>, (String, String)> {
+                v.map(|s| parse_duration(&s).map_err(|m| (at(&format!(".timeouts.{f}")), m)))
+                    .transpose()
+            };
+            rule.request_timeout = d(t.request, "request")?.filter(|d| !d.is_zero());
+            rule.backend_timeout = d(t.backend_request, "backendRequest")?.filter(|d| !d.is_zero());
+            if let (Some(req), Some(be)) = (rule.request_timeout, rule.backend_timeout) {
+                if be > req {
+                    return Err(err(
+                        at(".timeouts.backendRequest"),
+                        "must not exceed timeouts.request".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(rt) = raw.retry {
+            if let Some(c) = rt.codes.iter().find(|c| !(400..=599).contains(*c)) {
+                return Err(err(
+                    at(".retry.codes"),
+                    format!("{c} is not a 4xx or 5xx status"),
+                ));
+            }
+            let backoff = rt
+                .backoff
+                .map(|s| parse_duration(&s).map_err(|m| (at(".retry.backoff"), m)))
+                .transpose()?;
+            rule.retry = Some(Retry {
+                codes: rt.codes,
+                attempts: rt.attempts.unwrap_or(1).min(10),
+                backoff,
+            });
+        }
+        rules.push(rule);
+    }
+    Ok(HttpRoute {
+        name,
+        namespace,
+        parents,
+        rules,
+    })
+}
+
+fn string_match(kind: Option<&str>, value: String) -> Result<StringMatch, (String, String)> {
+    match kind.unwrap_or("Exact") {
+        "Exact" => Ok(StringMatch::Exact(value)),
+        "RegularExpression" => regex::Regex::new(&format!("^(?:{value})$"))
+            .map(StringMatch::Regex)
+            .map_err(|e| (".value".into(), format!("invalid regular expression: {e}"))),
+        other => Err((
+            ".type".into(),
+            format!("{other:?}: expected Exact or RegularExpression"),
+        )),
+    }
+}
+
+fn convert_match(m: RawMatch) -> Result<RouteMatch, (String, String)> {
+    let path = match m.path {
+        None => None,
+        Some(p) => {
+            let v = p.value.unwrap_or_else(|| "/".into());
+            if !v.starts_with('/') && p.kind.as_deref() != Some("RegularExpression") {
+                return Err((".path.value".into(), format!("{v:?} must start with /")));
+            }
+            Some(match p.kind.as_deref().unwrap_or("PathPrefix") {
+                "Exact" => PathMatch::Exact(v),
+                "PathPrefix" => PathMatch::Prefix(v),
+                "RegularExpression" => PathMatch::Regex(
+                    string_match(Some("RegularExpression"), v)
+                        .map_err(|(x, e)| (format!(".path{x}"), e))?,
+                ),
+                other => {
+                    return Err((
+                        ".path.type".into(),
+                        format!("{other:?}: expected Exact, PathPrefix or RegularExpression"),
+                    ))
+                }
+            })
+        }
+    };
+    let mut headers = vec![];
+    for (i, h) in m.headers.into_iter().enumerate() {
+        let sm = string_match(h.kind.as_deref(), h.value)
+            .map_err(|(x, e)| (format!(".headers[{i}]{x}"), e))?;
+        headers.push((h.name.to_ascii_lowercase(), sm));
+    }
+    let mut query = vec![];
+    for (i, q) in m.query_params.into_iter().enumerate() {
+        let sm = string_match(q.kind.as_deref(), q.value)
+            .map_err(|(x, e)| (format!(".queryParams[{i}]{x}"), e))?;
+        query.push((q.name, sm));
+    }
+    const METHODS: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    if let Some(method) = &m.method {
+        if !METHODS.contains(&method.as_str()) {
+            return Err((
+                ".method".into(),
+                format!("{method:?} is not an HTTP method ({})", METHODS.join(", ")),
+            ));
+        }
+    }
+    Ok(RouteMatch {
+        path,
+        headers,
+        query,
+        method: m.method,
+    })
+}
+
+fn convert_backend(
+    b: RawBackendRef,
+    namespace: &str,
+    services: &ServicePorts<'_>,
+) -> Result<BackendRef, (String, String)> {
+    if b.kind.as_deref().is_some_and(|k| k != "Service")
+        || b.group
+            .as_deref()
+            .is_some_and(|g| !g.is_empty() && g != "core")
+    {
+        return Err((".kind".into(), "backends are Services".into()));
+    }
+    if b.namespace.as_deref().is_some_and(|n| n != namespace) {
+        return Err((
+            ".namespace".into(),
+            "must be the route's own namespace".into(),
+        ));
+    }
+    let Some(ports) = services.get(b.name.as_str()) else {
+        return Err((
+            ".name".into(),
+            format!("no Service {namespace}/{} is declared", b.name),
+        ));
+    };
+    let port = match b.port {
+        Some(p) if ports.contains(&p) => p,
+        Some(p) => {
+            return Err((
+                ".port".into(),
+                format!("Service {namespace}/{} has no port {p}", b.name),
+            ))
+        }
+        None => return Err((".port".into(), "is required for a Service backend".into())),
+    };
+    let weight = b.weight.unwrap_or(1);
+    if weight > 1_000_000 {
+        return Err((".weight".into(), "must be 0 to 1000000".into()));
+    }
+    Ok(BackendRef {
+        service: b.name,
+        port,
+        weight,
+    })
+}
+
+fn header_changes(h: RawHeaderChanges) -> HeaderChanges {
+    let pairs = |v: Vec<RawHeader>| {
+        v.into_iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value))
+            .collect()
+    };
+    HeaderChanges {
+        set: pairs(h.set),
+        add: pairs(h.add),
+        remove: h
+            .remove
+            .into_iter()
+            .map(|n| n.to_ascii_lowercase())
+            .collect(),
+    }
+}
+
+fn path_modifier(
+    p: RawPathModifier,
+    matches: &[RouteMatch],
+) -> Result<PathRewrite, (String, String)> {
+    match (p.kind.as_str(), p.replace_full_path, p.replace_prefix_match) {
+        ("ReplaceFullPath", Some(v), None) => Ok(PathRewrite::Full(v)),
+        ("ReplacePrefixMatch", None, Some(v)) => {
+            let prefix_only = !matches.is_empty()
+                && matches
+                    .iter()
+                    .all(|m| matches!(m.path, Some(PathMatch::Prefix(_))));
+            if !prefix_only {
+                return Err((
+                    ".path".into(),
+                    "ReplacePrefixMatch needs every match of the rule to be a PathPrefix".into(),
+                ));
+            }
+            Ok(PathRewrite::Prefix(v))
+        }
+        ("ReplaceFullPath" | "ReplacePrefixMatch", _, _) => Err((
+            ".path".into(),
+            "set exactly the field its type names (replaceFullPath or replacePrefixMatch)".into(),
+        )),
+        (other, _, _) => Err((
+            ".path.type".into(),
+            format!("{other:?}: expected ReplaceFullPath or ReplacePrefixMatch"),
+        )),
+    }
+}
+
+fn convert_filter(
+    f: RawFilter,
+    namespace: &str,
+    services: &ServicePorts<'_>,
+    matches: &[RouteMatch],
+) -> Result<Filter, (String, String)> {
+    let missing = |field: &str| {
+        (
+            format!(".{field}"),
+            format!("is required for type {}", f.kind),
+        )
+    };
+    match f.kind.as_str() {
+        "RequestHeaderModifier" => Ok(Filter::RequestHeaders(header_changes(f.request_header_modifier.ok_or_else(|| missing("requestHeaderModifier"))?))),
+        "ResponseHeaderModifier" => Ok(Filter::ResponseHeaders(header_changes(f.response_header_modifier.ok_or_else(|| missing("responseHeaderModifier"))?))),
+        "URLRewrite" => {
+            let r = f.url_rewrite.ok_or_else(|| missing("urlRewrite"))?;
+            let path = r.path.map(|p| path_modifier(p, matches)).transpose().map_err(|(x, e)| (format!(".urlRewrite{x}"), e))?;
+            Ok(Filter::Rewrite { hostname: r.hostname, path })
+        }
+        "RequestRedirect" => {
+            let r = f.request_redirect.ok_or_else(|| missing("requestRedirect"))?;
+            let status = r.status_code.unwrap_or(302);
+            if ![301, 302, 303, 307, 308].contains(&status) {
+                return Err((".requestRedirect.statusCode".into(), format!("{status}: expected 301, 302, 303, 307 or 308")));
+            }
+            if r.scheme.as_deref().is_some_and(|s| s != "http" && s != "https") {
+                return Err((".requestRedirect.scheme".into(), "expected http or https".into()));
+            }
+            let path = r.path.map(|p| path_modifier(p, matches)).transpose().map_err(|(x, e)| (format!(".requestRedirect{x}"), e))?;
+            Ok(Filter::Redirect { scheme: r.scheme, hostname: r.hostname, path, port: r.port, status })
+        }
+        "RequestMirror" => {
+            let m = f.request_mirror.ok_or_else(|| missing("requestMirror"))?;
+            let b = convert_backend(m.backend_ref, namespace, services).map_err(|(x, e)| (format!(".requestMirror.backendRef{x}"), e))?;
+            let percent = m.percent.unwrap_or(100);
+            if percent > 100 {
+                return Err((".requestMirror.percent".into(), "must be 0 to 100".into()));
+            }
+            Ok(Filter::Mirror { service: b.service, port: b.port, percent })
+        }
+        other => Err((".type".into(), format!("{other:?}: supported filters are RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect and RequestMirror"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_follow_gep_2257() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        for bad in ["", "10", "1.5s", "10d", "1h1m1s1ms1h", "123456s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn path_prefix_matches_whole_segments() {
+        let p = PathMatch::Prefix("/api".into());
+        assert!(p.matches("/api") && p.matches("/api/v1") && !p.matches("/apix"));
+        assert!(PathMatch::Prefix("/".into()).matches("/anything"));
+        assert!(PathMatch::Prefix("/api/".into()).matches("/api/v1"));
+    }
+}
