@@ -291,11 +291,22 @@ fn report_while_down(dp: &mut Datapath) -> std::collections::BTreeMap<String, u6
     out
 }
 
-/// HTTP routing is being built (issue 4): routes are validated, but until the HTTP proxy
-/// is in, traffic to their services is forwarded at L4. Say so rather than ignore them.
+/// Route features the proxy does not apply yet: say so rather than ignore them.
 fn warn_inactive_routes(cfg: &Config) {
     for r in &cfg.routes {
-        tracing::warn!(route = %format!("{}/{}", r.namespace, r.name), "HTTPRoute is valid but not applied yet: this agent forwards at L4");
+        for rule in &r.rules {
+            let id = format!("{}/{}", r.namespace, r.name);
+            if rule.retry.is_some() {
+                tracing::warn!(route = %id, "retry is not applied yet");
+            }
+            if rule
+                .filters
+                .iter()
+                .any(|f| matches!(f, crate::config::route::Filter::Mirror { .. }))
+            {
+                tracing::warn!(route = %id, "RequestMirror is not applied yet");
+            }
+        }
     }
 }
 

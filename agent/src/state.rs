@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use crate::config::{Config, Protocol, TargetPort, Workload};
+use crate::config::{route::HttpRoute, AppProtocol, Config, Protocol, TargetPort, Workload};
 
 /// A service address as clients dial it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -24,8 +24,13 @@ pub struct ServiceAddr {
 pub struct ServiceEntry {
     /// `namespace/name`.
     pub name: String,
+    pub namespace: String,
     pub addr: ServiceAddr,
     pub endpoints: Vec<Endpoint>,
+    /// What the port speaks, when declared (skips protocol detection).
+    pub app_protocol: Option<AppProtocol>,
+    /// HTTPRoutes attached to this service port, in name order.
+    pub routes: Vec<Arc<HttpRoute>>,
     /// Round-robin cursor of the L4 proxy.
     next: AtomicUsize,
 }
@@ -64,6 +69,8 @@ pub struct NodeState {
     pub local: BTreeMap<Ipv4Addr, Workload>,
     /// Every workload of the cluster, by IP (to recognise peers and endpoints).
     pub workloads: HashMap<Ipv4Addr, Workload>,
+    /// TCP service ports by (`namespace/name`, port).
+    pub by_name: HashMap<(String, u16), Arc<ServiceEntry>>,
 }
 
 impl NodeState {
@@ -85,6 +92,7 @@ impl NodeState {
             }
         }
         let mut services = BTreeMap::new();
+        let mut by_name = HashMap::new();
         for svc in &cfg.services {
             let selected: Vec<usize> = match svc.selector.iter().next() {
                 None => vec![],
@@ -119,13 +127,31 @@ impl NodeState {
                     vip: SocketAddrV4::new(svc.cluster_ip, port.port),
                     protocol: port.protocol,
                 };
-                let entry = ServiceEntry {
+                let mut routes: Vec<Arc<HttpRoute>> = cfg
+                    .routes
+                    .iter()
+                    .filter(|r| r.namespace == svc.namespace)
+                    .filter(|r| {
+                        r.parents
+                            .iter()
+                            .any(|(n, p)| *n == svc.name && p.is_none_or(|p| p == port.port))
+                    })
+                    .map(|r| Arc::new(r.clone()))
+                    .collect();
+                routes.sort_by(|a, b| a.name.cmp(&b.name));
+                let entry = Arc::new(ServiceEntry {
                     name: svc.id(),
+                    namespace: svc.namespace.clone(),
                     addr,
                     endpoints,
+                    app_protocol: port.app_protocol,
+                    routes,
                     next: AtomicUsize::new(0),
-                };
-                services.insert(addr, Arc::new(entry));
+                });
+                if port.protocol == Protocol::Tcp {
+                    by_name.insert((svc.id(), port.port), entry.clone());
+                }
+                services.insert(addr, entry);
             }
         }
         let workloads: HashMap<_, _> = cfg.workloads.iter().map(|w| (w.ip, w.clone())).collect();
@@ -139,9 +165,15 @@ impl NodeState {
             node: node.to_owned(),
             generation,
             services,
+            by_name,
             local,
             workloads,
         }
+    }
+
+    /// A TCP service port by `namespace/name` and port (route backends).
+    pub fn service_named(&self, id: &str, port: u16) -> Option<&Arc<ServiceEntry>> {
+        self.by_name.get(&(id.to_owned(), port))
     }
 
     pub fn service(&self, vip: SocketAddrV4, protocol: Protocol) -> Option<&Arc<ServiceEntry>> {

@@ -8,6 +8,8 @@
 //! - outbound, endpoint not meshed: connected from inside the client pod's netns;
 //! - inbound (steered by sk_lookup) and tunnelled: delivered like the first case.
 
+pub mod detect;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod tunnel;
@@ -59,6 +61,8 @@ impl Capture for crate::datapath::CaptureMaps {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub outbound_accepted: AtomicU64,
+    /// Outbound connections served by the HTTP proxy.
+    pub outbound_http: AtomicU64,
     pub outbound_no_orig_dst: AtomicU64,
     pub outbound_no_service: AtomicU64,
     pub outbound_no_endpoint: AtomicU64,
@@ -76,6 +80,7 @@ impl Metrics {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
             ("outbound_accepted", g(&self.outbound_accepted)),
+            ("outbound_http", g(&self.outbound_http)),
             ("outbound_no_orig_dst", g(&self.outbound_no_orig_dst)),
             ("outbound_no_service", g(&self.outbound_no_service)),
             ("outbound_no_endpoint", g(&self.outbound_no_endpoint)),
@@ -122,6 +127,48 @@ pub async fn deliver(
         }
     }
     sock.connect(dst.into()).await
+}
+
+/// How weft reaches an address from a pod of this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// A meshed pod of this node: delivered inside its netns with the client's IP.
+    InPod,
+    /// A meshed pod of another node: through that node's agent.
+    Tunnel,
+    /// Anything else: a plain connection from inside the client pod.
+    Direct,
+}
+
+impl Reach {
+    pub fn of(state: &crate::state::NodeState, ip: Ipv4Addr) -> Self {
+        match state.workloads.get(&ip) {
+            Some(w) if w.meshed && w.node == state.node => Self::InPod,
+            Some(w) if w.meshed => Self::Tunnel,
+            _ => Self::Direct,
+        }
+    }
+}
+
+/// Open a connection from `src` (a pod of this node, address `src_ip`) to `dst`.
+pub async fn dial(
+    inputs: &ProxyInputs,
+    src: &PodNetns,
+    src_ip: Ipv4Addr,
+    dst: SocketAddrV4,
+    reach: Reach,
+) -> std::io::Result<TcpStream> {
+    match reach {
+        Reach::InPod => {
+            if let Some(dst_pod) = inputs.pods.load().get(dst.ip()).cloned() {
+                return deliver(&*inputs.capture, &dst_pod, src_ip, dst).await;
+            }
+        }
+        Reach::Tunnel => return tunnel::connect(src, dst).await,
+        Reach::Direct => {}
+    }
+    // Not meshed (or not enrolled yet): a plain connection from inside the client pod.
+    src.tcp_socket(None)?.connect(dst.into()).await
 }
 
 /// Counts a connection as active for as long as it lives.

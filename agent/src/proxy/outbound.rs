@@ -1,15 +1,26 @@
 //! Outbound: the listener on 127.0.0.1:15001 inside a pod, where connect4 sends the pod's
 //! service connects. Recovers the original destination, picks an endpoint, connects.
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    sync::atomic::Ordering,
-};
+use std::{net::SocketAddrV4, sync::atomic::Ordering};
 
 use tokio::net::TcpStream;
 
-use super::{deliver, splice, tunnel, ActiveGuard, PodCtx, PodListener, ProxyInputs};
-use crate::{config::Protocol, netns::PodNetns, state::Endpoint};
+use std::sync::Arc;
+
+use super::{
+    detect::{detect, Detected},
+    dial,
+    http::{self, Clients},
+    splice, ActiveGuard, PodCtx, PodListener, Reach,
+};
+use crate::{
+    config::{AppProtocol, Protocol},
+    state::Endpoint,
+};
+
+/// How long to wait for a client's first bytes before treating the connection as opaque
+/// TCP (server-speaks-first protocols send nothing).
+const DETECT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Endpoints tried per connection before the client's connection is closed.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -23,16 +34,27 @@ impl Outbound {
     }
 
     pub async fn run(self) {
-        self.0.serve(handle).await;
+        let l = &self.0;
+        let clients = Arc::new(Clients::new(PodCtx {
+            pod: l.pod.clone(),
+            pod_ip: l.pod_ip,
+            inputs: l.inputs.clone(),
+        }));
+        self.0
+            .serve(move |ctx, conn, peer| {
+                let clients = clients.clone();
+                async move { handle(ctx, clients, conn, peer).await }
+            })
+            .await;
     }
 }
 
-async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
+async fn handle(ctx: PodCtx, clients: Arc<Clients>, conn: TcpStream, peer: SocketAddrV4) {
     let PodCtx {
         pod,
         pod_ip,
         inputs,
-    } = ctx;
+    } = ctx.clone();
     let m = &inputs.metrics;
     m.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(m);
@@ -46,12 +68,22 @@ async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
         tracing::warn!(%peer, pod = %pod_ip, "no original destination recorded for this connection; closing it");
         return;
     };
-    let state = inputs.state.load();
-    let Some(svc) = state.service(orig, Protocol::Tcp) else {
+    let Some(svc) = inputs.state.load().service(orig, Protocol::Tcp).cloned() else {
         m.outbound_no_service.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%orig, pod = %pod_ip, "connection to an address that is no longer a service; closing it");
         return;
     };
+    // HTTP goes to the HTTP proxy; anything else (or a port declared tcp/tls) is forwarded
+    // as bytes.
+    let proto = match svc.app_protocol {
+        Some(AppProtocol::Tcp | AppProtocol::Tls) => Detected::Opaque,
+        _ => detect(&conn, DETECT_WAIT).await,
+    };
+    if matches!(proto, Detected::Http1 | Detected::Http2) {
+        m.outbound_http.fetch_add(1, Ordering::Relaxed);
+        return http::serve(ctx, clients, conn, svc, proto).await;
+    }
+    let state = inputs.state.load();
     // Try up to three endpoints: a connect failure (endpoint gone, its node's agent down)
     // moves on to the next one instead of failing the client.
     let attempts = svc.endpoints.len().min(MAX_CONNECT_ATTEMPTS);
@@ -60,11 +92,13 @@ async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
         tracing::info!(service = %svc.name, "no endpoint; closing the connection");
         return;
     }
-    let candidates: Vec<Endpoint> = svc.candidates(attempts).cloned().collect();
-    let local_node = state.node.clone();
+    let candidates: Vec<(Endpoint, Reach)> = svc
+        .candidates(attempts)
+        .map(|e| (e.clone(), Reach::of(&state, *e.addr.ip())))
+        .collect();
     drop(state);
-    for ep in candidates {
-        match connect(&inputs, &pod, pod_ip, &ep, *ep.node == *local_node).await {
+    for (ep, reach) in candidates {
+        match dial(&inputs, &pod, pod_ip, ep.addr, reach).await {
             Ok(upstream) => return splice(m, conn, upstream).await,
             Err(e) => {
                 m.upstream_connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -72,22 +106,4 @@ async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
             }
         }
     }
-}
-
-async fn connect(
-    inputs: &ProxyInputs,
-    pod: &PodNetns,
-    pod_ip: Ipv4Addr,
-    ep: &Endpoint,
-    local_node: bool,
-) -> std::io::Result<TcpStream> {
-    if ep.meshed && local_node {
-        if let Some(dst_pod) = inputs.pods.load().get(ep.addr.ip()).cloned() {
-            return deliver(&*inputs.capture, &dst_pod, pod_ip, ep.addr).await;
-        }
-    } else if ep.meshed {
-        return tunnel::connect(pod, ep.addr).await;
-    }
-    // Not meshed (or not enrolled yet): a plain connection from inside the client pod.
-    pod.tcp_socket(None)?.connect(ep.addr.into()).await
 }

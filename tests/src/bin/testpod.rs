@@ -12,6 +12,8 @@
 //!   until EOF and exits 0 only if it matches byte for byte.
 //! - `http-loop ADDR MILLIS`: one HTTP request per new connection, back to back, for
 //!   MILLIS (at most 100,000 requests); prints `ok=N failed=M` and fails if M > 0.
+//! - `http-count ADDR PATH N [NAME:VALUE]`: N requests on one keep-alive connection (with
+//!   that header); prints a JSON object counting the answers by server name and status.
 //! - `connect-echo ADDR MILLIS`: back-to-back new connections to an echo server, each
 //!   sending and reading back one byte, for MILLIS (at most 1,000,000); prints JSON with the
 //!   count, errors, rate, and connect and round-trip latency percentiles in microseconds.
@@ -45,6 +47,8 @@ fn main() -> ExitCode {
         ["connect", addr] => connect(addr),
         ["http-loop", addr, millis] => http_loop(addr, millis),
         ["connect-echo", addr, millis] => connect_echo(addr, millis),
+        ["http-count", addr, path, n] => http_count(addr, path, n, None),
+        ["http-count", addr, path, n, header] => http_count(addr, path, n, Some(header)),
         ["udp-query", addr, name] => udp_query(addr, name),
         _ => Err("usage: weft-testpod http-server PORT NAME | echo-server PORT | dns-server PORT IP | echo-client ADDR BYTES | connect ADDR".into()),
     };
@@ -87,11 +91,26 @@ fn http_server(port: &str, name: &str, body_size: usize) -> Res {
                     .position(|w| w == b"\r\n\r\n")
                     .expect("checked")
                     + 4;
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                 buf.drain(..end);
                 if !quiet {
                     println!("served {peer}");
                 }
                 let mut body = format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\"");
+                if !quiet {
+                    // What arrived: the request target and the x-* and host headers.
+                    let mut lines = head.lines();
+                    let target = lines.next().and_then(|l| l.split(' ').nth(1)).unwrap_or("");
+                    body.push_str(&format!(",\"path\":{target:?},\"headers\":{{"));
+                    let hs: Vec<String> = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                        .filter(|(k, _)| k.starts_with("x-") || k == "host")
+                        .map(|(k, v)| format!("{k:?}:{v:?}"))
+                        .collect();
+                    body.push_str(&hs.join(","));
+                    body.push('}');
+                }
                 if body.len() + 11 < body_size {
                     // Pad to the requested size (benchmarks ask for 1 KiB responses).
                     let pad = body_size - body.len() - 11;
@@ -262,6 +281,60 @@ fn http_loop(addr: &str, millis: &str) -> Res {
             ok + failed
         )),
     }
+}
+
+fn http_count(addr: &str, path: &str, n: &str, header: Option<&str>) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let n: usize = n.parse().map_err(|e| format!("{n}: {e}"))?;
+    let extra = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    for _ in 0..n.min(100_000) {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n{extra}\r\n", addr.ip());
+        c.write_all(req.as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        // Read one response: head, then content-length bytes of body.
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let k = c.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+            if k == 0 {
+                return Err("connection closed mid-response".into());
+            }
+            buf.extend_from_slice(&chunk[..k]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let status = head.split(' ').nth(1).unwrap_or("?").to_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let k = c.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+            if k == 0 {
+                return Err("connection closed mid-body".into());
+            }
+            buf.extend_from_slice(&chunk[..k]);
+        }
+        let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
+        buf.drain(..head_end + len);
+        let server = body
+            .split("\"server\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("-");
+        *counts.entry(format!("{status} {server}")).or_default() += 1;
+    }
+    let fields: Vec<String> = counts.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+    println!("{{{}}}", fields.join(","));
+    Ok(())
 }
 
 fn connect_echo(addr: &str, millis: &str) -> Res {
