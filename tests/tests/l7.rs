@@ -254,3 +254,41 @@ fn the_proxys_own_answers_say_why() {
         "{text}"
     );
 }
+
+#[test]
+fn upgrades_pass_through_the_http_proxy() {
+    if !require_root("upgrades_pass_through_the_http_proxy") {
+        return;
+    }
+    let c = Cluster::builder("l7-upgrade")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("ws", "b").label("app", "ws").port(9000))
+        .service(
+            ServiceSpec::new("ws", "10.96.0.30")
+                .select("app", "ws")
+                .tcp(80, 9000),
+        )
+        .build();
+    let a = c.start_agent("a", &[]);
+    let _b = c.start_agent("b", &[]);
+    let tp = bin("weft-testpod");
+    let _srv = c.pod("ws").spawn(&c.dir, &tp, &["upgrade-server", "9000"]);
+    c.pod("ws").wait_listening(9000, SECS5);
+    let out = c.pod("client").run(
+        tp.to_str().unwrap(),
+        &["upgrade-client", "10.96.0.30:80"],
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "upgrade through weft: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        a.stat("proxy", "outbound_http") >= 1,
+        "the request went through the HTTP proxy"
+    );
+}

@@ -487,8 +487,9 @@ const INTRO: &str = "\
   REDIRECT in the client pod sends its connection to a per-pod HAProxy (HTTP mode,
   keep-alive), which connects to the server pod, where iptables REDIRECT sends it to that
   pod's HAProxy, which connects to the app over loopback. Two proxies, like weft other
-  node. weft's proxy is L4 today; its L7 path is measured here once the traffic-management
-  issue lands.
+  node. Both parse HTTP: weft's client-side agent routes each request (HTTPRoute
+  matching, pooled upstream connections); the server-side agent forwards the tunnelled
+  connection as bytes.
 
 The proxies get the same number of worker threads in each comparison: one, and the
 default (one per CPU). CPU per 1,000 requests counts the proxies' processes only (agents
@@ -504,9 +505,9 @@ const OUTRO: &str = "
   services connection setup slows by an order of magnitude and a full resync takes tens
   of seconds. See the table «connection setup vs services».
 - **One proxy per node instead of two per request.** The same-node path goes through one
-  agent; the cross-node path through two, like a sidecar pair. Today weft forwards at L4,
-  while the sidecar reference parses HTTP: the comparison becomes like-for-like when
-  weft's L7 proxy lands, and this page will be measured again then.
+  agent; the cross-node path through two, like a sidecar pair, and both parse HTTP. The
+  HTTP path is new and not yet tuned (per-request allocations, pooling across the
+  tunnel); the targets table shows where it stands.
 - **Memory.** The agent is one process per node: its memory grows with the configuration
   (services, endpoints) and the number of open connections, not with the number of pods.
 - **Same-node acceleration.** sk_msg redirection raises same-node throughput, but it is

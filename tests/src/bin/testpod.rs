@@ -14,6 +14,8 @@
 //!   MILLIS (at most 100,000 requests); prints `ok=N failed=M` and fails if M > 0.
 //! - `http-count ADDR PATH N [NAME:VALUE]`: N requests on one keep-alive connection (with
 //!   that header); prints a JSON object counting the answers by server name and status.
+//! - `upgrade-server PORT`: answers an HTTP/1.1 Upgrade request with 101, then echoes.
+//! - `upgrade-client ADDR`: asks ADDR to upgrade, then checks that bytes come back.
 //! - `connect-echo ADDR MILLIS`: back-to-back new connections to an echo server, each
 //!   sending and reading back one byte, for MILLIS (at most 1,000,000); prints JSON with the
 //!   count, errors, rate, and connect and round-trip latency percentiles in microseconds.
@@ -47,6 +49,8 @@ fn main() -> ExitCode {
         ["connect", addr] => connect(addr),
         ["http-loop", addr, millis] => http_loop(addr, millis),
         ["connect-echo", addr, millis] => connect_echo(addr, millis),
+        ["upgrade-server", port] => upgrade_server(port),
+        ["upgrade-client", addr] => upgrade_client(addr),
         ["http-count", addr, path, n] => http_count(addr, path, n, None),
         ["http-count", addr, path, n, header] => http_count(addr, path, n, Some(header)),
         ["udp-query", addr, name] => udp_query(addr, name),
@@ -281,6 +285,81 @@ fn http_loop(addr: &str, millis: &str) -> Res {
             ok + failed
         )),
     }
+}
+
+/// Read an HTTP head (up to the blank line) byte by byte, so nothing after it is consumed.
+fn read_head(c: &mut TcpStream) -> Result<String, String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut b) {
+            Ok(0) => return Err("closed before the end of the head".into()),
+            Ok(_) => head.push(b[0]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        if head.len() > 16384 {
+            return Err("head too long".into());
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn upgrade_server(port: &str) -> Res {
+    let l = listen(port)?;
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        std::thread::spawn(move || {
+            let Ok(head) = read_head(&mut c) else { return };
+            if !head.to_ascii_lowercase().contains("\r\nupgrade: weft-echo") {
+                let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+                return;
+            }
+            if c.write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: weft-echo\r\n\r\n").is_err() {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn upgrade_client(addr: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    c.write_all(
+        format!(
+            "GET /chat HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\nupgrade: weft-echo\r\n\r\n",
+            addr.ip()
+        )
+        .as_bytes(),
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let head = read_head(&mut c)?;
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(format!("no upgrade: {}", head.lines().next().unwrap_or("")));
+    }
+    for msg in [&b"ping over the upgraded connection\n"[..], b"and again\n"] {
+        c.write_all(msg).map_err(|e| format!("write: {e}"))?;
+        let mut back = vec![0u8; msg.len()];
+        c.read_exact(&mut back)
+            .map_err(|e| format!("read echo: {e}"))?;
+        if back != msg {
+            return Err(format!(
+                "echo differs: {:?}",
+                String::from_utf8_lossy(&back)
+            ));
+        }
+    }
+    println!("upgraded and echoed");
+    Ok(())
 }
 
 fn http_count(addr: &str, path: &str, n: &str, header: Option<&str>) -> Res {

@@ -93,9 +93,13 @@ async fn handle(
     ctx: &PodCtx,
     clients: &Clients,
     svc: &Arc<ServiceEntry>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     downstream_h2: bool,
 ) -> Response<Body> {
+    // An HTTP/1.1 Upgrade (WebSocket and the like): keep its headers, and once the
+    // upstream agrees (101) join the two upgraded connections.
+    let upgrade = routing::upgrade_of(req.headers()).filter(|_| !downstream_h2);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let view = routing::RequestView {
         method: req.method(),
         uri: req.uri(),
@@ -159,6 +163,13 @@ async fn handle(
         }
     }
     routing::strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = &upgrade {
+        parts.headers.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        parts.headers.insert(hyper::header::UPGRADE, u.clone());
+    }
     if let Some(h) = host_override.and_then(|h| HeaderValue::from_str(&h).ok()) {
         parts.headers.insert(HOST, h);
     }
@@ -166,11 +177,13 @@ async fn handle(
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
+    // The upstream speaks what the backend port declares, else what the client spoke;
+    // upgrades are HTTP/1.1 only.
     let upstream_h2 = match backend.app_protocol {
         Some(AppProtocol::Http2) => true,
         Some(AppProtocol::Http) => false,
         _ => downstream_h2,
-    };
+    } && upgrade.is_none();
     parts.version = if upstream_h2 {
         Version::HTTP_2
     } else {
@@ -210,7 +223,14 @@ async fn handle(
             None => sent.await,
         };
         match result {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if let (true, Some(client_side)) = (upgraded, client_upgrade) {
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(join_upgraded(client_side, upstream_side));
+                    let (parts, body) = resp.into_parts();
+                    return Response::from_parts(parts, body.boxed());
+                }
                 let (mut parts, body) = resp.into_parts();
                 routing::strip_hop_by_hop(&mut parts.headers);
                 if let Some(rule) = rule {
@@ -240,6 +260,19 @@ async fn handle(
         }
     }
     reply(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failed")
+}
+
+/// Copy between the client's and the upstream's upgraded connections until both close.
+async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((c, u)) => {
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::info!(error = %e, "upgrade failed"),
+    }
 }
 
 fn response_filters(rule: &RouteRule, h: &mut hyper::HeaderMap) {

@@ -194,6 +194,21 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` plus an
+/// `Upgrade` header), if any.
+pub fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    asks.then(|| h.get(hyper::header::UPGRADE).cloned())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,6 +353,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-app"));
+    }
+
+    #[test]
+    fn upgrades_need_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        assert_eq!(upgrade_of(&h), None, "Upgrade without Connection: upgrade is not a request to upgrade");
+        h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
+        assert_eq!(upgrade_of(&h).unwrap(), "websocket");
     }
 
     #[test]
