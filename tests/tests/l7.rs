@@ -292,3 +292,46 @@ fn upgrades_pass_through_the_http_proxy() {
         "the request went through the HTTP proxy"
     );
 }
+
+#[test]
+fn a_hundred_concurrent_http2_streams_on_one_connection() {
+    if !require_root("a_hundred_concurrent_http2_streams_on_one_connection") {
+        return;
+    }
+    let c = Cluster::builder("l7-h2")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("h2", "b").label("app", "h2").port(8081))
+        .service(
+            ServiceSpec::new("h2", "10.96.0.40")
+                .select("app", "h2")
+                .tcp(80, 8081),
+        )
+        .build();
+    let a = c.start_agent("a", &[]);
+    let _b = c.start_agent("b", &[]);
+    let tp = bin("weft-testpod");
+    let _srv = c
+        .pod("h2")
+        .spawn(&c.dir, &tp, &["h2-server", "8081", "h2", "512"]);
+    c.pod("h2").wait_listening(8081, SECS5);
+    let out = c.pod("client").run(
+        tp.to_str().unwrap(),
+        &["h2-streams", "10.96.0.40:80", "100"],
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "100 streams through weft: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok=100");
+    assert_eq!(
+        a.stat("proxy", "outbound_accepted"),
+        1,
+        "all streams came on one client connection"
+    );
+    assert_eq!(a.stat("proxy", "outbound_http"), 1);
+}

@@ -14,6 +14,8 @@
 //!   MILLIS (at most 100,000 requests); prints `ok=N failed=M` and fails if M > 0.
 //! - `http-count ADDR PATH N [NAME:VALUE]`: N requests on one keep-alive connection (with
 //!   that header); prints a JSON object counting the answers by server name and status.
+//! - `h2-streams ADDR N`: one HTTP/2 (h2c) connection, N concurrent requests on it;
+//!   prints `ok=K` and fails unless all N got 200.
 //! - `upgrade-server PORT`: answers an HTTP/1.1 Upgrade request with 101, then echoes.
 //! - `upgrade-client ADDR`: asks ADDR to upgrade, then checks that bytes come back.
 //! - `connect-echo ADDR MILLIS`: back-to-back new connections to an echo server, each
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         ["http-loop", addr, millis] => http_loop(addr, millis),
         ["connect-echo", addr, millis] => connect_echo(addr, millis),
         ["upgrade-server", port] => upgrade_server(port),
+        ["h2-streams", addr, n] => h2_streams(addr, n),
         ["upgrade-client", addr] => upgrade_client(addr),
         ["http-count", addr, path, n] => http_count(addr, path, n, None),
         ["http-count", addr, path, n, header] => http_count(addr, path, n, Some(header)),
@@ -302,6 +305,67 @@ fn read_head(c: &mut TcpStream) -> Result<String, String> {
         }
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn h2_streams(addr: &str, n: &str) -> Res {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper::{body::Bytes, Request};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let n: usize = n.parse().map_err(|e| format!("{n}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(conn);
+        let tasks: Vec<_> = (0..n.min(10_000))
+            .map(|i| {
+                let mut sender = sender.clone();
+                tokio::spawn(async move {
+                    let req = Request::get(format!("http://{addr}/stream/{i}"))
+                        .body(Empty::<Bytes>::new())
+                        .map_err(|e| e.to_string())?;
+                    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                    let status = resp.status();
+                    resp.into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(status.as_u16())
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(200)) => ok += 1,
+                Ok(Ok(s)) => {
+                    first_err.get_or_insert(format!("status {s}"));
+                }
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.to_string());
+                }
+            }
+        }
+        println!("ok={ok}");
+        match first_err {
+            None => Ok(()),
+            Some(e) => Err(format!("{} of {n} streams failed; first: {e}", n - ok)),
+        }
+    })
 }
 
 fn upgrade_server(port: &str) -> Res {

@@ -359,7 +359,11 @@ mod tests {
     fn upgrades_need_both_headers() {
         let mut h = HeaderMap::new();
         h.insert("upgrade", "websocket".parse().unwrap());
-        assert_eq!(upgrade_of(&h), None, "Upgrade without Connection: upgrade is not a request to upgrade");
+        assert_eq!(
+            upgrade_of(&h),
+            None,
+            "Upgrade without Connection: upgrade is not a request to upgrade"
+        );
         h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
         assert_eq!(upgrade_of(&h).unwrap(), "websocket");
     }
