@@ -77,6 +77,8 @@ struct Route {
 
 pub struct Fixture {
     c: Cluster,
+    /// Seconds per measurement.
+    secs: f64,
     agents: Vec<Agent>,
     sidecars: Vec<Spawned>,
     _servers: Vec<Spawned>,
@@ -101,9 +103,9 @@ impl Fixture {
             pod.wait_listening(7000, Duration::from_secs(5));
             pod.wait_listening(8081, Duration::from_secs(5));
         }
-        let _ = opts;
         Self {
             c,
+            secs: opts.run_secs,
             agents: vec![],
             sidecars: vec![],
             _servers: servers,
@@ -298,6 +300,33 @@ fn oha_with(
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// One oha run on a path, with the CPU its proxies used meanwhile, recorded in `group`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site per protocol; a struct would only rename them"
+)]
+fn measure_http(
+    f: &Fixture,
+    r: &mut Results,
+    path: &Route,
+    url: &str,
+    group: &str,
+    conns: u32,
+    rate: Option<u32>,
+    extra: &[&str],
+) {
+    let proxies = f.proxies(path.name);
+    let cpu0 = procstat::cpu_of(&proxies);
+    match oha_with(f.c.pod(path.client), url, f.secs, conns, rate, extra) {
+        Some(v) => record_oha(r, group, path.name, &v, procstat::cpu_of(&proxies) - cpu0),
+        None => r.failures.push(format!(
+            "oha {} failed for {} at {rate:?}",
+            extra.join(" "),
+            path.name
+        )),
+    }
+}
+
 fn record_oha(r: &mut Results, group: &str, case: &str, v: &Value, cpu: f64) {
     let s = &v["summary"];
     let rps = s["requestsPerSec"].as_f64().unwrap_or(f64::NAN);
@@ -330,6 +359,14 @@ fn record_oha(r: &mut Results, group: &str, case: &str, v: &Value, cpu: f64) {
         );
     }
 }
+
+/// What connect-echo reports, as recorded.
+const CONNECT_ECHO_FIELDS: &[(&str, &str, &str)] = &[
+    ("connections", "conn/s", "rate"),
+    ("connect p50", "us", "connect_p50_us"),
+    ("round trip p50", "us", "rtt_p50_us"),
+    ("round trip p99", "us", "rtt_p99_us"),
+];
 
 fn iperf(pod: &Pod, host: &str, secs: f64, streams: u32) -> f64 {
     let t = format!("{}", secs.ceil() as u64);
@@ -376,16 +413,8 @@ pub fn run(opts: &Options, r: &mut Results) {
             for rate in [Some(5000), Some(20000), None] {
                 for path in f.paths() {
                     let url = format!("http://{}:{}/", path.host, path.http_port);
-                    let proxies = f.proxies(path.name);
-                    let cpu0 = procstat::cpu_of(&proxies);
-                    let Some(v) = oha(f.c.pod(path.client), &url, secs, 16, rate) else {
-                        r.failures
-                            .push(format!("oha failed for {} at {rate:?}", path.name));
-                        continue;
-                    };
-                    let cpu = procstat::cpu_of(&proxies) - cpu0;
                     let group = rate.map_or(group_max.clone(), group_rate);
-                    record_oha(r, &group, path.name, &v, cpu);
+                    measure_http(&f, r, &path, &url, &group, 16, rate, &[]);
                 }
             }
         }
@@ -417,26 +446,20 @@ pub fn run(opts: &Options, r: &mut Results) {
         for rate in [Some(5000), None] {
             for path in f.paths() {
                 let url = format!("http://{}:{}/", path.host, path.h2_port);
-                let proxies = f.proxies(path.name);
-                let cpu0 = procstat::cpu_of(&proxies);
-                let Some(v) = oha_with(
-                    f.c.pod(path.client),
-                    &url,
-                    secs,
-                    1,
-                    rate,
-                    &["--http2", "-p", "100"],
-                ) else {
-                    r.failures
-                        .push(format!("oha --http2 failed for {} at {rate:?}", path.name));
-                    continue;
-                };
-                let cpu = procstat::cpu_of(&proxies) - cpu0;
                 let group = match rate {
                     Some(q) => format!("http2 {q} rps, 100 streams on 1 connection"),
                     None => "http2 max throughput, 100 streams on 1 connection".to_owned(),
                 };
-                record_oha(r, &group, path.name, &v, cpu);
+                measure_http(
+                    &f,
+                    r,
+                    &path,
+                    &url,
+                    &group,
+                    1,
+                    rate,
+                    &["--http2", "-p", "100"],
+                );
             }
         }
     }
@@ -463,34 +486,11 @@ pub fn run(opts: &Options, r: &mut Results) {
             }
             let echo_port = if path.name == "direct" { 7000 } else { 7 };
             let v = connect_echo(pod, &format!("{}:{echo_port}", path.host), secs);
-            let g = "new connection + 1-byte echo";
-            r.record(
-                g,
+            r.record_fields(
+                "new connection + 1-byte echo",
                 path.name,
-                "connections",
-                "conn/s",
-                v["rate"].as_f64().unwrap_or(f64::NAN),
-            );
-            r.record(
-                g,
-                path.name,
-                "connect p50",
-                "us",
-                v["connect_p50_us"].as_f64().unwrap_or(f64::NAN),
-            );
-            r.record(
-                g,
-                path.name,
-                "round trip p50",
-                "us",
-                v["rtt_p50_us"].as_f64().unwrap_or(f64::NAN),
-            );
-            r.record(
-                g,
-                path.name,
-                "round trip p99",
-                "us",
-                v["rtt_p99_us"].as_f64().unwrap_or(f64::NAN),
+                &v,
+                CONNECT_ECHO_FIELDS,
             );
         }
     }

@@ -132,6 +132,26 @@ impl Results {
         }
     }
 
+    /// Record several numbers of a tool's JSON output: `(metric, unit, key)` each; a
+    /// missing key is recorded as NaN, so the case shows it produced no number.
+    pub fn record_fields(
+        &mut self,
+        group: &str,
+        case: &str,
+        v: &serde_json::Value,
+        fields: &[(&str, &str, &str)],
+    ) {
+        for (metric, unit, key) in fields {
+            self.record(
+                group,
+                case,
+                metric,
+                unit,
+                v[*key].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+
     pub fn get(&self, group: &str, case: &str, metric: &str) -> Option<&Series> {
         self.series
             .iter()

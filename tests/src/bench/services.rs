@@ -243,26 +243,15 @@ pub fn run(opts: &Options, r: &mut Results) {
 }
 
 fn record_connect(r: &mut Results, g: &str, case: &str, v: &Value) {
-    r.record(
+    r.record_fields(
         g,
         case,
-        "connections",
-        "conn/s",
-        v["rate"].as_f64().unwrap_or(f64::NAN),
-    );
-    r.record(
-        g,
-        case,
-        "connect p50",
-        "us",
-        v["connect_p50_us"].as_f64().unwrap_or(f64::NAN),
-    );
-    r.record(
-        g,
-        case,
-        "connect p99",
-        "us",
-        v["connect_p99_us"].as_f64().unwrap_or(f64::NAN),
+        v,
+        &[
+            ("connections", "conn/s", "rate"),
+            ("connect p50", "us", "connect_p50_us"),
+            ("connect p99", "us", "connect_p99_us"),
+        ],
     );
 }
 
