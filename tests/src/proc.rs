@@ -187,6 +187,26 @@ impl Agent {
         }
     }
 
+    /// Wait until the agent has applied configuration generation `generation`; false if it
+    /// has not within `timeout`.
+    pub fn wait_config_generation(&self, generation: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let current = self
+                .admin("/status")
+                .ok()
+                .and_then(|s| s["config_generation"].as_u64())
+                .unwrap_or(0);
+            if current >= generation {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// One counter from `/stats` (`ebpf` or `proxy` section).
     pub fn stat(&self, section: &str, name: &str) -> u64 {
         self.admin("/stats")

@@ -361,14 +361,15 @@ fn invalid_config_change_keeps_the_last_good_one() {
 
     // A valid change is applied and clears the error.
     c.write_config(&good.replace("10.96.0.10", "10.96.0.12"));
-    let deadline = Instant::now() + SECS5;
-    while agent.admin("/status").unwrap()["config_generation"] != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the valid change was not applied"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        agent.wait_config_generation(2, SECS5),
+        "the valid change was not applied"
+    );
+    assert_eq!(
+        agent.admin("/status").unwrap()["config_generation"],
+        2,
+        "exactly one change applied"
+    );
     assert!(agent.admin("/status").unwrap()["last_config_error"].is_null());
     http_get(c.pod("client"), "http://10.96.0.12/").expect("the new service address works");
     http_get(c.pod("client"), "http://10.96.0.10/").expect_err("the old one is gone");

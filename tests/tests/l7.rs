@@ -1,7 +1,7 @@
 //! End to end: HTTP routing in the shared proxy (HTTPRoute), on a simulated cluster with
 //! real HTTP servers in pods.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weft_e2e::{bin, require_root, Cluster, Pod, PodSpec, ServiceSpec};
 
@@ -106,15 +106,11 @@ fn count(pod: &Pod, path: &str, n: u32, header: Option<&str>) -> serde_json::Val
 }
 
 fn wait_generation(agent: &weft_e2e::Agent, generation: u64) {
-    let deadline = Instant::now() + SECS5;
-    while agent.admin("/status").unwrap()["config_generation"].as_u64() < Some(generation) {
-        assert!(
-            Instant::now() < deadline,
-            "configuration {generation} not applied: {}",
-            agent.admin("/status").unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        agent.wait_config_generation(generation, SECS5),
+        "configuration {generation} not applied: {}",
+        agent.admin("/status").unwrap()
+    );
 }
 
 #[test]

@@ -124,14 +124,16 @@ impl Fixture {
     fn sidecars(&mut self, threads: usize) {
         self.sidecars.clear();
         let sc_srv = self.c.pod("sc-srv").ip.clone();
+        // What both sidecars share: HTTP mode with keep-alive on both sides.
+        let common = format!(
+            "global\n  nbthread {threads}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n"
+        );
         let out = format!(
-            "global\n  nbthread {threads}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
-             frontend out\n  bind 127.0.0.1:15001\n  default_backend s\nbackend s\n  server s1 {sc_srv}:8080\n\
+            "{common}frontend out\n  bind 127.0.0.1:15001\n  default_backend s\nbackend s\n  server s1 {sc_srv}:8080\n\
              frontend out2\n  bind 127.0.0.1:15002 proto h2\n  default_backend s2\nbackend s2\n  server s1 {sc_srv}:8081 proto h2\n"
         );
         let inn = format!(
-            "global\n  nbthread {threads}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\
-             frontend in\n  bind 0.0.0.0:15006\n  default_backend app\nbackend app\n  server app 127.0.0.1:8080\n\
+            "{common}frontend in\n  bind 0.0.0.0:15006\n  default_backend app\nbackend app\n  server app 127.0.0.1:8080\n\
              frontend in2\n  bind 0.0.0.0:15007 proto h2\n  default_backend app2\nbackend app2\n  server app 127.0.0.1:8081 proto h2\n"
         );
         for (pod, cfg, name) in [

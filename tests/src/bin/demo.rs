@@ -152,37 +152,16 @@ fn main() {
         [(2, 80, 20, "weights 80/20"), (3, 0, 100, "promoted: 0/100")]
     {
         c.write_config(&format!("{}{}", c.config_yaml(), route(v1, v2)));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while a
-            .admin("/status")
-            .ok()
-            .and_then(|s| s["config_generation"].as_u64())
-            .unwrap_or(0)
-            < generation
-        {
-            if std::time::Instant::now() > deadline {
-                println!(
-                    "    (the agent did not apply the change within 10 s; see its log in {})",
-                    c.dir.display()
-                );
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !a.wait_config_generation(generation, Duration::from_secs(10)) {
+            println!(
+                "    (the agent did not apply the change within 10 s; see its log in {})",
+                c.dir.display()
+            );
         }
         count(label);
     }
     c.write_config(&c.config_yaml());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while a
-        .admin("/status")
-        .ok()
-        .and_then(|s| s["config_generation"].as_u64())
-        .unwrap_or(0)
-        < 4
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    a.wait_config_generation(4, Duration::from_secs(10));
     count("route removed");
     println!(
         "    Each step is one declarative change; rolling back is writing the old weights again."
