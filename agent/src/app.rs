@@ -81,8 +81,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     tracing::info!(cgroup = %cgroup.display(), pins = %dp.pin_root().display(), attachment = ?dp.attachment, "datapath ready");
 
     // 5. The node's state, and the service maps that follow from it.
-    warn_inactive_routes(&cfg);
-    let state = Arc::new(ArcSwap::from_pointee(NodeState::build(&opts.node, &cfg, 1)));
+    let state = Arc::new(ArcSwap::from_pointee(NodeState::build(
+        &opts.node, &cfg, 1, None,
+    )));
     dp.sync_services(&state.load())?;
 
     // 6. Listeners from a predecessor, if one is running (graceful restart).
@@ -291,25 +292,6 @@ fn report_while_down(dp: &mut Datapath) -> std::collections::BTreeMap<String, u6
     out
 }
 
-/// Route features the proxy does not apply yet: say so rather than ignore them.
-fn warn_inactive_routes(cfg: &Config) {
-    for r in &cfg.routes {
-        for rule in &r.rules {
-            let id = format!("{}/{}", r.namespace, r.name);
-            if rule.retry.is_some() {
-                tracing::warn!(route = %id, "retry is not applied yet");
-            }
-            if rule
-                .filters
-                .iter()
-                .any(|f| matches!(f, crate::config::route::Filter::Mirror { .. }))
-            {
-                tracing::warn!(route = %id, "RequestMirror is not applied yet");
-            }
-        }
-    }
-}
-
 /// Accept a new configuration: swap the state, then bring the maps in line.
 fn apply(
     opts: &AgentOptions,
@@ -321,8 +303,7 @@ fn apply(
     if !cfg.nodes.contains_key(&opts.node) {
         tracing::warn!(node = %opts.node, "this node is no longer declared; keeping its pods as they are");
     }
-    warn_inactive_routes(cfg);
-    let next = NodeState::build(&opts.node, cfg, generation);
+    let next = NodeState::build(&opts.node, cfg, generation, Some(&state.load()));
     dp.sync_services(&next)
         .context("writing the service maps (the proxy keeps the previous state)")?;
     state.store(Arc::new(next));

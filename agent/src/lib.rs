@@ -10,3 +10,4 @@ pub mod handoff;
 pub mod netns;
 pub mod proxy;
 pub mod state;
+pub mod traffic;

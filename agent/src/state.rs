@@ -11,7 +11,14 @@ use std::{
     },
 };
 
-use crate::config::{route::HttpRoute, AppProtocol, Config, Protocol, TargetPort, Workload};
+use crate::{
+    config::{
+        policy::TrafficPolicy,
+        route::{Filter, HttpRoute},
+        AppProtocol, Config, Protocol, TargetPort, Workload,
+    },
+    traffic::{EndpointStats, Pool, ServiceTraffic, TokenBucket},
+};
 
 /// A service address as clients dial it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,8 +38,22 @@ pub struct ServiceEntry {
     pub app_protocol: Option<AppProtocol>,
     /// HTTPRoutes attached to this service port, in name order.
     pub routes: Vec<Arc<HttpRoute>>,
+    /// The service's TrafficPolicy, or the defaults.
+    pub policy: Arc<TrafficPolicy>,
+    /// What requests to it have run up; kept across reloads.
+    pub traffic: Arc<ServiceTraffic>,
     /// Round-robin cursor of the L4 proxy.
     next: AtomicUsize,
+}
+
+impl Pool for ServiceEntry {
+    fn size(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    fn stats(&self, i: usize) -> &EndpointStats {
+        &self.endpoints[i].stats
+    }
 }
 
 impl ServiceEntry {
@@ -49,7 +70,7 @@ impl ServiceEntry {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Endpoint {
     pub addr: SocketAddrV4,
     /// `namespace/name` of the workload behind it.
@@ -57,6 +78,9 @@ pub struct Endpoint {
     pub node: Arc<str>,
     /// Whether the workload is in the mesh (reached through its node's agent).
     pub meshed: bool,
+    /// Latency, load and failures seen by this node; kept across reloads.
+    #[serde(skip)]
+    pub stats: Arc<EndpointStats>,
 }
 
 #[derive(Debug, Default)]
@@ -71,10 +95,14 @@ pub struct NodeState {
     pub workloads: HashMap<Ipv4Addr, Workload>,
     /// TCP service ports by (`namespace/name`, port).
     pub by_name: HashMap<(String, u16), Arc<ServiceEntry>>,
+    /// Token buckets of route rules' rate limits, by [`Filter::Extension`] `bucket`.
+    pub buckets: HashMap<String, Arc<TokenBucket>>,
 }
 
 impl NodeState {
-    pub fn build(node: &str, cfg: &Config, generation: u64) -> Self {
+    /// The state for `cfg`; what requests ran up under `prev` (latency, failures,
+    /// ejections, budgets, buckets) carries over for services and endpoints still there.
+    pub fn build(node: &str, cfg: &Config, generation: u64, prev: Option<&NodeState>) -> Self {
         // Names shared by every endpoint of a workload, and an index of workloads by
         // (namespace, label, value) so a selector visits only the workloads it can match.
         let names: Vec<(Arc<str>, Arc<str>)> = cfg
@@ -106,7 +134,16 @@ impl NodeState {
                     })
                     .unwrap_or_default(),
             };
+            let policy = Arc::new(
+                cfg.policies
+                    .iter()
+                    .find(|p| p.namespace == svc.namespace && p.service == svc.name)
+                    .map(|p| p.policy.clone())
+                    .unwrap_or_default(),
+            );
+            let id = svc.id();
             for port in &svc.ports {
+                let before = prev.and_then(|p| p.by_name.get(&(id.clone(), port.port)));
                 let endpoints = selected
                     .iter()
                     .filter_map(|&i| {
@@ -115,11 +152,17 @@ impl NodeState {
                             TargetPort::Number(n) => *n,
                             TargetPort::Name(name) => w.port_named(name)?,
                         };
+                        let addr = SocketAddrV4::new(w.ip, target);
+                        let stats = before
+                            .and_then(|b| b.endpoints.iter().find(|e| e.addr == addr))
+                            .map(|e| e.stats.clone())
+                            .unwrap_or_default();
                         Some(Endpoint {
-                            addr: SocketAddrV4::new(w.ip, target),
+                            addr,
                             workload: names[i].0.clone(),
                             node: names[i].1.clone(),
                             meshed: w.meshed,
+                            stats,
                         })
                     })
                     .collect();
@@ -146,12 +189,33 @@ impl NodeState {
                     endpoints,
                     app_protocol: port.app_protocol,
                     routes,
+                    policy: policy.clone(),
+                    traffic: before.map(|b| b.traffic.clone()).unwrap_or_default(),
                     next: AtomicUsize::new(0),
                 });
                 if port.protocol == Protocol::Tcp {
                     by_name.insert((svc.id(), port.port), entry.clone());
                 }
                 services.insert(addr, entry);
+            }
+        }
+        let mut buckets = HashMap::new();
+        for r in &cfg.routes {
+            for rule in &r.rules {
+                for f in &rule.filters {
+                    if let Filter::Extension {
+                        rate_limit: Some(_),
+                        bucket,
+                        ..
+                    } = f
+                    {
+                        let b = prev
+                            .and_then(|p| p.buckets.get(bucket))
+                            .cloned()
+                            .unwrap_or_default();
+                        buckets.insert(bucket.clone(), b);
+                    }
+                }
             }
         }
         let workloads: HashMap<_, _> = cfg.workloads.iter().map(|w| (w.ip, w.clone())).collect();
@@ -168,6 +232,7 @@ impl NodeState {
             by_name,
             local,
             workloads,
+            buckets,
         }
     }
 
@@ -220,7 +285,7 @@ spec:
     #[test]
     fn named_target_ports_resolve_per_workload() {
         let cfg = load_str(Path::new("t.yaml"), DOCS).unwrap();
-        let st = NodeState::build("a", &cfg, 1);
+        let st = NodeState::build("a", &cfg, 1, None);
         let svc = st
             .service("10.96.0.10:80".parse().unwrap(), Protocol::Tcp)
             .unwrap();
@@ -233,7 +298,7 @@ spec:
     #[test]
     fn round_robin_visits_every_endpoint_and_falls_back_in_order() {
         let cfg = load_str(Path::new("t.yaml"), DOCS).unwrap();
-        let st = NodeState::build("a", &cfg, 1);
+        let st = NodeState::build("a", &cfg, 1, None);
         let svc = st
             .service("10.96.0.10:80".parse().unwrap(), Protocol::Tcp)
             .unwrap();

@@ -17,7 +17,7 @@ use super::model::{
     AgentDown, AppProtocol, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort,
     Workload, WorkloadPort,
 };
-use super::route;
+use super::{policy, route};
 
 /// Ports the agent itself binds inside every enrolled pod.
 const RESERVED_PORTS: [u16; 3] = [
@@ -300,6 +300,9 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     let mut seen: HashMap<(String, String, String), Location> = HashMap::new();
     let mut pending_workloads = Vec::new();
     let mut pending_routes = Vec::new();
+    let mut pending_policies = Vec::new();
+    // HTTPRouteFilters by (namespace, name), for the routes that reference them.
+    let mut route_filters: BTreeMap<(String, String), policy::RouteFilter> = BTreeMap::new();
     let mut vips: HashMap<(Ipv4Addr, u16, Protocol), String> = HashMap::new();
     for doc in docs {
         let Doc {
@@ -361,6 +364,16 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 let spec: route::RouteSpec = typed(&at, "spec", spec)?;
                 pending_routes.push((at, meta, ns, spec));
             }
+            (WEFT_API, "TrafficPolicy") => {
+                let spec: policy::PolicySpec = typed(&at, "spec", spec)?;
+                pending_policies.push((at, meta, ns, spec));
+            }
+            (WEFT_API, "HTTPRouteFilter") => {
+                let spec: policy::FilterSpec = typed(&at, "spec", spec)?;
+                let f = policy::convert_filter(spec)
+                    .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
+                route_filters.insert((ns, meta.name), f);
+            }
             (_, "HTTPRoute") => {
                 return Err(ConfigError::field(
                     &at,
@@ -368,7 +381,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                     "must be gateway.networking.k8s.io/v1",
                 ));
             }
-            (_, "Node" | "Workload") => {
+            (_, "Node" | "Workload" | "TrafficPolicy" | "HTTPRouteFilter") => {
                 return Err(ConfigError::field(
                     &at,
                     "apiVersion",
@@ -382,7 +395,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 return Err(ConfigError::field(
                     &at,
                     "kind",
-                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload, Service or HTTPRoute"),
+                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload, Service, HTTPRoute, TrafficPolicy or HTTPRouteFilter"),
                 ));
             }
         }
@@ -408,9 +421,43 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
             .filter(|s| s.namespace == ns)
             .map(|s| (s.name.as_str(), s.ports.iter().map(|p| p.port).collect()))
             .collect();
-        let r = route::convert(meta.name, ns, spec, &ports)
+        let filters: route::RouteFilters<'_> = route_filters
+            .iter()
+            .filter(|((n, _), _)| *n == ns)
+            .map(|((_, name), f)| (name.as_str(), f))
+            .collect();
+        let r = route::convert(meta.name, ns, spec, &ports, &filters)
             .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
         cfg.routes.push(r);
+    }
+    // Policies last too, and at most one per Service.
+    let mut targeted: HashMap<(String, String), Location> = HashMap::new();
+    for (at, meta, ns, spec) in pending_policies {
+        let names: Vec<&str> = cfg
+            .services
+            .iter()
+            .filter(|s| s.namespace == ns)
+            .map(|s| s.name.as_str())
+            .collect();
+        let p =
+            policy::convert_policy(meta.name, ns, spec, &names).map_err(|(field, message)| {
+                ConfigError::Field {
+                    at: at.clone(),
+                    field,
+                    message,
+                }
+            })?;
+        if let Some(first) = targeted.insert((p.namespace.clone(), p.service.clone()), at.clone()) {
+            return Err(ConfigError::field(
+                &at,
+                "spec.targetRef",
+                format!(
+                    "Service {}/{} already has a TrafficPolicy, at {first}",
+                    p.namespace, p.service
+                ),
+            ));
+        }
+        cfg.policies.push(p);
     }
     Ok(cfg)
 }

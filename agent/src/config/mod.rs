@@ -4,6 +4,7 @@
 
 mod load;
 mod model;
+pub mod policy;
 pub mod route;
 pub mod watch;
 

@@ -7,6 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
+use super::policy::{Fault, RateLimit, RouteFilter};
+
 /// A request or header value pattern.
 #[derive(Clone, Debug)]
 pub enum StringMatch {
@@ -101,6 +103,14 @@ pub enum Filter {
         service: String,
         port: u16,
         percent: u32,
+    },
+    /// An `ExtensionRef` to a weft `HTTPRouteFilter`: fault injection and/or a rate limit.
+    Extension {
+        fault: Option<Fault>,
+        rate_limit: Option<RateLimit>,
+        /// Names this rule's token bucket, which outlives reloads:
+        /// `namespace/route#rule/filter`.
+        bucket: String,
     },
 }
 
@@ -226,6 +236,16 @@ pub(super) struct RawFilter {
     pub request_redirect: Option<RawRedirect>,
     #[serde(default)]
     pub request_mirror: Option<RawMirror>,
+    #[serde(default)]
+    pub extension_ref: Option<RawExtensionRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExtensionRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -367,12 +387,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// namespace and their ports.
 pub(super) type ServicePorts<'a> = BTreeMap<&'a str, Vec<u16>>;
 
+/// The `HTTPRouteFilter`s of the route's namespace, by name.
+pub(super) type RouteFilters<'a> = BTreeMap<&'a str, &'a RouteFilter>;
+
 /// Convert a parsed route; errors are `(field, message)` for the caller to locate.
 pub(super) fn convert(
     name: String,
     namespace: String,
     spec: RouteSpec,
     services: &ServicePorts<'_>,
+    extensions: &RouteFilters<'_>,
 ) -> Result<HttpRoute, (String, String)> {
     let err = |f: String, m: String| (f, m);
     if !spec.hostnames.is_empty() {
@@ -444,7 +468,14 @@ pub(super) fn convert(
             ));
         }
         for (i, rf) in raw.filters.into_iter().enumerate() {
-            let filter = convert_filter(rf, &namespace, services, &rule.matches)
+            let ctx = FilterCtx {
+                namespace: &namespace,
+                services,
+                extensions,
+                matches: &rule.matches,
+                bucket_prefix: format!("{namespace}/{name}#{r}"),
+            };
+            let filter = convert_filter(rf, &ctx)
                 .map_err(|(x, msg)| (at(&format!(".filters[{i}]{x}")), msg))?;
             rule.filters.push(filter);
         }
@@ -485,8 +516,14 @@ pub(super) fn convert(
                 .backoff
                 .map(|s| parse_duration(&s).map_err(|m| (at(".retry.backoff"), m)))
                 .transpose()?;
+            // No codes: retry the gateway errors, the failures a retry most often cures.
+            let codes = if rt.codes.is_empty() {
+                vec![502, 503, 504]
+            } else {
+                rt.codes
+            };
             rule.retry = Some(Retry {
-                codes: rt.codes,
+                codes,
                 attempts: rt.attempts.unwrap_or(1).min(10),
                 backoff,
             });
@@ -661,12 +698,17 @@ fn path_modifier(
     }
 }
 
-fn convert_filter(
-    f: RawFilter,
-    namespace: &str,
-    services: &ServicePorts<'_>,
-    matches: &[RouteMatch],
-) -> Result<Filter, (String, String)> {
+/// What converting one filter needs to know.
+struct FilterCtx<'a> {
+    namespace: &'a str,
+    services: &'a ServicePorts<'a>,
+    extensions: &'a RouteFilters<'a>,
+    matches: &'a [RouteMatch],
+    bucket_prefix: String,
+}
+
+fn convert_filter(f: RawFilter, ctx: &FilterCtx<'_>) -> Result<Filter, (String, String)> {
+    let (namespace, services, matches) = (ctx.namespace, ctx.services, ctx.matches);
     let missing = |field: &str| {
         (
             format!(".{field}"),
@@ -702,7 +744,17 @@ fn convert_filter(
             }
             Ok(Filter::Mirror { service: b.service, port: b.port, percent })
         }
-        other => Err((".type".into(), format!("{other:?}: supported filters are RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect and RequestMirror"))),
+        "ExtensionRef" => {
+            let e = f.extension_ref.ok_or_else(|| missing("extensionRef"))?;
+            if e.group != "weft.dev" || e.kind != "HTTPRouteFilter" {
+                return Err((".extensionRef".into(), "weft knows extensions of group weft.dev, kind HTTPRouteFilter".into()));
+            }
+            let Some(ext) = ctx.extensions.get(e.name.as_str()) else {
+                return Err((".extensionRef.name".into(), format!("no HTTPRouteFilter {namespace}/{} is declared", e.name)));
+            };
+            Ok(Filter::Extension { fault: ext.fault.clone(), rate_limit: ext.rate_limit, bucket: format!("{}/{}", ctx.bucket_prefix, e.name) })
+        }
+        other => Err((".type".into(), format!("{other:?}: supported filters are RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect, RequestMirror and ExtensionRef"))),
     }
 }
 

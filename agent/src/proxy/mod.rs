@@ -67,6 +67,18 @@ pub struct Metrics {
     pub outbound_no_service: AtomicU64,
     pub outbound_no_endpoint: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
+    /// Requests sent again under a route's retry policy.
+    pub http_retries: AtomicU64,
+    /// Retries the retry budget refused (the failure went to the client).
+    pub http_retry_budget_exhausted: AtomicU64,
+    pub http_ejections: AtomicU64,
+    /// Requests and connections the circuit breaker refused.
+    pub http_circuit_open: AtomicU64,
+    pub http_rate_limited: AtomicU64,
+    pub http_faults: AtomicU64,
+    pub http_mirrored: AtomicU64,
+    /// Mirroring skipped: the body was too large or of unknown length to copy.
+    pub http_mirror_skipped: AtomicU64,
     pub inbound_accepted: AtomicU64,
     pub tunnel_accepted: AtomicU64,
     pub tunnel_rejected: AtomicU64,
@@ -85,6 +97,17 @@ impl Metrics {
             ("outbound_no_service", g(&self.outbound_no_service)),
             ("outbound_no_endpoint", g(&self.outbound_no_endpoint)),
             ("upstream_connect_errors", g(&self.upstream_connect_errors)),
+            ("http_retries", g(&self.http_retries)),
+            (
+                "http_retry_budget_exhausted",
+                g(&self.http_retry_budget_exhausted),
+            ),
+            ("http_ejections", g(&self.http_ejections)),
+            ("http_circuit_open", g(&self.http_circuit_open)),
+            ("http_rate_limited", g(&self.http_rate_limited)),
+            ("http_faults", g(&self.http_faults)),
+            ("http_mirrored", g(&self.http_mirrored)),
+            ("http_mirror_skipped", g(&self.http_mirror_skipped)),
             ("inbound_accepted", g(&self.inbound_accepted)),
             ("tunnel_accepted", g(&self.tunnel_accepted)),
             ("tunnel_rejected", g(&self.tunnel_rejected)),

@@ -79,7 +79,20 @@ async fn handle(ctx: PodCtx, clients: Arc<Clients>, conn: TcpStream, peer: Socke
         Some(AppProtocol::Tcp | AppProtocol::Tls) => Detected::Opaque,
         _ => detect(&conn, DETECT_WAIT).await,
     };
-    if matches!(proto, Detected::Http1 | Detected::Http2) {
+    let http = matches!(proto, Detected::Http1 | Detected::Http2);
+    // The service's connection limit (circuit breaker): HTTP clients hear why.
+    let _slot = match svc.traffic.connect(svc.policy.breaker.max_connections) {
+        Ok(slot) => slot,
+        Err(o) => {
+            m.http_circuit_open.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(service = %svc.name, "connection limit reached; refusing");
+            if http {
+                http::refuse(conn, proto, o.reason()).await;
+            }
+            return;
+        }
+    };
+    if http {
         m.outbound_http.fetch_add(1, Ordering::Relaxed);
         return http::serve(ctx, clients, conn, svc, proto).await;
     }

@@ -7,10 +7,16 @@
 mod client;
 pub mod routing;
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt as _, Empty, Full};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full, Limited};
 use hyper::body::Body as _;
 use hyper::{
     body::Incoming,
@@ -19,7 +25,10 @@ use hyper::{
     service::service_fn,
     Request, Response, StatusCode, Uri, Version,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
 use tokio::net::TcpStream;
 
 pub use client::Clients;
@@ -27,18 +36,26 @@ pub use client::Clients;
 use super::{detect::Detected, PodCtx};
 use crate::{
     config::{
-        route::{Filter, PathRewrite, RouteRule},
+        route::{Filter, PathRewrite, Retry, RouteRule},
         AppProtocol,
     },
     state::ServiceEntry,
+    traffic::{self, now_ns, ActiveSlot, InFlight},
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long a client may take to send a request's headers (hyper has no default).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Endpoints a request without a body is tried on when connecting fails.
+/// Endpoints a request is tried on when connecting fails (nothing reached a server).
 const MAX_CONNECT_ATTEMPTS: usize = 3;
+/// The largest request body read into memory so it can be retried or mirrored; larger or
+/// unknown-length bodies stream through once.
+pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
+/// Wait before the n-th retry: n times the route's backoff, or this.
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
+/// How long a mirrored request may take before it is dropped.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// The reason header on every response the proxy generates.
 pub const REASON: &str = "x-weft-reason";
 
@@ -89,6 +106,40 @@ pub async fn serve(
     }
 }
 
+/// Answer every request of a connection the circuit breaker refused with 503 and `reason`,
+/// then close it.
+pub async fn refuse(conn: TcpStream, proto: Detected, reason: &'static str) {
+    let io = TokioIo::new(conn);
+    let svc_fn = service_fn(move |_req| async move {
+        let mut r = reply(StatusCode::SERVICE_UNAVAILABLE, reason);
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        Ok::<_, Infallible>(r)
+    });
+    let res = if proto == Detected::Http2 {
+        // Answered for a few seconds (HTTP/2 has no per-response close), then closed.
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(8)
+            .serve_connection(io, svc_fn);
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .unwrap_or(Ok(()))
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(5))
+            .keep_alive(false)
+            .serve_connection(io, svc_fn);
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .unwrap_or(Ok(()))
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "refused connection ended with an error");
+    }
+}
+
 async fn handle(
     ctx: &PodCtx,
     clients: &Clients,
@@ -120,34 +171,80 @@ async fn handle(
     }) {
         return redirect_response(redirect, &req, matched_prefix.as_deref());
     }
-    // Which service: the rule's backends by weight, or the service itself without routes.
-    let state = ctx.inputs.state.load();
-    let backend = match rule {
-        None => Some(svc.clone()),
-        Some(rule) => {
-            let total = routing::total_weight(&rule.backends);
-            routing::pick_backend(&rule.backends, fastrand::u64(0..total.max(1))).and_then(|b| {
-                state
-                    .service_named(&format!("{}/{}", svc.namespace, b.service), b.port)
-                    .cloned()
+    let m = &ctx.inputs.metrics;
+    // Which service: the rule's backends by weight, or the service itself without routes;
+    // and the rate limits that apply (the rule's, then the service's).
+    let (backend, buckets) = {
+        let state = ctx.inputs.state.load();
+        let backend = match rule {
+            None => Some(svc.clone()),
+            Some(rule) => {
+                let total = routing::total_weight(&rule.backends);
+                routing::pick_backend(&rule.backends, fastrand::u64(0..total.max(1))).and_then(
+                    |b| {
+                        state
+                            .service_named(&format!("{}/{}", svc.namespace, b.service), b.port)
+                            .cloned()
+                    },
+                )
+            }
+        };
+        let buckets: Vec<_> = rule
+            .into_iter()
+            .flat_map(|r| &r.filters)
+            .filter_map(|f| match f {
+                Filter::Extension {
+                    rate_limit: Some(l),
+                    bucket,
+                    ..
+                } => Some((*l, state.buckets.get(bucket)?.clone())),
+                _ => None,
             })
-        }
+            .collect();
+        (backend, buckets)
     };
+    let service_limit = svc.policy.rate_limit.map(|l| (l, &svc.traffic.bucket));
+    let limited = buckets.iter().any(|(l, b)| !b.try_take(l))
+        || service_limit.is_some_and(|(l, b)| !b.try_take(&l));
+    if limited {
+        m.http_rate_limited.fetch_add(1, Relaxed);
+        let mut r = reply(StatusCode::TOO_MANY_REQUESTS, "rate-limited");
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
+    for f in rule.into_iter().flat_map(|r| &r.filters) {
+        if let Filter::Extension {
+            fault: Some(fault), ..
+        } = f
+        {
+            if let Some((delay, pct)) = fault.delay {
+                if fastrand::u32(0..100) < pct {
+                    m.http_faults.fetch_add(1, Relaxed);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if let Some((status, pct)) = fault.abort {
+                if fastrand::u32(0..100) < pct {
+                    m.http_faults.fetch_add(1, Relaxed);
+                    let status =
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return reply(status, "fault-injected");
+                }
+            }
+        }
+    }
     let Some(backend) = backend else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "no-backend");
     };
-    let endpoints: Vec<std::net::SocketAddrV4> = backend
-        .candidates(MAX_CONNECT_ATTEMPTS)
-        .map(|e| e.addr)
-        .collect();
-    if endpoints.is_empty() {
+    if backend.endpoints.is_empty() {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "no-healthy-endpoint");
     }
-    drop(state);
 
     let (mut parts, body) = req.into_parts();
     let mut path = parts.uri.path().to_owned();
     let mut host_override = None;
+    let mut mirrors = vec![];
     if let Some(rule) = rule {
         for f in &rule.filters {
             match f {
@@ -158,6 +255,11 @@ async fn handle(
                     }
                     host_override.clone_from(hostname);
                 }
+                Filter::Mirror {
+                    service,
+                    port,
+                    percent,
+                } if fastrand::u32(0..100) < *percent => mirrors.push((service, *port)),
                 _ => {}
             }
         }
@@ -173,10 +275,10 @@ async fn handle(
     if let Some(h) = host_override.and_then(|h| HeaderValue::from_str(&h).ok()) {
         parts.headers.insert(HOST, h);
     }
-    let pq = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
+    if let Some(q) = parts.uri.query() {
+        path.push('?');
+        path.push_str(q);
+    }
     // The upstream speaks what the backend port declares, else what the client spoke;
     // upgrades are HTTP/1.1 only.
     let upstream_h2 = match backend.app_protocol {
@@ -194,72 +296,135 @@ async fn handle(
     } else {
         &clients.h1
     };
-    let backend_timeout = rule.and_then(|r| r.backend_timeout.or(r.request_timeout));
-    // A request without a body can be sent again: if connecting to one endpoint fails, try
-    // the next. (Requests with a body are tried once; replaying them needs buffering under
-    // a retry budget.)
-    let replayable = body.is_end_stream();
-    let mut body = Some(body.boxed());
-    for (attempt, addr) in endpoints.iter().enumerate() {
-        let uri = match Uri::try_from(format!("http://{addr}{pq}")) {
-            Ok(u) => u,
-            Err(_) => return reply(StatusCode::BAD_REQUEST, "bad-path"),
-        };
-        let mut req = Request::new(match body.take() {
-            Some(b) => b,
-            None if replayable => Empty::new().map_err(|n: Infallible| match n {}).boxed(),
-            None => break,
-        });
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
-        let sent = client.request(req);
-        let result = match backend_timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => return reply(StatusCode::GATEWAY_TIMEOUT, "backend-timeout"),
-            },
-            None => sent.await,
-        };
-        match result {
-            Ok(mut resp) => {
-                let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if let (true, Some(client_side)) = (upgraded, client_upgrade) {
-                    let upstream_side = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(join_upgraded(client_side, upstream_side));
-                    let (parts, body) = resp.into_parts();
-                    return Response::from_parts(parts, body.boxed());
+
+    // A request is sent again (on a connect failure, or a retry) only if its body is
+    // known: none, or a small one with a declared length, read into memory first.
+    let retry = rule.and_then(|r| r.retry.as_ref());
+    let wants_copy = retry.is_some() || !mirrors.is_empty();
+    let mut body = RequestBody::Stream(Some(body));
+    if body.is_empty() {
+        body = RequestBody::Buffered(Bytes::new());
+    } else if wants_copy {
+        body = body.buffer().await;
+    }
+    for (service, port) in mirrors {
+        match &body {
+            RequestBody::Buffered(b) => {
+                let target = ctx
+                    .inputs
+                    .state
+                    .load()
+                    .service_named(&format!("{}/{service}", svc.namespace), port)
+                    .cloned();
+                if let Some(target) = target {
+                    m.http_mirrored.fetch_add(1, Relaxed);
+                    mirror(client.clone(), &target, &parts, &path, b.clone());
                 }
-                let (mut parts, body) = resp.into_parts();
-                routing::strip_hop_by_hop(&mut parts.headers);
-                if let Some(rule) = rule {
-                    response_filters(rule, &mut parts.headers);
-                }
-                return Response::from_parts(parts, body.boxed());
             }
-            Err(e) if e.is_connect() && attempt + 1 < endpoints.len() => {
-                ctx.inputs
-                    .metrics
-                    .upstream_connect_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(endpoint = %addr, error = %e, "upstream connect failed; trying the next endpoint");
-            }
-            Err(e) if e.is_connect() => {
-                ctx.inputs
-                    .metrics
-                    .upstream_connect_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(endpoint = %addr, error = %e, "upstream connect failed");
-                return reply(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failed");
-            }
-            Err(e) => {
-                tracing::info!(endpoint = %addr, error = %e, "upstream request failed");
-                return reply(StatusCode::BAD_GATEWAY, "upstream-error");
+            RequestBody::Stream(_) => {
+                m.http_mirror_skipped.fetch_add(1, Relaxed);
+                tracing::debug!("request body too large or of unknown length to mirror");
             }
         }
     }
-    reply(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failed")
+
+    // The circuit breaker of the backend service: an active slot, maybe after waiting.
+    let slot = match backend.traffic.admit(&backend.policy.breaker).await {
+        Ok(s) => s,
+        Err(o) => {
+            m.http_circuit_open.fetch_add(1, Relaxed);
+            return reply(StatusCode::SERVICE_UNAVAILABLE, o.reason());
+        }
+    };
+    let attempt = Attempts {
+        ctx,
+        client,
+        backend: &backend,
+        retry,
+        backend_timeout: rule.and_then(|r| r.backend_timeout),
+        parts: &parts,
+        path: &path,
+    };
+    let result = match rule.and_then(|r| r.request_timeout) {
+        Some(t) => match tokio::time::timeout(t, attempt.run(body)).await {
+            Ok(r) => r,
+            Err(_) => Err(reply(StatusCode::GATEWAY_TIMEOUT, "request-timeout")),
+        },
+        None => attempt.run(body).await,
+    };
+    let (mut resp, in_flight) = match result {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = client_upgrade {
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(join_upgraded(client_side, upstream_side));
+            let (parts, body) = resp.into_parts();
+            return Response::from_parts(parts, body.boxed());
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    routing::strip_hop_by_hop(&mut parts.headers);
+    if let Some(rule) = rule {
+        response_filters(rule, &mut parts.headers);
+    }
+    // The request stays active (breaker, least-request) until its response body ends.
+    let body = Tracked {
+        inner: body,
+        _held: (slot, in_flight),
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// A request body: as it streams from the client, or read into memory so it can be sent
+/// more than once.
+enum RequestBody {
+    /// `None` once sent.
+    Stream(Option<Incoming>),
+    Buffered(Bytes),
+}
+
+impl RequestBody {
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Stream(b) => b.as_ref().is_none_or(|b| b.is_end_stream()),
+            Self::Buffered(b) => b.is_empty(),
+        }
+    }
+
+    /// Read a body of declared length up to [`MAX_BUFFERED_BODY`] into memory; longer or
+    /// unknown-length bodies keep streaming (and are sent once).
+    async fn buffer(self) -> Self {
+        let Self::Stream(Some(b)) = self else {
+            return self;
+        };
+        match b.size_hint().exact() {
+            Some(n) if n <= MAX_BUFFERED_BODY as u64 => {
+                match Limited::new(b, MAX_BUFFERED_BODY).collect().await {
+                    Ok(c) => Self::Buffered(c.to_bytes()),
+                    // The client broke off or lied about the length: nothing to send.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the request body failed");
+                        Self::Buffered(Bytes::new())
+                    }
+                }
+            }
+            _ => Self::Stream(Some(b)),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Self::Buffered(_))
+    }
+
+    /// The body for one attempt; `None` once a streamed body has been sent.
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            Self::Buffered(b) => Some(Full::new(b.clone()).map_err(|n| match n {}).boxed()),
+            Self::Stream(b) => b.take().map(|b| b.boxed()),
+        }
+    }
 }
 
 /// Copy between the client's and the upstream's upgraded connections until both close.
@@ -323,4 +488,217 @@ fn redirect_response(f: &Filter, req: &Request<Incoming>, matched: Option<&str>)
         r.headers_mut().insert(LOCATION, v);
     }
     r
+}
+
+/// The response body, holding the request's breaker slot and in-flight count until the
+/// body ends or the client goes away.
+struct Tracked {
+    inner: Incoming,
+    _held: (ActiveSlot, InFlight),
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Send a copy of a request to one endpoint of `target` and forget it: its answer, its
+/// failure and its time never touch the client's response.
+fn mirror(
+    client: Client<client::PodConnector, Body>,
+    target: &ServiceEntry,
+    parts: &hyper::http::request::Parts,
+    path: &str,
+    body: Bytes,
+) {
+    let Some(i) = traffic::pick(
+        target,
+        target.policy.balancer,
+        &target.traffic.rr,
+        |_| false,
+        now_ns(),
+    ) else {
+        return;
+    };
+    let Ok(uri) = Uri::try_from(format!("http://{}{path}", target.endpoints[i].addr)) else {
+        return;
+    };
+    let mut req = Request::new(Full::new(body).map_err(|n| match n {}).boxed());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(MIRROR_TIMEOUT, client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "mirrored request failed"),
+            Err(_) => tracing::debug!("mirrored request timed out"),
+        }
+    });
+}
+
+/// How one attempt at a request ended.
+enum Outcome {
+    Answered(Response<Incoming>),
+    ConnectFailed(hyper_util::client::legacy::Error),
+    Failed(hyper_util::client::legacy::Error),
+    TimedOut,
+}
+
+/// The attempts at one request: endpoint choice, retries within the budget, outlier
+/// reports.
+struct Attempts<'a> {
+    ctx: &'a PodCtx,
+    client: &'a Client<client::PodConnector, Body>,
+    backend: &'a ServiceEntry,
+    retry: Option<&'a Retry>,
+    backend_timeout: Option<Duration>,
+    parts: &'a hyper::http::request::Parts,
+    path: &'a str,
+}
+
+/// Endpoints remembered as tried for one request (more are still avoided by chance).
+const MAX_TRIED: usize = 8;
+
+impl Attempts<'_> {
+    async fn run(
+        &self,
+        mut body: RequestBody,
+    ) -> Result<(Response<Incoming>, InFlight), Response<Body>> {
+        let m = &self.ctx.inputs.metrics;
+        let svc = self.backend;
+        let policy = &svc.policy;
+        if self.retry.is_some() {
+            svc.traffic.deposit();
+        }
+        let (mut tried, mut n_tried) = ([usize::MAX; MAX_TRIED], 0);
+        let (mut retries, mut connect_failures) = (0u32, 0usize);
+        loop {
+            let now = now_ns();
+            let seen = |i: usize| tried[..n_tried].contains(&i);
+            let pick = |skip: &dyn Fn(usize) -> bool| {
+                traffic::pick(svc, policy.balancer, &svc.traffic.rr, skip, now)
+            };
+            let Some(i) = pick(&seen).or_else(|| pick(&|_| false)) else {
+                return Err(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-healthy-endpoint",
+                ));
+            };
+            if n_tried < MAX_TRIED && !seen(i) {
+                tried[n_tried] = i;
+                n_tried += 1;
+            }
+            let ep = &svc.endpoints[i];
+            let Some(b) = body.take() else {
+                return Err(reply(StatusCode::BAD_GATEWAY, "upstream-error"));
+            };
+            let uri = Uri::try_from(format!("http://{}{}", ep.addr, self.path))
+                .map_err(|_| reply(StatusCode::BAD_REQUEST, "bad-path"))?;
+            let mut req = Request::new(b);
+            *req.method_mut() = self.parts.method.clone();
+            *req.uri_mut() = uri;
+            *req.version_mut() = self.parts.version;
+            *req.headers_mut() = self.parts.headers.clone();
+            let in_flight = ep.stats.start();
+            let sent = self.client.request(req);
+            let outcome = match self.backend_timeout {
+                Some(t) => match tokio::time::timeout(t, sent).await {
+                    Ok(r) => r.map_err(|e| e.into()),
+                    Err(_) => Err(Outcome::TimedOut),
+                },
+                None => sent.await.map_err(|e| e.into()),
+            };
+            let outcome = match outcome {
+                Ok(r) => Outcome::Answered(r),
+                Err(o) => o,
+            };
+            let done = now_ns();
+            let ok = matches!(&outcome, Outcome::Answered(r) if r.status().as_u16() < 500);
+            if let Outcome::Answered(_) = outcome {
+                ep.stats.observe_rtt(done.saturating_sub(now), done);
+            }
+            if let Some(t) = traffic::report(svc, i, ok, policy.outlier.as_ref(), done) {
+                m.http_ejections.fetch_add(1, Relaxed);
+                tracing::warn!(service = %svc.name, endpoint = %ep.addr, workload = %ep.workload, seconds = t.as_secs_f64(), "endpoint ejected after failures in a row");
+            }
+            let retry_on = |status: u16| {
+                self.retry.is_some_and(|r| {
+                    retries < r.attempts && r.codes.contains(&status) && body.replayable()
+                })
+            };
+            let wants_retry = match &outcome {
+                Outcome::Answered(r) => retry_on(r.status().as_u16()),
+                Outcome::ConnectFailed(_) => {
+                    m.upstream_connect_errors.fetch_add(1, Relaxed);
+                    connect_failures += 1;
+                    // Nothing reached the server: another endpoint is always safe to try.
+                    if connect_failures < MAX_CONNECT_ATTEMPTS
+                        && body.replayable()
+                        && n_tried < svc.endpoints.len()
+                    {
+                        continue;
+                    }
+                    retry_on(503)
+                }
+                Outcome::Failed(_) => retry_on(502),
+                Outcome::TimedOut => retry_on(504),
+            };
+            if wants_retry {
+                if svc.traffic.withdraw(&policy.retry_budget) {
+                    retries += 1;
+                    m.http_retries.fetch_add(1, Relaxed);
+                    let backoff = self
+                        .retry
+                        .and_then(|r| r.backoff)
+                        .unwrap_or(DEFAULT_BACKOFF);
+                    tokio::time::sleep(backoff * retries).await;
+                    continue;
+                }
+                m.http_retry_budget_exhausted.fetch_add(1, Relaxed);
+            }
+            return match outcome {
+                Outcome::Answered(r) => Ok((r, in_flight)),
+                Outcome::ConnectFailed(e) => {
+                    tracing::info!(endpoint = %ep.addr, error = %e, "upstream connect failed");
+                    Err(reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream-connect-failed",
+                    ))
+                }
+                Outcome::Failed(e) => {
+                    tracing::info!(endpoint = %ep.addr, error = %e, "upstream request failed");
+                    Err(reply(StatusCode::BAD_GATEWAY, "upstream-error"))
+                }
+                Outcome::TimedOut => Err(reply(StatusCode::GATEWAY_TIMEOUT, "backend-timeout")),
+            };
+        }
+    }
+}
+
+impl From<hyper_util::client::legacy::Error> for Outcome {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        if e.is_connect() {
+            Self::ConnectFailed(e)
+        } else {
+            Self::Failed(e)
+        }
+    }
 }

@@ -168,6 +168,15 @@ pub fn matched_prefix<'a>(rule: &'a RouteRule, r: &RequestView<'_>) -> Option<&'
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and must not be
 /// forwarded, nor any header the Connection header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // `te: trailers` is the one TE value that passes (gRPC needs it, RFC 9113 8.2.2).
+    let trailers = h
+        .get_all(hyper::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     let named: Vec<String> = h
         .get_all(hyper::header::CONNECTION)
         .iter()
@@ -191,6 +200,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         "proxy-authorization",
     ] {
         h.remove(n);
+    }
+    if trailers {
+        h.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
