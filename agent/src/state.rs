@@ -79,7 +79,7 @@ pub struct Endpoint {
     /// Whether the workload is in the mesh (reached through its node's agent).
     pub meshed: bool,
     /// Latency, load and failures seen by this node; kept across reloads.
-    #[serde(skip)]
+    #[serde(flatten)]
     pub stats: Arc<EndpointStats>,
 }
 

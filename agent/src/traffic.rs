@@ -108,6 +108,21 @@ impl EndpointStats {
     }
 }
 
+/// What the admin API shows of an endpoint.
+impl serde::Serialize for EndpointStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let now = now_ns();
+        let mut m = s.serialize_map(Some(5))?;
+        m.serialize_entry("in_flight", &self.in_flight())?;
+        m.serialize_entry("latency_ms", &(self.decayed_rtt(now) / 1e6))?;
+        m.serialize_entry("ejected", &self.is_ejected(now))?;
+        m.serialize_entry("ejected_for_ms", &(self.ejected_for(now) / 1_000_000))?;
+        m.serialize_entry("ejections", &self.ejections())?;
+        m.end()
+    }
+}
+
 /// An in-flight request on an endpoint.
 pub struct InFlight(Arc<EndpointStats>);
 

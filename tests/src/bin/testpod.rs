@@ -1,8 +1,10 @@
 //! weft-testpod: the programs the simulated cluster runs inside its pods.
 //!
-//! - `http-server PORT NAME [BYTES]`: answers every HTTP request with
-//!   `{"server":NAME,"peer":"IP:PORT"}`, the peer being the address the server saw, and
-//!   logs `served PEER`; with BYTES, the body is padded to that size and nothing is logged.
+//! - `http-server PORT NAME [BYTES] [delay=MS] [fail=N/M] [status=CODE]`: answers every
+//!   HTTP request with `{"server":NAME,"peer":"IP:PORT",...}`, the peer being the address
+//!   the server saw, and logs `served PEER`; with BYTES, the body is padded to that size
+//!   and nothing is logged. `delay` waits before answering; `fail=N/M` answers N of every
+//!   M requests with CODE (default 503) instead.
 //! - `h2-server PORT NAME BYTES`: HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on one
 //!   port (hyper), answering every request with BYTES bytes.
 //! - `echo-server PORT`: echoes every TCP byte back; on the client's half-close it
@@ -14,6 +16,13 @@
 //!   MILLIS (at most 100,000 requests); prints `ok=N failed=M` and fails if M > 0.
 //! - `http-count ADDR PATH N [NAME:VALUE]`: N requests on one keep-alive connection (with
 //!   that header); prints a JSON object counting the answers by server name and status.
+//! - `http-load ADDR PATH N CONC [post=BYTES] [header=NAME:VALUE]`: N requests over CONC
+//!   keep-alive connections at once; prints a JSON object counting the answers as
+//!   "STATUS SERVER", or "STATUS REASON" for the proxy's own answers (x-weft-reason).
+//! - `grpc-server PORT`: HTTP/2 answers in gRPC's shape: a body, then trailers
+//!   `grpc-status: 0` and `x-saw-te` (the request's TE header).
+//! - `grpc-call ADDR`: one gRPC-shaped POST over h2c; prints the status and trailers as
+//!   JSON and fails without trailers.
 //! - `h2-streams ADDR N`: one HTTP/2 (h2c) connection, N concurrent requests on it;
 //!   prints `ok=K` and fails unless all N got 200.
 //! - `upgrade-server PORT`: answers an HTTP/1.1 Upgrade request with 101, then echoes.
@@ -36,10 +45,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let res = match a.as_slice() {
-        ["http-server", port, name] => http_server(port, name, 0),
-        ["http-server", port, name, size] => match size.parse() {
-            Ok(n) => http_server(port, name, n),
-            Err(e) => Err(format!("{size}: {e}")),
+        ["http-server", port, name, opts @ ..] => match ServerOpts::parse(opts) {
+            Ok(o) => http_server(port, name, o),
+            Err(e) => Err(e),
         },
         ["echo-server", port] => echo_server(port),
         ["h2-server", port, name, size] => match size.parse() {
@@ -56,6 +64,9 @@ fn main() -> ExitCode {
         ["upgrade-client", addr] => upgrade_client(addr),
         ["http-count", addr, path, n] => http_count(addr, path, n, None),
         ["http-count", addr, path, n, header] => http_count(addr, path, n, Some(header)),
+        ["http-load", addr, path, n, conc, opts @ ..] => http_load(addr, path, n, conc, opts),
+        ["grpc-server", port] => grpc_server(port),
+        ["grpc-call", addr] => grpc_call(addr),
         ["udp-query", addr, name] => udp_query(addr, name),
         _ => Err("usage: weft-testpod http-server PORT NAME | echo-server PORT | dns-server PORT IP | echo-client ADDR BYTES | connect ADDR".into()),
     };
@@ -74,12 +85,48 @@ fn listen(port: &str) -> Result<TcpListener, String> {
     TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("bind {port}: {e}"))
 }
 
-fn http_server(port: &str, name: &str, body_size: usize) -> Res {
+/// How an `http-server` behaves.
+#[derive(Clone, Copy, Default)]
+struct ServerOpts {
+    size: usize,
+    delay: Duration,
+    /// Fail `fail.0` of every `fail.1` requests.
+    fail: (u64, u64),
+    status: u16,
+}
+
+impl ServerOpts {
+    fn parse(args: &[&str]) -> Result<Self, String> {
+        let mut o = Self {
+            status: 503,
+            ..Self::default()
+        };
+        let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{v}: {e}"));
+        for a in args {
+            match a.split_once('=') {
+                None => o.size = num(a)? as usize,
+                Some(("delay", v)) => o.delay = Duration::from_millis(num(v)?),
+                Some(("status", v)) => o.status = num(v)? as u16,
+                Some(("fail", v)) => {
+                    let (n, m) = v.split_once('/').ok_or("fail=N/M")?;
+                    o.fail = (num(n)?, num(m)?.max(1));
+                }
+                Some((k, _)) => return Err(format!("unknown option {k}")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+fn http_server(port: &str, name: &str, opts: ServerOpts) -> Res {
     let l = listen(port)?;
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     for conn in l.incoming() {
         let Ok(mut c) = conn else { continue };
         let name = name.to_owned();
+        let served = served.clone();
         std::thread::spawn(move || {
+            let body_size = opts.size;
             let quiet = body_size > 0;
             let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
             let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
@@ -100,10 +147,33 @@ fn http_server(port: &str, name: &str, body_size: usize) -> Res {
                     + 4;
                 let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                 buf.drain(..end);
+                // The request body, by its content-length (the tests send no chunked bodies).
+                let body_len: usize = head
+                    .to_ascii_lowercase()
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < body_len {
+                    match c.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                buf.drain(..body_len);
+                let k = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if !quiet {
                     println!("served {peer}");
                 }
-                let mut body = format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\"");
+                if !opts.delay.is_zero() {
+                    std::thread::sleep(opts.delay);
+                }
+                let fails = k % opts.fail.1.max(1) < opts.fail.0;
+                let mut body =
+                    format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\",\"body_len\":{body_len}");
                 if !quiet {
                     // What arrived: the request target and the x-* and host headers.
                     let mut lines = head.lines();
@@ -124,8 +194,13 @@ fn http_server(port: &str, name: &str, body_size: usize) -> Res {
                     body.push_str(&format!(",\"pad\":\"{}\"", "x".repeat(pad)));
                 }
                 body.push_str("}\n");
+                let status = if fails {
+                    format!("{} Failing", opts.status)
+                } else {
+                    "200 OK".to_owned()
+                };
                 let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 if c.write_all(resp.as_bytes()).is_err() {
@@ -427,53 +502,116 @@ fn upgrade_client(addr: &str) -> Res {
 }
 
 fn http_count(addr: &str, path: &str, n: &str, header: Option<&str>) -> Res {
+    let mut args = vec![];
+    let h = header.map(|h| format!("header={h}"));
+    args.extend(h.as_deref());
+    http_load(addr, path, n, "1", &args)
+}
+
+/// One response read off a keep-alive connection: status, lowercased head, body.
+fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(String, String, String), String> {
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let k = c.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if k == 0 {
+            return Err("connection closed mid-response".into());
+        }
+        buf.extend_from_slice(&chunk[..k]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head.split(' ').nth(1).unwrap_or("?").to_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let k = c.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if k == 0 {
+            return Err("connection closed mid-body".into());
+        }
+        buf.extend_from_slice(&chunk[..k]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
+    buf.drain(..head_end + len);
+    Ok((status, head, body))
+}
+
+/// `http-load ADDR PATH N CONC [post=BYTES] [header=NAME:VALUE]...`: N requests over CONC
+/// keep-alive connections at once; prints a JSON object counting the answers as
+/// "STATUS SERVER" (the app's) or "STATUS REASON" (the proxy's x-weft-reason).
+fn http_load(addr: &str, path: &str, n: &str, conc: &str, opts: &[&str]) -> Res {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let n: usize = n.parse().map_err(|e| format!("{n}: {e}"))?;
-    let extra = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
-    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let mut counts = std::collections::BTreeMap::<String, u64>::new();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    for _ in 0..n.min(100_000) {
-        let req = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n{extra}\r\n", addr.ip());
-        c.write_all(req.as_bytes())
-            .map_err(|e| format!("write: {e}"))?;
-        // Read one response: head, then content-length bytes of body.
-        let head_end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
+    let conc: usize = conc.parse().map_err(|e| format!("{conc}: {e}"))?;
+    let (mut extra, mut body) = (String::new(), String::new());
+    for o in opts {
+        match o.split_once('=') {
+            Some(("header", h)) => extra.push_str(&format!("{h}\r\n")),
+            Some(("post", b)) => {
+                let len: usize = b.parse().map_err(|e| format!("{b}: {e}"))?;
+                body = "b".repeat(len);
             }
-            let k = c.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
-            if k == 0 {
-                return Err("connection closed mid-response".into());
-            }
-            buf.extend_from_slice(&chunk[..k]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let status = head.split(' ').nth(1).unwrap_or("?").to_owned();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + len {
-            let k = c.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
-            if k == 0 {
-                return Err("connection closed mid-body".into());
-            }
-            buf.extend_from_slice(&chunk[..k]);
+            _ => return Err(format!("unknown option {o}")),
         }
-        let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
-        buf.drain(..head_end + len);
-        let server = body
-            .split("\"server\":\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("-");
-        *counts.entry(format!("{status} {server}")).or_default() += 1;
+    }
+    let method = if body.is_empty() { "GET" } else { "POST" };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n{extra}\r\n{body}",
+        addr.ip(),
+        body.len()
+    );
+    let n = n.min(100_000);
+    let conc = conc.clamp(1, 256);
+    let workers: Vec<_> = (0..conc)
+        .map(|w| {
+            let req = req.clone();
+            let share = n / conc + usize::from(w < n % conc);
+            std::thread::spawn(move || -> Result<Vec<String>, String> {
+                let mut keys = vec![];
+                let mut conn: Option<TcpStream> = None;
+                let mut buf = Vec::new();
+                for _ in 0..share {
+                    let c = match &mut conn {
+                        Some(c) => c,
+                        None => {
+                            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                                .map_err(|e| format!("connect {addr}: {e}"))?;
+                            c.set_read_timeout(Some(Duration::from_secs(20)))
+                                .map_err(|e| e.to_string())?;
+                            buf.clear();
+                            conn.insert(c)
+                        }
+                    };
+                    c.write_all(req.as_bytes())
+                        .map_err(|e| format!("write: {e}"))?;
+                    let (status, head, body) = read_response(c, &mut buf)?;
+                    let who = match head.lines().find_map(|l| l.strip_prefix("x-weft-reason:")) {
+                        Some(reason) => reason.trim().to_owned(),
+                        None => body
+                            .split("\"server\":\"")
+                            .nth(1)
+                            .and_then(|r| r.split('"').next())
+                            .unwrap_or("-")
+                            .to_owned(),
+                    };
+                    keys.push(format!("{status} {who}"));
+                    if head.lines().any(|l| l.trim() == "connection: close") {
+                        conn = None;
+                    }
+                }
+                Ok(keys)
+            })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    for w in workers {
+        for k in w.join().map_err(|_| "worker panicked")?? {
+            *counts.entry(k).or_default() += 1;
+        }
     }
     let fields: Vec<String> = counts.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
     println!("{{{}}}", fields.join(","));
@@ -598,4 +736,117 @@ fn connect(addr: &str) -> Res {
         }
         Err(e) => Err(format!("connect {addr}: {e}")),
     }
+}
+
+fn grpc_server(port: &str) -> Res {
+    use http_body_util::BodyExt as _;
+    use hyper::{
+        body::{Bytes, Frame},
+        service::service_fn,
+        HeaderMap, Response,
+    };
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(format!("0.0.0.0:{port}"))
+            .await
+            .map_err(|e| format!("bind {port}: {e}"))?;
+        loop {
+            let (c, _) = l.accept().await.map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let te = req
+                        .headers()
+                        .get("te")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none")
+                        .to_owned();
+                    let _ = req.into_body().collect().await;
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().expect("valid"));
+                    trailers.insert(
+                        "x-saw-te",
+                        te.parse().unwrap_or("?".parse().expect("valid")),
+                    );
+                    let body = Frames(
+                        [
+                            Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi")),
+                            Frame::trailers(trailers),
+                        ]
+                        .into(),
+                    );
+                    let mut resp = Response::new(body);
+                    resp.headers_mut()
+                        .insert("content-type", "application/grpc".parse().expect("valid"));
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(c), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+/// A response body of fixed frames (data, then trailers).
+struct Frames(std::collections::VecDeque<hyper::body::Frame<hyper::body::Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(self.get_mut().0.pop_front().map(Ok))
+    }
+}
+
+fn grpc_call(addr: &str) -> Res {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::{body::Bytes, Request};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = Request::post(format!("http://{addr}/echo.Echo/Say"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .map_err(|_| "timed out")?
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let collected = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let trailers = collected.trailers().cloned().ok_or("no trailers")?;
+        let t: Vec<String> = trailers
+            .iter()
+            .map(|(k, v)| format!("{:?}:{:?}", k.as_str(), v.to_str().unwrap_or("?")))
+            .collect();
+        println!("{{\"status\":{status},\"trailers\":{{{}}}}}", t.join(","));
+        Ok(())
+    })
 }
