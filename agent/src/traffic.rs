@@ -88,6 +88,10 @@ impl EndpointStats {
         self.stamp.store(now, Relaxed);
     }
 
+    /// A failed request counts as this slow, so balancing by latency steers away from an
+    /// endpoint that fails fast.
+    pub const FAILURE_RTT_NS: u64 = 1_000_000_000;
+
     /// Count a request in flight until the guard drops.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Relaxed);

@@ -463,7 +463,12 @@ fn an_unreachable_endpoint_is_skipped_for_the_next_one() {
                 .tcp(80, 8080),
         )
         .build();
-    // Node b has no agent: its meshed pod cannot be reached through the tunnel.
+    // Node b has no agent: its meshed pod cannot be reached through the tunnel. Round
+    // robin, so web2 is certain to be tried (P2C would soon prefer the endpoint that works).
+    c.write_config(&format!(
+        "{}apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: web}}\nspec: {{targetRef: {{kind: Service, name: web}}, loadBalancer: RoundRobin}}\n",
+        c.config_yaml()
+    ));
     let agent = c.start_agent("a", &[]);
     let _srv = c
         .pod("web")

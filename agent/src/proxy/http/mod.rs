@@ -632,9 +632,15 @@ impl Attempts<'_> {
             };
             let done = now_ns();
             let ok = matches!(&outcome, Outcome::Answered(r) if r.status().as_u16() < 500);
-            if let Outcome::Answered(_) = outcome {
-                ep.stats.observe_rtt(done.saturating_sub(now), done);
-            }
+            // A failure counts as a slow answer, so P2C steers away from an endpoint that
+            // fails fast.
+            let rtt = done.saturating_sub(now);
+            let rtt = if ok {
+                rtt
+            } else {
+                rtt.max(traffic::EndpointStats::FAILURE_RTT_NS)
+            };
+            ep.stats.observe_rtt(rtt, done);
             if let Some(t) = traffic::report(svc, i, ok, policy.outlier.as_ref(), done) {
                 m.http_ejections.fetch_add(1, Relaxed);
                 tracing::warn!(service = %svc.name, endpoint = %ep.addr, workload = %ep.workload, seconds = t.as_secs_f64(), "endpoint ejected after failures in a row");
