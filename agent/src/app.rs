@@ -44,6 +44,7 @@ pub struct AgentOptions {
     pub handoff_wait: Duration,
     /// How long open connections may take to finish once accepting stopped.
     pub drain_timeout: Duration,
+    pub http_limits: crate::proxy::http::Limits,
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -109,6 +110,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         pods: Arc::new(ArcSwap::from_pointee(HashMap::new())),
         metrics: metrics.clone(),
         stop: stop_rx,
+        http_limits: opts.http_limits,
     };
     let host = HostNetns::current().context("opening the agent's own network namespace")?;
     let mut pods = Pods {

@@ -66,6 +66,9 @@ struct RunArgs {
     /// How long open connections may take to finish when stopping, in seconds.
     #[arg(long, default_value_t = 20)]
     drain_timeout_secs: u64,
+    /// How long an HTTP/1.1 client may take to send a request head, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    header_read_timeout_ms: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -130,6 +133,10 @@ fn run(args: RunArgs) -> ExitCode {
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
         handoff_wait: Duration::from_secs(args.handoff_wait_secs),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        http_limits: weft_agent::proxy::http::Limits {
+            header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(100)),
+            ..Default::default()
+        },
     };
     match rt.block_on(app::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -128,6 +128,7 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     /// Turns true when the agent stops accepting (drain or shutdown).
     pub stop: watch::Receiver<bool>,
+    pub http_limits: http::Limits,
 }
 
 /// Deliver a connection to an app inside `pod`, as if it came from `src`: the socket is

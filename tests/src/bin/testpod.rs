@@ -23,6 +23,14 @@
 //!   `grpc-status: 0` and `x-saw-te` (the request's TE header).
 //! - `grpc-call ADDR`: one gRPC-shaped POST over h2c; prints the status and trailers as
 //!   JSON and fails without trailers.
+//! - `h1-abuse ADDR MODE`: one HTTP/1.1 request crossing a limit (`many-headers`: 150
+//!   fields, `big-header`: one 80 KiB field, `smuggle`: Content-Length with
+//!   Transfer-Encoding, `slow-head`: half a head, then nothing); prints JSON with the
+//!   status (0 for none), whether the connection was closed, and the time taken.
+//! - `h2-abuse ADDR MODE`: raw HTTP/2 frames crossing a limit (`rapid-reset`: HEADERS +
+//!   RST_STREAM pairs, `continuation`: an endless header block, `streams`: 400 concurrent
+//!   streams, `window`: DATA beyond the stream window); prints JSON with the GOAWAY code,
+//!   the RST_STREAM codes received, whether the connection closed, and frames sent.
 //! - `h2-streams ADDR N`: one HTTP/2 (h2c) connection, N concurrent requests on it;
 //!   prints `ok=K` and fails unless all N got 200.
 //! - `upgrade-server PORT`: answers an HTTP/1.1 Upgrade request with 101, then echoes.
@@ -66,6 +74,8 @@ fn main() -> ExitCode {
         ["http-count", addr, path, n, header] => http_count(addr, path, n, Some(header)),
         ["http-load", addr, path, n, conc, opts @ ..] => http_load(addr, path, n, conc, opts),
         ["grpc-server", port] => grpc_server(port),
+        ["h1-abuse", addr, mode] => h1_abuse(addr, mode),
+        ["h2-abuse", addr, mode] => h2_abuse(addr, mode),
         ["grpc-call", addr] => grpc_call(addr),
         ["udp-query", addr, name] => udp_query(addr, name),
         _ => Err("usage: weft-testpod http-server PORT NAME | echo-server PORT | dns-server PORT IP | echo-client ADDR BYTES | connect ADDR".into()),
@@ -849,4 +859,215 @@ fn grpc_call(addr: &str) -> Res {
         println!("{{\"status\":{status},\"trailers\":{{{}}}}}", t.join(","));
         Ok(())
     })
+}
+
+fn h1_abuse(addr: &str, mode: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let host = addr.ip();
+    let req = match mode {
+        "many-headers" => {
+            let fields: String = (0..150).map(|i| format!("x-h{i}: {i}\r\n")).collect();
+            format!("GET / HTTP/1.1\r\nhost: {host}\r\n{fields}\r\n")
+        }
+        "big-header" => format!(
+            "GET / HTTP/1.1\r\nhost: {host}\r\nx-big: {}\r\n\r\n",
+            "a".repeat(80 * 1024)
+        ),
+        "smuggle" => format!(
+            "POST / HTTP/1.1\r\nhost: {host}\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: {host}\r\n\r\n"
+        ),
+        "slow-head" => format!("GET / HTTP/1.1\r\nhost: {host}\r\nx-never: fin"),
+        other => return Err(format!("unknown mode {other}")),
+    };
+    let started = std::time::Instant::now();
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    // The server may answer (and close) before it has read everything.
+    let _ = c.write_all(req.as_bytes());
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = loop {
+        match c.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false, // read timeout: still open
+        }
+    };
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let status: u16 = text
+        .strip_prefix("http/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let responses = text.matches("http/1.1 ").count();
+    let reason = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-weft-reason:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    println!(
+        "{{\"status\":{status},\"responses\":{responses},\"reason\":{reason:?},\"closed\":{closed},\"ms\":{}}}",
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// One HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK string or integer length with a 7-bit prefix (no Huffman).
+fn hpack_len(n: usize, out: &mut Vec<u8>) {
+    if n < 127 {
+        out.push(n as u8);
+        return;
+    }
+    out.push(127);
+    let mut rest = n - 127;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// HPACK block of a `GET /` to `authority`: static-table :method, :scheme and :path,
+/// literal :authority.
+fn h2_get(authority: &str) -> Vec<u8> {
+    let mut b = vec![0x82, 0x86, 0x84, 0x01];
+    hpack_len(authority.len(), &mut b);
+    b.extend_from_slice(authority.as_bytes());
+    b
+}
+
+fn h2_abuse(addr: &str, mode: &str) -> Res {
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const CONTINUATION: u8 = 9;
+    const END_STREAM: u8 = 1;
+    const END_HEADERS: u8 = 4;
+
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut c = TcpStream::connect_timeout(&sa, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut reader = c.try_clone().map_err(|e| e.to_string())?;
+    reader
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    // The reader acknowledges the server's SETTINGS and records GOAWAY and RST_STREAM.
+    let mut ack = c.try_clone().map_err(|e| e.to_string())?;
+    let seen = std::thread::spawn(move || {
+        let (mut goaway, mut resets) = (None::<u32>, std::collections::BTreeMap::<u32, u32>::new());
+        let mut head = [0u8; 9];
+        let closed = loop {
+            if let Err(e) = reader.read_exact(&mut head) {
+                break e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut;
+            }
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if reader.read_exact(&mut payload).is_err() {
+                break true;
+            }
+            let code = |at: usize| {
+                payload
+                    .get(at..at + 4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(u32::MAX)
+            };
+            match head[3] {
+                SETTINGS if head[4] & 1 == 0 => {
+                    let _ = ack.write_all(&h2_frame(SETTINGS, 1, 0, &[]));
+                }
+                GOAWAY => goaway = Some(code(4)),
+                RST_STREAM => *resets.entry(code(0)).or_default() += 1,
+                _ => {}
+            }
+        };
+        (goaway, resets, closed)
+    });
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    c.write_all(&h2_frame(SETTINGS, 0, 0, &[]))
+        .map_err(|e| e.to_string())?;
+    let get = h2_get(addr);
+    let mut sent = 0u64;
+    let mut send = |c: &mut TcpStream, frames: Vec<u8>, n: u64| -> bool {
+        let ok = c.write_all(&frames).is_ok();
+        if ok {
+            sent += n;
+        }
+        ok
+    };
+    match mode {
+        "rapid-reset" => {
+            // HEADERS then RST_STREAM(CANCEL) on 5,000 streams, 100 pairs per write.
+            'outer: for batch in 0..50u32 {
+                let mut frames = Vec::new();
+                for i in 0..100u32 {
+                    let id = (batch * 100 + i) * 2 + 1;
+                    frames.extend(h2_frame(HEADERS, END_STREAM | END_HEADERS, id, &get));
+                    frames.extend(h2_frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+                }
+                if !send(&mut c, frames, 200) {
+                    break 'outer;
+                }
+            }
+        }
+        "continuation" => {
+            // One header block that never ends: 16 KiB CONTINUATION frames, up to 64 MiB.
+            let mut field = vec![0x00];
+            hpack_len(7, &mut field);
+            field.extend_from_slice(b"x-flood");
+            hpack_len(16_000, &mut field);
+            field.extend(std::iter::repeat_n(b'a', 16_000));
+            if send(&mut c, h2_frame(HEADERS, END_STREAM, 1, &get), 1) {
+                for _ in 0..4096 {
+                    if !send(&mut c, h2_frame(CONTINUATION, 0, 1, &field), 1) {
+                        break;
+                    }
+                }
+            }
+        }
+        "streams" => {
+            let mut frames = Vec::new();
+            for i in 0..400u32 {
+                frames.extend(h2_frame(HEADERS, END_STREAM | END_HEADERS, i * 2 + 1, &get));
+            }
+            send(&mut c, frames, 400);
+        }
+        "window" => {
+            // A request body far beyond the stream window, to a server not reading it.
+            if send(&mut c, h2_frame(HEADERS, END_HEADERS, 1, &get), 1) {
+                let chunk = vec![b'd'; 16_384];
+                for _ in 0..200 {
+                    if !send(&mut c, h2_frame(DATA, 0, 1, &chunk), 1) {
+                        break;
+                    }
+                }
+            }
+        }
+        other => return Err(format!("unknown mode {other}")),
+    }
+    let (goaway, resets, closed) = seen.join().map_err(|_| "reader panicked")?;
+    let resets: Vec<String> = resets.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    println!(
+        "{{\"goaway\":{},\"resets\":{{{}}},\"closed\":{closed},\"sent\":{sent}}}",
+        goaway.map_or("null".into(), |g| g.to_string()),
+        resets.join(",")
+    );
+    Ok(())
 }

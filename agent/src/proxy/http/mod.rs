@@ -5,6 +5,7 @@
 //! `x-weft-reason` so an operator can tell them from the app's.
 
 mod client;
+mod framing;
 pub mod routing;
 
 use std::{
@@ -45,8 +46,40 @@ use crate::{
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long a client may take to send a request's headers (hyper has no default).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The limits every client connection gets (docs/configuration.md, "Safe limits").
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How long an HTTP/1.1 client may take to send a request's head (hyper has none
+    /// unless a timer and this are set).
+    pub header_read_timeout: Duration,
+    /// Header fields in one HTTP/1.1 request (hyper answers 431 above it).
+    pub max_headers: usize,
+    /// Bytes of one request head: HTTP/1.1 buffer (431 above it), HTTP/2 header list.
+    pub max_header_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
+    /// Streams a client may open and reset before they are served (rapid reset,
+    /// CVE-2023-44487); beyond it, GOAWAY.
+    pub h2_max_pending_resets: usize,
+    /// Streams the server may reset for the client's protocol errors before GOAWAY.
+    pub h2_max_local_error_resets: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            h2_max_concurrent_streams: 256,
+            h2_stream_window: 1024 * 1024,
+            h2_connection_window: 4 * 1024 * 1024,
+            h2_max_pending_resets: 20,
+            h2_max_local_error_resets: 1024,
+        }
+    }
+}
 /// Endpoints a request is tried on when connecting fails (nothing reached a server).
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 /// The largest request body read into memory so it can be retried or mirrored; larger or
@@ -82,22 +115,47 @@ pub async fn serve(
     svc: Arc<ServiceEntry>,
     proto: Detected,
 ) {
-    let io = TokioIo::new(conn);
-    let downstream_h2 = proto == Detected::Http2;
-    let svc_fn = service_fn(move |req| {
-        let (ctx, clients, svc) = (ctx.clone(), clients.clone(), svc.clone());
-        async move { Ok::<_, Infallible>(handle(&ctx, &clients, &svc, req, downstream_h2).await) }
-    });
-    let res = if downstream_h2 {
+    let limits = ctx.inputs.http_limits;
+    let res = if proto == Detected::Http2 {
+        let svc_fn = service_fn(move |req| {
+            let (ctx, clients, svc) = (ctx.clone(), clients.clone(), svc.clone());
+            async move { Ok::<_, Infallible>(handle(&ctx, &clients, &svc, req, true).await) }
+        });
         http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .serve_connection(io, svc_fn)
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .initial_stream_window_size(limits.h2_stream_window)
+            .initial_connection_window_size(limits.h2_connection_window)
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
+            .max_local_error_reset_streams(limits.h2_max_local_error_resets)
+            .serve_connection(TokioIo::new(conn), svc_fn)
             .await
     } else {
+        // HTTP/1.1: the framing of every request is followed so one that carries both
+        // Content-Length and Transfer-Encoding is refused (see framing.rs).
+        let (io, conflicting) = framing::Inspected::new(conn);
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let svc_fn = service_fn(move |req| {
+            let (ctx, clients, svc) = (ctx.clone(), clients.clone(), svc.clone());
+            let index = seen.fetch_add(1, Relaxed);
+            let smuggled = conflicting.load(Relaxed) == index;
+            async move {
+                if smuggled {
+                    let mut r = reply(StatusCode::BAD_REQUEST, "conflicting-framing");
+                    r.headers_mut()
+                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                    return Ok::<_, Infallible>(r);
+                }
+                Ok(handle(&ctx, &clients, &svc, req, false).await)
+            }
+        });
         http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(io, svc_fn)
+            .header_read_timeout(limits.header_read_timeout)
+            .max_headers(limits.max_headers)
+            .max_header_size(limits.max_header_bytes)
+            .serve_connection(TokioIo::new(io), svc_fn)
             .with_upgrades()
             .await
     };

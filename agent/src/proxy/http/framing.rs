@@ -1,0 +1,280 @@
+//! Request smuggling guard for HTTP/1.1 clients. hyper reads a request carrying both
+//! `Content-Length` and `Transfer-Encoding` by its chunked framing, drops the length and
+//! closes the connection afterwards; weft goes further and refuses such a request with
+//! 400, because two framings in one request mean some hop on the path may read it
+//! differently. hyper has removed the evidence by the time the request reaches the proxy,
+//! so [`Inspected`] follows the request framing of the bytes the client sends (heads,
+//! content-length and chunked bodies) and notes which request, counted from 0, had both.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    task::{Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Longest request head followed; longer ones are hyper's to refuse (431).
+const MAX_HEAD: usize = 256 * 1024;
+
+#[derive(Debug)]
+enum State {
+    /// Collecting a request head.
+    Head(Vec<u8>),
+    /// Skipping this many body bytes.
+    Body(u64),
+    /// Reading a chunk-size line.
+    ChunkSize(Vec<u8>),
+    /// Skipping chunk data, then its CRLF.
+    ChunkData(u64),
+    /// Reading trailer lines after the last chunk, until an empty one.
+    Trailers(Vec<u8>),
+    /// No longer following: an upgrade, a framing we could not read, or the request
+    /// found (hyper closes the connection after it).
+    Stopped,
+}
+
+/// Follows the requests in a client's byte stream.
+#[derive(Debug)]
+pub struct Framing {
+    state: State,
+    /// Index of the next request head.
+    next: u64,
+    /// Index of the request with both framings, `u64::MAX` while none.
+    pub conflicting: Arc<AtomicU64>,
+}
+
+impl Default for Framing {
+    fn default() -> Self {
+        Self {
+            state: State::Head(Vec::new()),
+            next: 0,
+            conflicting: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+}
+
+impl Framing {
+    /// Feed bytes the client sent.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Stopped => return,
+                State::Body(n) => {
+                    let k = (*n).min(data.len() as u64);
+                    *n -= k;
+                    data = &data[k as usize..];
+                    if *n == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                }
+                State::ChunkData(n) => {
+                    let k = (*n).min(data.len() as u64);
+                    *n -= k;
+                    data = &data[k as usize..];
+                    if *n == 0 {
+                        // The chunk's CRLF is read as an empty size line.
+                        self.state = State::ChunkSize(Vec::new());
+                    }
+                }
+                State::Head(buf) | State::ChunkSize(buf) | State::Trailers(buf) => {
+                    let Some(end) = data.iter().position(|&b| b == b'\n') else {
+                        buf.extend_from_slice(data);
+                        if buf.len() > MAX_HEAD {
+                            self.state = State::Stopped;
+                        }
+                        return;
+                    };
+                    buf.extend_from_slice(&data[..=end]);
+                    data = &data[end + 1..];
+                    self.line_done();
+                }
+            }
+        }
+    }
+
+    /// A line ended in the current line-based state.
+    fn line_done(&mut self) {
+        match &mut self.state {
+            State::Head(buf) => {
+                let blank = buf.ends_with(b"\r\n\r\n") || buf.ends_with(b"\n\n");
+                if buf == b"\r\n" || buf == b"\n" {
+                    buf.clear(); // blank lines between requests are allowed
+                } else if blank {
+                    let head = std::mem::take(buf);
+                    self.head_done(&head);
+                } else if buf.len() > MAX_HEAD {
+                    self.state = State::Stopped;
+                }
+            }
+            State::ChunkSize(buf) => {
+                let line = String::from_utf8_lossy(buf).trim().to_owned();
+                if line.is_empty() {
+                    buf.clear(); // the CRLF after chunk data
+                    return;
+                }
+                let hex = line.split(';').next().unwrap_or("").trim();
+                self.state = match u64::from_str_radix(hex, 16) {
+                    Ok(0) => State::Trailers(Vec::new()),
+                    Ok(n) => State::ChunkData(n),
+                    Err(_) => State::Stopped,
+                };
+            }
+            State::Trailers(buf) => {
+                if buf == b"\r\n" || buf == b"\n" {
+                    self.state = State::Head(Vec::new());
+                } else {
+                    buf.clear();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn head_done(&mut self, head: &[u8]) {
+        let index = self.next;
+        self.next += 1;
+        let text = String::from_utf8_lossy(head);
+        let mut lines = text.lines();
+        let request_line = lines.next().unwrap_or("");
+        let (mut length, mut chunked, mut te, mut upgrade) = (None, false, false, false);
+        for l in lines {
+            let Some((name, value)) = l.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse::<u64>().ok().or(Some(u64::MAX)),
+                "transfer-encoding" => {
+                    te = true;
+                    chunked = value.to_ascii_lowercase().trim_end().ends_with("chunked");
+                }
+                "upgrade" => upgrade = true,
+                _ => {}
+            }
+        }
+        self.state = if te && length.is_some() {
+            self.conflicting.store(index, Relaxed);
+            State::Stopped
+        } else if upgrade || request_line.starts_with("CONNECT ") {
+            State::Stopped
+        } else if te {
+            if chunked {
+                State::ChunkSize(Vec::new())
+            } else {
+                State::Stopped
+            }
+        } else {
+            match length {
+                None | Some(0) => State::Head(Vec::new()),
+                Some(u64::MAX) => State::Stopped,
+                Some(n) => State::Body(n),
+            }
+        };
+    }
+}
+
+/// A client connection whose incoming bytes pass through a [`Framing`].
+pub struct Inspected<T> {
+    inner: T,
+    framing: Framing,
+}
+
+impl<T> Inspected<T> {
+    pub fn new(inner: T) -> (Self, Arc<AtomicU64>) {
+        let framing = Framing::default();
+        let flag = framing.conflicting.clone();
+        (Self { inner, framing }, flag)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Inspected<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.framing.feed(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Inspected<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflicting(stream: &[u8], split: usize) -> u64 {
+        let mut f = Framing::default();
+        for part in stream.chunks(split) {
+            f.feed(part);
+        }
+        f.conflicting.load(Relaxed)
+    }
+
+    #[test]
+    fn finds_the_request_with_both_framings_after_others() {
+        let s = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n\
+POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello\
+POST /b HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nCL: 1\r\n0\r\nx-t: 1\r\n\r\n\
+POST /c HTTP/1.1\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+        for split in [1, 3, 7, 1000] {
+            assert_eq!(conflicting(s, split), 3, "split {split}");
+        }
+    }
+
+    #[test]
+    fn bodies_that_look_like_heads_are_skipped() {
+        let fake = "GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+        let s = format!(
+            "POST / HTTP/1.1\r\ncontent-length: {}\r\n\r\n{fake}",
+            fake.len()
+        );
+        assert_eq!(conflicting(s.as_bytes(), 5), u64::MAX);
+    }
+
+    #[test]
+    fn upgrades_stop_the_inspection() {
+        let s = b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\
+GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(conflicting(s, 10), u64::MAX);
+    }
+}
