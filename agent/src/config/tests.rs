@@ -125,6 +125,9 @@ fn every_documented_example_is_valid() {
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue; // traffic/: checked below, one feature at a time
+        }
         if let Err(e) = load_path(&path) {
             panic!("{} is invalid: {e}", path.display());
         }
@@ -223,4 +226,97 @@ fn route_errors_name_the_field() {
     );
     let e = err("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80, appProtocol: quic}]}\n");
     assert!(e.contains("spec.ports[0].appProtocol`: \"quic\""), "{e}");
+}
+
+/// docs/examples/traffic: each feature file, with the cluster it runs against.
+#[test]
+fn every_traffic_example_is_valid_with_its_cluster() {
+    use crate::config::{policy::Balancer, route::Filter};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/traffic");
+    let cluster = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
+    let example = |name: &str| {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap();
+        load_str(Path::new(name), &format!("{cluster}\n---\n{text}"))
+            .unwrap_or_else(|e| panic!("{name} is invalid: {e}"))
+    };
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name != "cluster.yaml" {
+            example(&name);
+            n += 1;
+        }
+    }
+    assert!(n >= 10, "examples missing from {}", dir.display());
+    let weights: Vec<u32> = example("canary.yaml").routes[0].rules[0]
+        .backends
+        .iter()
+        .map(|b| b.weight)
+        .collect();
+    assert_eq!(weights, [90, 10]);
+    let p = &example("balancing-and-outliers.yaml").policies[0].policy;
+    assert_eq!(p.balancer, Balancer::LeastRequest);
+    assert_eq!(p.outlier.as_ref().unwrap().max_ejection.as_secs(), 120);
+    let cb = &example("circuit-breaker.yaml").policies[0].policy.breaker;
+    assert_eq!(
+        (
+            cb.max_active_requests,
+            cb.max_pending_requests,
+            cb.max_connections
+        ),
+        (100, 50, Some(200))
+    );
+    let f = &example("fault-injection.yaml").routes[0].rules[0].filters[0];
+    assert!(matches!(f, Filter::Extension { fault: Some(x), .. } if x.abort == Some((503, 10))));
+    let rl = example("rate-limit.yaml");
+    assert_eq!(
+        rl.policies[0].policy.rate_limit.unwrap().burst,
+        100,
+        "burst defaults to the rate"
+    );
+    let retry = example("timeouts-and-retries.yaml").routes[0].rules[0]
+        .retry
+        .clone()
+        .unwrap();
+    assert_eq!((retry.codes, retry.attempts), (vec![502, 503], 2));
+}
+
+const POLICY_BASE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n";
+
+fn policy_error(doc: &str) -> String {
+    load_str(Path::new("p.yaml"), &format!("{POLICY_BASE}{doc}"))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn policy_errors_name_the_field() {
+    let e = policy_error("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec: {targetRef: {kind: Service, name: nope}}\n");
+    assert!(
+        e.contains("field `spec.targetRef.name`: no Service default/nope"),
+        "{e}"
+    );
+    let e = policy_error("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec: {targetRef: {kind: Service, name: web}, loadBalancer: Random}\n");
+    assert!(
+        e.contains("spec.loadBalancer") && e.contains("PeakEWMA, RoundRobin or LeastRequest"),
+        "{e}"
+    );
+    let two = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec: {targetRef: {kind: Service, name: web}}\n---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: q}\nspec: {targetRef: {kind: Service, name: web}}\n";
+    let e = policy_error(two);
+    assert!(
+        e.contains("(TrafficPolicy default/q)") && e.contains("already has a TrafficPolicy"),
+        "{e}"
+    );
+    let e = policy_error("apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec: {targetRef: {kind: Service, name: web}, outlierDetection: {baseEjectionTime: 1m, maxEjectionTime: 10s}}\n");
+    assert!(e.contains("spec.outlierDetection.maxEjectionTime"), "{e}");
+    let e = policy_error("apiVersion: weft.dev/v1alpha1\nkind: HTTPRouteFilter\nmetadata: {name: f}\nspec: {fault: {abort: {httpStatus: 700}}}\n");
+    assert!(e.contains("spec.fault.abort.httpStatus"), "{e}");
+    let e = policy_error("apiVersion: weft.dev/v1alpha1\nkind: HTTPRouteFilter\nmetadata: {name: f}\nspec: {rateLimit: {requestsPerSecond: 0}}\n");
+    assert!(e.contains("spec.rateLimit.requestsPerSecond"), "{e}");
+    let e = policy_error("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n    - filters: [{type: ExtensionRef, extensionRef: {group: weft.dev, kind: HTTPRouteFilter, name: nope}}]\n      backendRefs: [{name: web, port: 80}]\n");
+    assert!(
+        e.contains("spec.rules[0].filters[0].extensionRef.name")
+            && e.contains("no HTTPRouteFilter default/nope"),
+        "{e}"
+    );
 }
