@@ -93,8 +93,9 @@ pub struct NodeState {
     pub local: BTreeMap<Ipv4Addr, Workload>,
     /// Every workload of the cluster, by IP (to recognise peers and endpoints).
     pub workloads: HashMap<Ipv4Addr, Workload>,
-    /// TCP service ports by (`namespace/name`, port).
-    pub by_name: HashMap<(String, u16), Arc<ServiceEntry>>,
+    /// TCP service ports by namespace, then name (looked up per request without
+    /// allocating).
+    pub by_name: HashMap<String, HashMap<String, Vec<Arc<ServiceEntry>>>>,
     /// Token buckets of route rules' rate limits, by [`Filter::Extension`] `bucket`.
     pub buckets: HashMap<String, Arc<TokenBucket>>,
 }
@@ -120,7 +121,7 @@ impl NodeState {
             }
         }
         let mut services = BTreeMap::new();
-        let mut by_name = HashMap::new();
+        let mut by_name: HashMap<String, HashMap<String, Vec<Arc<ServiceEntry>>>> = HashMap::new();
         for svc in &cfg.services {
             let selected: Vec<usize> = match svc.selector.iter().next() {
                 None => vec![],
@@ -141,9 +142,8 @@ impl NodeState {
                     .map(|p| p.policy.clone())
                     .unwrap_or_default(),
             );
-            let id = svc.id();
             for port in &svc.ports {
-                let before = prev.and_then(|p| p.by_name.get(&(id.clone(), port.port)));
+                let before = prev.and_then(|p| p.service_in(&svc.namespace, &svc.name, port.port));
                 let endpoints = selected
                     .iter()
                     .filter_map(|&i| {
@@ -194,7 +194,12 @@ impl NodeState {
                     next: AtomicUsize::new(0),
                 });
                 if port.protocol == Protocol::Tcp {
-                    by_name.insert((svc.id(), port.port), entry.clone());
+                    by_name
+                        .entry(svc.namespace.clone())
+                        .or_default()
+                        .entry(svc.name.clone())
+                        .or_default()
+                        .push(entry.clone());
                 }
                 services.insert(addr, entry);
             }
@@ -236,9 +241,13 @@ impl NodeState {
         }
     }
 
-    /// A TCP service port by `namespace/name` and port (route backends).
-    pub fn service_named(&self, id: &str, port: u16) -> Option<&Arc<ServiceEntry>> {
-        self.by_name.get(&(id.to_owned(), port))
+    /// A TCP service port by namespace, name and port (route backends).
+    pub fn service_in(&self, namespace: &str, name: &str, port: u16) -> Option<&Arc<ServiceEntry>> {
+        self.by_name
+            .get(namespace)?
+            .get(name)?
+            .iter()
+            .find(|s| s.addr.vip.port() == port)
     }
 
     pub fn service(&self, vip: SocketAddrV4, protocol: Protocol) -> Option<&Arc<ServiceEntry>> {

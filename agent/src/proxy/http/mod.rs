@@ -241,7 +241,7 @@ async fn handle(
                 routing::pick_backend(&rule.backends, fastrand::u64(0..total.max(1))).and_then(
                     |b| {
                         state
-                            .service_named(&format!("{}/{}", svc.namespace, b.service), b.port)
+                            .service_in(&svc.namespace, &b.service, b.port)
                             .cloned()
                     },
                 )
@@ -372,7 +372,7 @@ async fn handle(
                     .inputs
                     .state
                     .load()
-                    .service_named(&format!("{}/{service}", svc.namespace), port)
+                    .service_in(&svc.namespace, service, port)
                     .cloned();
                 if let Some(target) = target {
                     m.http_mirrored.fetch_add(1, Relaxed);
