@@ -14,7 +14,7 @@ use std::{
 use crate::{
     config::{
         policy::TrafficPolicy,
-        route::{Filter, HttpRoute},
+        route::{Filter, HttpRoute, TlsRoute},
         AppProtocol, Config, Protocol, TargetPort, Workload,
     },
     traffic::{EndpointStats, Pool, ServiceTraffic, TokenBucket},
@@ -38,6 +38,8 @@ pub struct ServiceEntry {
     pub app_protocol: Option<AppProtocol>,
     /// HTTPRoutes attached to this service port, in name order.
     pub routes: Vec<Arc<HttpRoute>>,
+    /// TLSRoutes attached to this service port, in name order.
+    pub tls_routes: Vec<Arc<TlsRoute>>,
     /// The service's TrafficPolicy, or the defaults.
     pub policy: Arc<TrafficPolicy>,
     /// What requests to it have run up; kept across reloads.
@@ -182,6 +184,18 @@ impl NodeState {
                     .map(|r| Arc::new(r.clone()))
                     .collect();
                 routes.sort_by(|a, b| a.name.cmp(&b.name));
+                let mut tls_routes: Vec<Arc<TlsRoute>> = cfg
+                    .tls_routes
+                    .iter()
+                    .filter(|r| r.namespace == svc.namespace)
+                    .filter(|r| {
+                        r.parents
+                            .iter()
+                            .any(|(n, p)| *n == svc.name && p.is_none_or(|p| p == port.port))
+                    })
+                    .map(|r| Arc::new(r.clone()))
+                    .collect();
+                tls_routes.sort_by(|a, b| a.name.cmp(&b.name));
                 let entry = Arc::new(ServiceEntry {
                     name: svc.id(),
                     namespace: svc.namespace.clone(),
@@ -189,6 +203,7 @@ impl NodeState {
                     endpoints,
                     app_protocol: port.app_protocol,
                     routes,
+                    tls_routes,
                     policy: policy.clone(),
                     traffic: before.map(|b| b.traffic.clone()).unwrap_or_default(),
                     next: AtomicUsize::new(0),

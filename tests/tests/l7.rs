@@ -331,3 +331,74 @@ fn a_hundred_concurrent_http2_streams_on_one_connection() {
     );
     assert_eq!(a.stat("proxy", "outbound_http"), 1);
 }
+
+#[test]
+fn tls_is_routed_by_server_name() {
+    if !require_root("tls_is_routed_by_server_name") {
+        return;
+    }
+    let c = Cluster::builder("l7-sni")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("api", "b").label("app", "api").port(8443))
+        .pod(PodSpec::new("shop", "b").label("app", "shop").port(8443))
+        .service(
+            ServiceSpec::new("edge", "10.96.0.50")
+                .select("app", "api")
+                .tcp(443, 8443),
+        )
+        .service(
+            ServiceSpec::new("api", "10.96.0.51")
+                .select("app", "api")
+                .tcp(443, 8443),
+        )
+        .service(
+            ServiceSpec::new("shop", "10.96.0.52")
+                .select("app", "shop")
+                .tcp(443, 8443),
+        )
+        .build();
+    let routes = r#"apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: api}
+spec:
+  parentRefs: [{kind: Service, name: edge, port: 443}]
+  hostnames: [api.example.com]
+  rules: [{backendRefs: [{name: api, port: 443}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: shops}
+spec:
+  parentRefs: [{kind: Service, name: edge, port: 443}]
+  hostnames: ["*.shop.example.com"]
+  rules: [{backendRefs: [{name: shop, port: 443}]}]
+---
+"#;
+    c.write_config(&format!("{}{routes}", c.config_yaml()));
+    let a = c.start_agent("a", &[]);
+    let _b = c.start_agent("b", &[]);
+    let tp = bin("weft-testpod");
+    let _api = c
+        .pod("api")
+        .spawn(&c.dir, &tp, &["name-server", "8443", "api"]);
+    let _shop = c
+        .pod("shop")
+        .spawn(&c.dir, &tp, &["name-server", "8443", "shop"]);
+    c.pod("api").wait_listening(8443, SECS5);
+    c.pod("shop").wait_listening(8443, SECS5);
+    let hello = |name: &str| {
+        let out = c.pod("client").run(
+            tp.to_str().unwrap(),
+            &["tls-hello", "10.96.0.50:443", name],
+            Duration::from_secs(15),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(hello("api.example.com"), "api");
+    assert_eq!(hello("eu.shop.example.com"), "shop", "wildcard hostname");
+    assert_eq!(hello("other.example.com"), "closed", "no matching hostname");
+    assert_eq!(a.stat("proxy", "outbound_no_route"), 1);
+    assert_eq!(a.stat("proxy", "outbound_http"), 0, "TLS stays opaque");
+}

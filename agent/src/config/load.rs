@@ -301,6 +301,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     let mut pending_workloads = Vec::new();
     let mut pending_routes = Vec::new();
     let mut pending_policies = Vec::new();
+    let mut pending_tls = Vec::new();
     // HTTPRouteFilters by (namespace, name), for the routes that reference them.
     let mut route_filters: BTreeMap<(String, String), policy::RouteFilter> = BTreeMap::new();
     let mut vips: HashMap<(Ipv4Addr, u16, Protocol), String> = HashMap::new();
@@ -374,6 +375,17 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                     .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
                 route_filters.insert((ns, meta.name), f);
             }
+            ("gateway.networking.k8s.io/v1alpha2", "TLSRoute") => {
+                let spec: route::TlsRouteSpec = typed(&at, "spec", spec)?;
+                pending_tls.push((at, meta, ns, spec));
+            }
+            (_, "TLSRoute") => {
+                return Err(ConfigError::field(
+                    &at,
+                    "apiVersion",
+                    "must be gateway.networking.k8s.io/v1alpha2",
+                ));
+            }
             (_, "HTTPRoute") => {
                 return Err(ConfigError::field(
                     &at,
@@ -395,7 +407,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 return Err(ConfigError::field(
                     &at,
                     "kind",
-                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload, Service, HTTPRoute, TrafficPolicy or HTTPRouteFilter"),
+                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload, Service, HTTPRoute, TLSRoute, TrafficPolicy or HTTPRouteFilter"),
                 ));
             }
         }
@@ -415,12 +427,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     }
     // Routes last: they refer to Services declared anywhere in the source.
     for (at, meta, ns, spec) in pending_routes {
-        let ports: route::ServicePorts<'_> = cfg
-            .services
-            .iter()
-            .filter(|s| s.namespace == ns)
-            .map(|s| (s.name.as_str(), s.ports.iter().map(|p| p.port).collect()))
-            .collect();
+        let ports = service_ports(&cfg.services, &ns);
         let filters: route::RouteFilters<'_> = route_filters
             .iter()
             .filter(|((n, _), _)| *n == ns)
@@ -429,6 +436,12 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
         let r = route::convert(meta.name, ns, spec, &ports, &filters)
             .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
         cfg.routes.push(r);
+    }
+    for (at, meta, ns, spec) in pending_tls {
+        let ports = service_ports(&cfg.services, &ns);
+        let r = route::convert_tls(meta.name, ns, spec, &ports)
+            .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
+        cfg.tls_routes.push(r);
     }
     // Policies last too, and at most one per Service.
     let mut targeted: HashMap<(String, String), Location> = HashMap::new();
@@ -460,6 +473,15 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
         cfg.policies.push(p);
     }
     Ok(cfg)
+}
+
+/// The Services of `namespace` and their ports, for routes to refer to.
+fn service_ports<'a>(services: &'a [Service], namespace: &str) -> route::ServicePorts<'a> {
+    services
+        .iter()
+        .filter(|s| s.namespace == namespace)
+        .map(|s| (s.name.as_str(), s.ports.iter().map(|p| p.port).collect()))
+        .collect()
 }
 
 fn check_name(at: &Location, field: &str, name: &str) -> Result<(), ConfigError> {

@@ -12,6 +12,7 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub routes: Vec<super::route::HttpRoute>,
+    pub tls_routes: Vec<super::route::TlsRoute>,
     pub policies: Vec<super::policy::ServicePolicy>,
 }
 

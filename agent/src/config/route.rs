@@ -140,12 +140,101 @@ pub struct RouteRule {
     pub retry: Option<Retry>,
 }
 
+/// TLSRoute (`gateway.networking.k8s.io/v1alpha2`) attached to a Service: TLS
+/// connections to it are sent, by the server name of their ClientHello, to backend
+/// Services, still encrypted end to end.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsRoute {
+    pub name: String,
+    pub namespace: String,
+    pub parents: Vec<Parent>,
+    /// Lowercase names, or `*.` and a suffix.
+    pub hostnames: Vec<String>,
+    pub backends: Vec<BackendRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct TlsRouteSpec {
+    pub parent_refs: Vec<RawParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    pub rules: Vec<RawTlsRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawTlsRule {
+    pub backend_refs: Vec<RawBackendRef>,
+}
+
+/// Convert a parsed TLSRoute; errors are `(field, message)`.
+pub(super) fn convert_tls(
+    name: String,
+    namespace: String,
+    spec: TlsRouteSpec,
+    services: &ServicePorts<'_>,
+) -> Result<TlsRoute, (String, String)> {
+    let parents = convert_parents(spec.parent_refs, &namespace, services)?;
+    if spec.hostnames.is_empty() {
+        return Err((
+            "spec.hostnames".into(),
+            "a TLSRoute routes by server name: give at least one".into(),
+        ));
+    }
+    let mut hostnames = vec![];
+    for (i, h) in spec.hostnames.into_iter().enumerate() {
+        let h = h.to_ascii_lowercase();
+        let bare = h.strip_prefix("*.").unwrap_or(&h);
+        let ok = !bare.is_empty()
+            && bare.len() <= 253
+            && bare.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err((
+                format!("spec.hostnames[{i}]"),
+                format!("{h:?} is not a DNS name (or *. and one)"),
+            ));
+        }
+        hostnames.push(h);
+    }
+    let [rule] = <[RawTlsRule; 1]>::try_from(spec.rules).map_err(|_| {
+        (
+            "spec.rules".into(),
+            "a TLSRoute has exactly one rule".to_owned(),
+        )
+    })?;
+    let mut backends = vec![];
+    for (b, rb) in rule.backend_refs.into_iter().enumerate() {
+        backends.push(
+            convert_backend(rb, &namespace, services)
+                .map_err(|(x, m)| (format!("spec.rules[0].backendRefs[{b}]{x}"), m))?,
+        );
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err((
+            "spec.rules[0].backendRefs".into(),
+            "needs a backend with a weight above 0".into(),
+        ));
+    }
+    Ok(TlsRoute {
+        name,
+        namespace,
+        parents,
+        hostnames,
+        backends,
+    })
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpRoute {
     pub name: String,
     pub namespace: String,
     /// (Service name, port): the services this route applies to; no port means all.
-    pub parents: Vec<(String, Option<u16>)>,
+    pub parents: Vec<Parent>,
     pub rules: Vec<RouteRule>,
 }
 
@@ -411,41 +500,7 @@ pub(super) fn convert(
             "a mesh route needs at least one Service parent".into(),
         ));
     }
-    let mut parents = vec![];
-    for (i, p) in spec.parent_refs.into_iter().enumerate() {
-        let f = |x: &str| format!("spec.parentRefs[{i}]{x}");
-        if p.kind.as_deref().is_some_and(|k| k != "Service")
-            || p.group
-                .as_deref()
-                .is_some_and(|g| !g.is_empty() && g != "core")
-        {
-            return Err(err(
-                f(".kind"),
-                "weft routes attach to Services (kind: Service, group: \"\")".into(),
-            ));
-        }
-        if p.namespace.as_deref().is_some_and(|n| n != namespace) {
-            return Err(err(
-                f(".namespace"),
-                "must be the route's own namespace".into(),
-            ));
-        }
-        let Some(ports) = services.get(p.name.as_str()) else {
-            return Err(err(
-                f(".name"),
-                format!("no Service {namespace}/{} is declared", p.name),
-            ));
-        };
-        if let Some(port) = p.port {
-            if !ports.contains(&port) {
-                return Err(err(
-                    f(".port"),
-                    format!("Service {namespace}/{} has no port {port}", p.name),
-                ));
-            }
-        }
-        parents.push((p.name, p.port));
-    }
+    let parents = convert_parents(spec.parent_refs, &namespace, services)?;
     let mut rules = vec![];
     for (r, raw) in spec.rules.into_iter().enumerate() {
         let at = |x: &str| format!("spec.rules[{r}]{x}");
@@ -536,6 +591,54 @@ pub(super) fn convert(
         parents,
         rules,
     })
+}
+
+/// A route's parent: (Service name, port); no port means every port.
+pub type Parent = (String, Option<u16>);
+
+/// `parentRefs` -> (Service name, port): Services of the route's own namespace.
+fn convert_parents(
+    refs: Vec<RawParentRef>,
+    namespace: &str,
+    services: &ServicePorts<'_>,
+) -> Result<Vec<Parent>, (String, String)> {
+    let err = |f: String, m: String| (f, m);
+    let mut parents = vec![];
+    for (i, p) in refs.into_iter().enumerate() {
+        let f = |x: &str| format!("spec.parentRefs[{i}]{x}");
+        if p.kind.as_deref().is_some_and(|k| k != "Service")
+            || p.group
+                .as_deref()
+                .is_some_and(|g| !g.is_empty() && g != "core")
+        {
+            return Err(err(
+                f(".kind"),
+                "weft routes attach to Services (kind: Service, group: \"\")".into(),
+            ));
+        }
+        if p.namespace.as_deref().is_some_and(|n| n != namespace) {
+            return Err(err(
+                f(".namespace"),
+                "must be the route's own namespace".into(),
+            ));
+        }
+        let Some(ports) = services.get(p.name.as_str()) else {
+            return Err(err(
+                f(".name"),
+                format!("no Service {namespace}/{} is declared", p.name),
+            ));
+        };
+        if let Some(port) = p.port {
+            if !ports.contains(&port) {
+                return Err(err(
+                    f(".port"),
+                    format!("Service {namespace}/{} has no port {port}", p.name),
+                ));
+            }
+        }
+        parents.push((p.name, p.port));
+    }
+    Ok(parents)
 }
 
 fn string_match(kind: Option<&str>, value: String) -> Result<StringMatch, (String, String)> {

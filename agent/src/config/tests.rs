@@ -319,4 +319,9 @@ fn policy_errors_name_the_field() {
             && e.contains("no HTTPRouteFilter default/nope"),
         "{e}"
     );
+    let e = policy_error("apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: t}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  hostnames: [\"bad name\"]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n");
+    assert!(
+        e.contains("spec.hostnames[0]") && e.contains("not a DNS name"),
+        "{e}"
+    );
 }

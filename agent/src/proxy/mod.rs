@@ -12,6 +12,7 @@ pub mod detect;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod sni;
 pub mod tunnel;
 
 use std::{
@@ -65,6 +66,8 @@ pub struct Metrics {
     pub outbound_http: AtomicU64,
     pub outbound_no_orig_dst: AtomicU64,
     pub outbound_no_service: AtomicU64,
+    /// TLS connections whose server name no TLSRoute of their service matches.
+    pub outbound_no_route: AtomicU64,
     pub outbound_no_endpoint: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
     /// Requests sent again under a route's retry policy.
@@ -95,6 +98,7 @@ impl Metrics {
             ("outbound_http", g(&self.outbound_http)),
             ("outbound_no_orig_dst", g(&self.outbound_no_orig_dst)),
             ("outbound_no_service", g(&self.outbound_no_service)),
+            ("outbound_no_route", g(&self.outbound_no_route)),
             ("outbound_no_endpoint", g(&self.outbound_no_endpoint)),
             ("upstream_connect_errors", g(&self.upstream_connect_errors)),
             ("http_retries", g(&self.http_retries)),

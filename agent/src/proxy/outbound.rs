@@ -11,16 +11,20 @@ use super::{
     detect::{detect, Detected},
     dial,
     http::{self, Clients},
+    sni::{name_matches, peek_server_name},
     splice, ActiveGuard, PodCtx, PodListener, Reach,
 };
 use crate::{
     config::{AppProtocol, Protocol},
-    state::Endpoint,
+    state::{Endpoint, NodeState, ServiceEntry},
 };
 
 /// How long to wait for a client's first bytes before treating the connection as opaque
 /// TCP (server-speaks-first protocols send nothing).
 const DETECT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long to wait for a TLS client's ClientHello when routing by server name.
+const SNI_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Endpoints tried per connection before the client's connection is closed.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -96,6 +100,23 @@ async fn handle(ctx: PodCtx, clients: Arc<Clients>, conn: TcpStream, peer: Socke
         m.outbound_http.fetch_add(1, Ordering::Relaxed);
         return http::serve(ctx, clients, conn, svc, proto).await;
     }
+    // TLS to a service with TLSRoutes: the backend service is chosen by server name.
+    let svc = if proto == Detected::Tls && !svc.tls_routes.is_empty() {
+        let name = peek_server_name(&conn, SNI_WAIT).await;
+        let target = name
+            .as_deref()
+            .and_then(|n| tls_backend(&inputs.state.load(), &svc, n));
+        match target {
+            Some(target) => target,
+            None => {
+                m.outbound_no_route.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(service = %svc.name, server_name = ?name, "no TLSRoute hostname matches; closing the connection");
+                return;
+            }
+        }
+    } else {
+        svc
+    };
     let state = inputs.state.load();
     // Try up to three endpoints: a connect failure (endpoint gone, its node's agent down)
     // moves on to the next one instead of failing the client.
@@ -119,4 +140,21 @@ async fn handle(ctx: PodCtx, clients: Arc<Clients>, conn: TcpStream, peer: Socke
             }
         }
     }
+}
+
+/// The backend Service for a TLS connection asking for `name`: among the service's
+/// TLSRoutes, an exact hostname wins over a wildcard, a longer wildcard over a shorter
+/// one; then a backend by weight.
+fn tls_backend(state: &NodeState, svc: &ServiceEntry, name: &str) -> Option<Arc<ServiceEntry>> {
+    let (route, _) = svc
+        .tls_routes
+        .iter()
+        .flat_map(|r| r.hostnames.iter().map(move |h| (r, h)))
+        .filter(|(_, h)| name_matches(h, name))
+        .max_by_key(|(_, h)| (!h.starts_with("*."), h.len()))?;
+    let total = http::routing::total_weight(&route.backends);
+    let b = http::routing::pick_backend(&route.backends, fastrand::u64(0..total.max(1)))?;
+    state
+        .service_in(&svc.namespace, &b.service, b.port)
+        .cloned()
 }

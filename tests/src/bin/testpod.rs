@@ -23,6 +23,10 @@
 //!   `grpc-status: 0` and `x-saw-te` (the request's TE header).
 //! - `grpc-call ADDR`: one gRPC-shaped POST over h2c; prints the status and trailers as
 //!   JSON and fails without trailers.
+//! - `name-server PORT NAME`: reads what a client sends first, answers `NAME` and closes
+//!   (a stand-in for a TLS server: which backend got the connection).
+//! - `tls-hello ADDR NAME`: sends a TLS ClientHello asking for server name NAME and
+//!   prints the answer (`closed` if the connection closed without one).
 //! - `h1-abuse ADDR MODE`: one HTTP/1.1 request crossing a limit (`many-headers`: 150
 //!   fields, `big-header`: one 80 KiB field, `smuggle`: Content-Length with
 //!   Transfer-Encoding, `slow-head`: half a head, then nothing); prints JSON with the
@@ -75,6 +79,8 @@ fn main() -> ExitCode {
         ["http-load", addr, path, n, conc, opts @ ..] => http_load(addr, path, n, conc, opts),
         ["grpc-server", port] => grpc_server(port),
         ["h1-abuse", addr, mode] => h1_abuse(addr, mode),
+        ["name-server", port, name] => name_server(port, name),
+        ["tls-hello", addr, name] => tls_hello(addr, name),
         ["h2-abuse", addr, mode] => h2_abuse(addr, mode),
         ["grpc-call", addr] => grpc_call(addr),
         ["udp-query", addr, name] => udp_query(addr, name),
@@ -1069,5 +1075,62 @@ fn h2_abuse(addr: &str, mode: &str) -> Res {
         goaway.map_or("null".into(), |g| g.to_string()),
         resets.join(",")
     );
+    Ok(())
+}
+
+fn name_server(port: &str, name: &str) -> Res {
+    let l = listen(port)?;
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut b = [0u8; 4096];
+            if let Ok(n) = c.read(&mut b) {
+                if n > 0 {
+                    println!("served {n} bytes");
+                    let _ = c.write_all(format!("{name}\n").as_bytes());
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A minimal TLS 1.2-shaped ClientHello with one cipher suite and a server_name.
+fn client_hello(name: &str) -> Vec<u8> {
+    let be = |n: usize| (n as u16).to_be_bytes();
+    let mut sni = vec![0u8];
+    sni.extend(be(name.len()));
+    sni.extend(name.as_bytes());
+    let mut ext = vec![0, 0];
+    ext.extend(be(sni.len() + 2));
+    ext.extend(be(sni.len()));
+    ext.extend(sni);
+    let mut body = vec![3, 3];
+    body.extend([7u8; 32]);
+    body.extend([0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend(be(ext.len()));
+    body.extend(ext);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend(be(body.len() + 4));
+    rec.extend([1, 0]);
+    rec.extend(be(body.len()));
+    rec.extend(body);
+    rec
+}
+
+fn tls_hello(addr: &str, name: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(8)))
+        .map_err(|e| e.to_string())?;
+    c.write_all(&client_hello(name))
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = String::new();
+    let _ = c.read_to_string(&mut got);
+    let got = got.trim();
+    println!("{}", if got.is_empty() { "closed" } else { got });
     Ok(())
 }
