@@ -5,10 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
 };
 
 use crate::{
@@ -44,8 +41,6 @@ pub struct ServiceEntry {
     pub policy: Arc<TrafficPolicy>,
     /// What requests to it have run up; kept across reloads.
     pub traffic: Arc<ServiceTraffic>,
-    /// Round-robin cursor of the L4 proxy.
-    next: AtomicUsize,
 }
 
 impl Pool for ServiceEntry {
@@ -66,7 +61,7 @@ impl ServiceEntry {
         let start = if len == 0 {
             0
         } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % len
+            self.traffic.rr.fetch_add(1, Ordering::Relaxed) % len
         };
         (0..n.min(len)).map(move |i| &self.endpoints[(start + i) % len])
     }
@@ -206,7 +201,6 @@ impl NodeState {
                     tls_routes,
                     policy: policy.clone(),
                     traffic: before.map(|b| b.traffic.clone()).unwrap_or_default(),
-                    next: AtomicUsize::new(0),
                 });
                 if port.protocol == Protocol::Tcp {
                     by_name
