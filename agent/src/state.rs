@@ -11,8 +11,8 @@ use std::{
 use crate::{
     config::{
         policy::TrafficPolicy,
-        route::{Filter, HttpRoute, TlsRoute},
-        AppProtocol, Config, Protocol, TargetPort, Workload,
+        route::{Filter, HttpRoute, Parent, TlsRoute},
+        AppProtocol, Config, Protocol, Service, TargetPort, Workload,
     },
     traffic::{EndpointStats, Pool, ServiceTraffic, TokenBucket},
 };
@@ -167,30 +167,8 @@ impl NodeState {
                     vip: SocketAddrV4::new(svc.cluster_ip, port.port),
                     protocol: port.protocol,
                 };
-                let mut routes: Vec<Arc<HttpRoute>> = cfg
-                    .routes
-                    .iter()
-                    .filter(|r| r.namespace == svc.namespace)
-                    .filter(|r| {
-                        r.parents
-                            .iter()
-                            .any(|(n, p)| *n == svc.name && p.is_none_or(|p| p == port.port))
-                    })
-                    .map(|r| Arc::new(r.clone()))
-                    .collect();
-                routes.sort_by(|a, b| a.name.cmp(&b.name));
-                let mut tls_routes: Vec<Arc<TlsRoute>> = cfg
-                    .tls_routes
-                    .iter()
-                    .filter(|r| r.namespace == svc.namespace)
-                    .filter(|r| {
-                        r.parents
-                            .iter()
-                            .any(|(n, p)| *n == svc.name && p.is_none_or(|p| p == port.port))
-                    })
-                    .map(|r| Arc::new(r.clone()))
-                    .collect();
-                tls_routes.sort_by(|a, b| a.name.cmp(&b.name));
+                let routes = attached(&cfg.routes, svc, port.port);
+                let tls_routes = attached(&cfg.tls_routes, svc, port.port);
                 let entry = Arc::new(ServiceEntry {
                     name: svc.id(),
                     namespace: svc.namespace.clone(),
@@ -262,6 +240,54 @@ impl NodeState {
     pub fn service(&self, vip: SocketAddrV4, protocol: Protocol) -> Option<&Arc<ServiceEntry>> {
         self.services.get(&ServiceAddr { vip, protocol })
     }
+}
+
+/// A route kind that attaches to Services through `parentRefs`.
+trait Attaches: Clone {
+    fn name(&self) -> &str;
+    fn namespace(&self) -> &str;
+    fn parents(&self) -> &[Parent];
+}
+
+impl Attaches for HttpRoute {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn parents(&self) -> &[Parent] {
+        &self.parents
+    }
+}
+
+impl Attaches for TlsRoute {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn parents(&self) -> &[Parent] {
+        &self.parents
+    }
+}
+
+/// The routes attached to `port` of `svc` (a parent without a port takes every port), in
+/// name order.
+fn attached<R: Attaches>(routes: &[R], svc: &Service, port: u16) -> Vec<Arc<R>> {
+    let mut out: Vec<Arc<R>> = routes
+        .iter()
+        .filter(|r| r.namespace() == svc.namespace)
+        .filter(|r| {
+            r.parents()
+                .iter()
+                .any(|(n, p)| *n == svc.name && p.is_none_or(|p| p == port))
+        })
+        .map(|r| Arc::new(r.clone()))
+        .collect();
+    out.sort_by(|a, b| a.name().cmp(b.name()));
+    out
 }
 
 #[cfg(test)]

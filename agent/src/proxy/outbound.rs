@@ -152,8 +152,7 @@ fn tls_backend(state: &NodeState, svc: &ServiceEntry, name: &str) -> Option<Arc<
         .flat_map(|r| r.hostnames.iter().map(move |h| (r, h)))
         .filter(|(_, h)| name_matches(h, name))
         .max_by_key(|(_, h)| (!h.starts_with("*."), h.len()))?;
-    let total = http::routing::total_weight(&route.backends);
-    let b = http::routing::pick_backend(&route.backends, fastrand::u64(0..total.max(1)))?;
+    let b = http::routing::choose_backend(&route.backends)?;
     state
         .service_in(&svc.namespace, &b.service, b.port)
         .cloned()

@@ -398,10 +398,30 @@ fn read_head(c: &mut TcpStream) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
+/// An HTTP/2 (h2c, prior knowledge) client connection to `addr`, driven in the background.
+async fn h2_connect<B>(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("h2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 fn h2_streams(addr: &str, n: &str) -> Res {
     use http_body_util::{BodyExt as _, Empty};
     use hyper::{body::Bytes, Request};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let n: usize = n.parse().map_err(|e| format!("{n}: {e}"))?;
@@ -410,14 +430,7 @@ fn h2_streams(addr: &str, n: &str) -> Res {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .map_err(|e| format!("h2 handshake: {e}"))?;
-        tokio::spawn(conn);
+        let sender = h2_connect(addr).await?;
         let tasks: Vec<_> = (0..n.min(10_000))
             .map(|i| {
                 let mut sender = sender.clone();
@@ -826,7 +839,6 @@ impl hyper::body::Body for Frames {
 fn grpc_call(addr: &str) -> Res {
     use http_body_util::{BodyExt as _, Full};
     use hyper::{body::Bytes, Request};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -834,14 +846,7 @@ fn grpc_call(addr: &str) -> Res {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .map_err(|e| format!("h2 handshake: {e}"))?;
-        tokio::spawn(conn);
+        let mut sender = h2_connect(addr).await?;
         let req = Request::post(format!("http://{addr}/echo.Echo/Say"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")

@@ -236,16 +236,11 @@ async fn handle(
         let state = ctx.inputs.state.load();
         let backend = match rule {
             None => Some(svc.clone()),
-            Some(rule) => {
-                let total = routing::total_weight(&rule.backends);
-                routing::pick_backend(&rule.backends, fastrand::u64(0..total.max(1))).and_then(
-                    |b| {
-                        state
-                            .service_in(&svc.namespace, &b.service, b.port)
-                            .cloned()
-                    },
-                )
-            }
+            Some(rule) => routing::choose_backend(&rule.backends).and_then(|b| {
+                state
+                    .service_in(&svc.namespace, &b.service, b.port)
+                    .cloned()
+            }),
         };
         let buckets: Vec<_> = rule
             .into_iter()

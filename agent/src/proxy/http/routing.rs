@@ -114,6 +114,11 @@ pub fn total_weight(backends: &[BackendRef]) -> u64 {
     backends.iter().map(|b| u64::from(b.weight)).sum()
 }
 
+/// A backend picked at random by weight.
+pub fn choose_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
+    pick_backend(backends, fastrand::u64(0..total_weight(backends).max(1)))
+}
+
 /// Apply a header modifier (set replaces, add appends, remove deletes).
 pub fn change_headers(h: &mut HeaderMap, c: &HeaderChanges) {
     for (name, value) in &c.set {
