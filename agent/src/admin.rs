@@ -11,7 +11,7 @@ use tokio::{
     sync::Mutex,
 };
 
-use crate::{datapath::Datapath, proxy::Metrics, state::NodeState};
+use crate::{datapath::Datapath, metrics::Metrics, state::NodeState};
 
 /// What the control side publishes about itself.
 #[derive(Debug, Default, Clone, serde::Serialize)]

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use tokio::{
     net::UnixListener,
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, watch, Mutex},
+    sync::{mpsc, Mutex},
 };
 
 use crate::{
@@ -24,8 +24,8 @@ use crate::{
     datapath::{preflight, Datapath, DatapathOptions},
     enroll::{self, Enrolled},
     handoff::{self, Inherited},
-    netns::{HostNetns, PodNetns},
-    proxy::{Metrics, ProxyInputs},
+    netns::HostNetns,
+    proxy::{conn::Drain, socket::PodSockets, ProxyConfig, ProxyInputs},
     state::NodeState,
 };
 
@@ -44,7 +44,8 @@ pub struct AgentOptions {
     pub handoff_wait: Duration,
     /// How long open connections may take to finish once accepting stopped.
     pub drain_timeout: Duration,
-    pub http_limits: crate::proxy::http::Limits,
+    /// Timeouts and limits of the proxy.
+    pub proxy: ProxyConfig,
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -102,16 +103,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
 
     // 7. Proxy inputs, and every meshed pod of this node enrolled.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let metrics = Arc::new(Metrics::default());
-    let inputs = ProxyInputs {
-        state: state.clone(),
-        capture: Arc::new(capture),
-        pods: Arc::new(ArcSwap::from_pointee(HashMap::new())),
-        metrics: metrics.clone(),
-        stop: stop_rx,
-        http_limits: opts.http_limits,
-    };
+    let (drain_trigger, drain) = Drain::new();
+    let inputs = ProxyInputs::new(state.clone(), Arc::new(capture), opts.proxy, drain);
+    let metrics = inputs.metrics.clone();
     let host = HostNetns::current().context("opening the agent's own network namespace")?;
     let mut pods = Pods {
         enrolled: HashMap::new(),
@@ -230,18 +224,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
 
     // Drain: stop accepting, let open connections finish, keep the datapath pinned.
-    let _ = stop_tx.send(true);
+    drain_trigger.start();
     status.rcu(|s| Status {
         ready: false,
         draining: true,
         ..(**s).clone()
     });
     let deadline = Instant::now() + opts.drain_timeout;
-    while metrics.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    while metrics.active_connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tracing::info!(
-        open = metrics.active.load(Ordering::Relaxed),
+        open = metrics.active_connections.load(Ordering::Relaxed),
         "drained; exiting (eBPF programs and maps stay pinned)"
     );
     Ok(())
@@ -365,10 +359,10 @@ impl Pods {
             }
         }
         if changed {
-            let map: HashMap<Ipv4Addr, Arc<PodNetns>> = self
+            let map: HashMap<Ipv4Addr, Arc<dyn PodSockets>> = self
                 .enrolled
                 .iter()
-                .map(|(ip, e)| (*ip, e.netns.clone()))
+                .map(|(ip, e)| (*ip, e.netns.clone() as Arc<dyn PodSockets>))
                 .collect();
             self.inputs.pods.store(Arc::new(map));
         }

@@ -16,7 +16,14 @@ use crate::{
     datapath::{Datapath, DatapathError},
     handoff::{Inherited, ListenerKind},
     netns::{HostNetns, PodNetns},
-    proxy::{inbound::Inbound, outbound::Outbound, tunnel::TunnelServer, PodListener, ProxyInputs},
+    proxy::{
+        conn::{Pod, PodConns},
+        inbound::Inbound,
+        listener::PodListener,
+        outbound::Outbound,
+        tunnel::TunnelServer,
+        ProxyInputs,
+    },
 };
 
 const BACKLOG: i32 = 4096;
@@ -127,12 +134,16 @@ pub fn enroll(
         tokio::net::TcpListener::from_std(l).map_err(io("registering a listener"))
     };
     let ports = w.ports.iter().map(|p| p.port).collect();
+    let shared = Arc::new(Pod {
+        sockets: netns.clone(),
+        ip: w.ip,
+        inputs: inputs.clone(),
+        conns: Arc::new(PodConns::default()),
+    });
     let pod = |listener| -> Result<PodListener, EnrollError> {
         Ok(PodListener {
             listener: to_tokio(listener)?,
-            pod: netns.clone(),
-            pod_ip: w.ip,
-            inputs: inputs.clone(),
+            pod: shared.clone(),
         })
     };
     let tasks = vec![

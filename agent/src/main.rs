@@ -3,7 +3,21 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use weft_agent::{app, config};
+use weft_agent::{
+    app, config,
+    proxy::{
+        conn::{ConnLimits, Timeouts},
+        ProxyConfig,
+    },
+};
+
+/// A duration flag, written as the configuration writes them (10s, 500ms, 1h30m).
+fn duration(s: &str) -> Result<Duration, String> {
+    match config::route::parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -19,10 +33,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent for one node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a configuration file or directory without running anything.
     Validate {
-        /// A YAML file or a directory of them.
+        /// A YAML file, a directory of them, or `-` for standard input.
         path: PathBuf,
     },
 }
@@ -57,18 +71,46 @@ struct RunArgs {
     /// Tokio worker threads [default: number of CPUs].
     #[arg(long)]
     worker_threads: Option<usize>,
-    /// How often to look for configuration changes, in milliseconds.
-    #[arg(long, default_value_t = 500)]
-    reload_interval_ms: u64,
-    /// After SIGTERM, how long to keep serving while waiting for a new agent, in seconds.
-    #[arg(long, default_value_t = 5)]
-    handoff_wait_secs: u64,
-    /// How long open connections may take to finish when stopping, in seconds.
-    #[arg(long, default_value_t = 20)]
-    drain_timeout_secs: u64,
-    /// How long an HTTP/1.1 client may take to send a request head, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    header_read_timeout_ms: u64,
+    /// How often to look for configuration changes (durations: 500ms, 10s, 1h30m ...).
+    #[arg(long, default_value = "500ms", value_parser = duration)]
+    reload_interval: Duration,
+    /// After SIGTERM, how long to keep serving while waiting for a new agent.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    handoff_wait: Duration,
+    /// How long open connections may take to finish when stopping.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    drain_timeout: Duration,
+    /// Connecting to an endpoint, an app or a peer agent (each attempt).
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// How long a peer agent may take to answer a tunnel request.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    tunnel_answer_timeout: Duration,
+    /// How long a client may take to send a whole head: an HTTP/1 request head (also the
+    /// longest wait for the next request on a kept-alive HTTP/1 connection), a tunnel
+    /// request, an admin request, a TLS ClientHello routed by name.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    header_read_timeout: Duration,
+    /// A forwarded TCP connection with no byte either way, or an HTTP/2 connection with no
+    /// request, is closed after this.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    idle_timeout: Duration,
+    /// How often HTTP/2 connections (clients and upstreams) are pinged.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    http2_keepalive_interval: Duration,
+    /// How long an HTTP/2 ping may go unanswered before the connection is closed.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    http2_keepalive_timeout: Duration,
+    /// A request body read into memory (retries, mirrors) must arrive within this; a
+    /// streamed body may pause at most this long.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    request_body_timeout: Duration,
+    /// Connections the agent holds for one pod (its outbound ones and those to it).
+    #[arg(long, default_value_t = ConnLimits::DEFAULT_PER_POD)]
+    max_connections_per_pod: u32,
+    /// Connections the agent holds for the whole node.
+    #[arg(long, default_value_t = ConnLimits::DEFAULT_PER_NODE)]
+    max_connections: u32,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -77,7 +119,7 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { path } => match config::load_path(&path) {
+        Command::Validate { path } => match validate(&path) {
             Ok(cfg) => {
                 println!(
                     "{}: valid ({} nodes, {} workloads, {} services)",
@@ -93,8 +135,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     }
+}
+
+/// Load a configuration from a path, or from standard input for `-`.
+fn validate(path: &std::path::Path) -> Result<config::Config, config::ConfigError> {
+    if path != std::path::Path::new("-") {
+        return config::load_path(path);
+    }
+    let mut text = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+        eprintln!("reading standard input: {e}");
+    }
+    config::load_str(std::path::Path::new("<stdin>"), &text)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -130,12 +184,25 @@ fn run(args: RunArgs) -> ExitCode {
         bpffs: args.bpffs,
         btf: args.btf,
         accelerate: args.accelerate,
-        reload_interval: Duration::from_millis(args.reload_interval_ms.max(50)),
-        handoff_wait: Duration::from_secs(args.handoff_wait_secs),
-        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
-        http_limits: weft_agent::proxy::http::Limits {
-            header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(100)),
-            ..Default::default()
+        reload_interval: args.reload_interval.max(Duration::from_millis(50)),
+        handoff_wait: args.handoff_wait,
+        drain_timeout: args.drain_timeout,
+        proxy: ProxyConfig {
+            timeouts: Timeouts {
+                connect: args.connect_timeout,
+                tunnel_answer: args.tunnel_answer_timeout,
+                header_read: args.header_read_timeout,
+                idle: args.idle_timeout,
+                h2_keepalive_interval: args.http2_keepalive_interval,
+                h2_keepalive_timeout: args.http2_keepalive_timeout,
+                request_body: args.request_body_timeout,
+                ..Timeouts::default()
+            },
+            limits: ConnLimits {
+                per_pod: args.max_connections_per_pod,
+                per_node: args.max_connections,
+            },
+            ..ProxyConfig::default()
         },
     };
     match rt.block_on(app::run(opts)) {

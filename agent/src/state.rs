@@ -8,12 +8,15 @@ use std::{
     sync::{atomic::Ordering, Arc},
 };
 
+use hyper::http::uri::Authority;
+
 use crate::{
     config::{
         policy::TrafficPolicy,
         route::{Filter, HttpRoute, Parent, TlsRoute},
         AppProtocol, Config, Protocol, Service, TargetPort, Workload,
     },
+    proxy::http::plan::{Resolve, RoutePlan},
     traffic::{EndpointStats, Pool, ServiceTraffic, TokenBucket},
 };
 
@@ -33,8 +36,8 @@ pub struct ServiceEntry {
     pub endpoints: Vec<Endpoint>,
     /// What the port speaks, when declared (skips protocol detection).
     pub app_protocol: Option<AppProtocol>,
-    /// HTTPRoutes attached to this service port, in name order.
-    pub routes: Vec<Arc<HttpRoute>>,
+    /// The HTTPRoutes attached to this service port (in name order), compiled.
+    pub routes: RoutePlan,
     /// TLSRoutes attached to this service port, in name order.
     pub tls_routes: Vec<Arc<TlsRoute>>,
     /// The service's TrafficPolicy, or the defaults.
@@ -70,6 +73,9 @@ impl ServiceEntry {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Endpoint {
     pub addr: SocketAddrV4,
+    /// `addr` as a URI authority, made once for every request sent to it.
+    #[serde(skip)]
+    pub authority: Authority,
     /// `namespace/name` of the workload behind it.
     pub workload: Arc<str>,
     pub node: Arc<str>,
@@ -117,6 +123,45 @@ impl NodeState {
                     .push(i);
             }
         }
+        let mut buckets = HashMap::new();
+        for r in &cfg.routes {
+            for rule in &r.rules {
+                for f in &rule.filters {
+                    if let Filter::Extension {
+                        rate_limit: Some(_),
+                        bucket,
+                        ..
+                    } = f
+                    {
+                        let b = prev
+                            .and_then(|p| p.buckets.get(bucket))
+                            .cloned()
+                            .unwrap_or_default();
+                        buckets.insert(bucket.clone(), b);
+                    }
+                }
+            }
+        }
+        // Route backends and mirrors resolve to service addresses when compiled.
+        let by_id: HashMap<(&str, &str), &Service> = cfg
+            .services
+            .iter()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .collect();
+        let service_addr = |ns: &str, name: &str, port: u16| {
+            let s = by_id.get(&(ns, name))?;
+            s.ports
+                .iter()
+                .find(|p| p.port == port && p.protocol == Protocol::Tcp)
+                .map(|p| ServiceAddr {
+                    vip: SocketAddrV4::new(s.cluster_ip, p.port),
+                    protocol: p.protocol,
+                })
+        };
+        let resolve = Resolve {
+            service: &service_addr,
+            buckets: &buckets,
+        };
         let mut services = BTreeMap::new();
         let mut by_name: HashMap<String, HashMap<String, Vec<Arc<ServiceEntry>>>> = HashMap::new();
         for svc in &cfg.services {
@@ -156,6 +201,8 @@ impl NodeState {
                             .unwrap_or_default();
                         Some(Endpoint {
                             addr,
+                            authority: Authority::try_from(addr.to_string())
+                                .expect("an IPv4 address and port is an authority"),
                             workload: names[i].0.clone(),
                             node: names[i].1.clone(),
                             meshed: w.meshed,
@@ -167,7 +214,7 @@ impl NodeState {
                     vip: SocketAddrV4::new(svc.cluster_ip, port.port),
                     protocol: port.protocol,
                 };
-                let routes = attached(&cfg.routes, svc, port.port);
+                let routes = RoutePlan::compile(&attached(&cfg.routes, svc, port.port), &resolve);
                 let tls_routes = attached(&cfg.tls_routes, svc, port.port);
                 let entry = Arc::new(ServiceEntry {
                     name: svc.id(),
@@ -189,25 +236,6 @@ impl NodeState {
                         .push(entry.clone());
                 }
                 services.insert(addr, entry);
-            }
-        }
-        let mut buckets = HashMap::new();
-        for r in &cfg.routes {
-            for rule in &r.rules {
-                for f in &rule.filters {
-                    if let Filter::Extension {
-                        rate_limit: Some(_),
-                        bucket,
-                        ..
-                    } = f
-                    {
-                        let b = prev
-                            .and_then(|p| p.buckets.get(bucket))
-                            .cloned()
-                            .unwrap_or_default();
-                        buckets.insert(bucket.clone(), b);
-                    }
-                }
             }
         }
         let workloads: HashMap<_, _> = cfg.workloads.iter().map(|w| (w.ip, w.clone())).collect();

@@ -491,8 +491,8 @@ impl Cluster {
             "--run-dir",
             &run,
         ];
-        if !extra.contains(&"--reload-interval-ms") {
-            args.extend(["--reload-interval-ms", "100"]);
+        if !extra.contains(&"--reload-interval") {
+            args.extend(["--reload-interval", "100ms"]);
         }
         args.extend_from_slice(extra);
         let (cmd, keep) = command_in(

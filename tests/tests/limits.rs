@@ -98,7 +98,7 @@ fn still_serving(c: &Cluster) {
 
 fn start(c: &Cluster) -> (weft_e2e::Agent, weft_e2e::Agent, Vec<weft_e2e::Spawned>) {
     c.write_config(&format!("{}{HELD}", c.config_yaml()));
-    let a = c.start_agent("a", &["--header-read-timeout-ms", "500"]);
+    let a = c.start_agent("a", &["--header-read-timeout", "500ms"]);
     let b = c.start_agent("b", &[]);
     let tp = bin("weft-testpod");
     let web = c

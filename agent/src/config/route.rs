@@ -680,9 +680,10 @@ fn convert_match(m: RawMatch) -> Result<RouteMatch, (String, String)> {
     };
     let mut headers = vec![];
     for (i, h) in m.headers.into_iter().enumerate() {
+        let name = header_name(&h.name).map_err(|e| (format!(".headers[{i}].name"), e))?;
         let sm = string_match(h.kind.as_deref(), h.value)
             .map_err(|(x, e)| (format!(".headers[{i}]{x}"), e))?;
-        headers.push((h.name.to_ascii_lowercase(), sm));
+        headers.push((name, sm));
     }
     let mut query = vec![];
     for (i, q) in m.query_params.into_iter().enumerate() {
@@ -754,21 +755,43 @@ fn convert_backend(
     })
 }
 
-fn header_changes(h: RawHeaderChanges) -> HeaderChanges {
-    let pairs = |v: Vec<RawHeader>| {
+/// A header name as HTTP allows it, lowercased.
+fn header_name(name: &str) -> Result<String, String> {
+    hyper::header::HeaderName::from_bytes(name.as_bytes())
+        .map(|n| n.as_str().to_owned())
+        .map_err(|_| format!("{name:?} is not a valid HTTP header name"))
+}
+
+/// A header value as HTTP allows it (visible ASCII and spaces, no line breaks).
+fn header_value(value: &str) -> Result<(), String> {
+    hyper::header::HeaderValue::from_str(value)
+        .map(drop)
+        .map_err(|_| format!("{value:?} is not a valid HTTP header value"))
+}
+
+fn header_changes(h: RawHeaderChanges) -> Result<HeaderChanges, (String, String)> {
+    let pairs = |what: &str,
+                 v: Vec<RawHeader>|
+     -> Result<Vec<(String, String)>, (String, String)> {
         v.into_iter()
-            .map(|h| (h.name.to_ascii_lowercase(), h.value))
+            .enumerate()
+            .map(|(i, h)| {
+                let name = header_name(&h.name).map_err(|e| (format!(".{what}[{i}].name"), e))?;
+                header_value(&h.value).map_err(|e| (format!(".{what}[{i}].value"), e))?;
+                Ok((name, h.value))
+            })
             .collect()
     };
-    HeaderChanges {
-        set: pairs(h.set),
-        add: pairs(h.add),
+    Ok(HeaderChanges {
+        set: pairs("set", h.set)?,
+        add: pairs("add", h.add)?,
         remove: h
             .remove
-            .into_iter()
-            .map(|n| n.to_ascii_lowercase())
-            .collect(),
-    }
+            .iter()
+            .enumerate()
+            .map(|(i, n)| header_name(n).map_err(|e| (format!(".remove[{i}]"), e)))
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 fn path_modifier(
@@ -819,10 +842,13 @@ fn convert_filter(f: RawFilter, ctx: &FilterCtx<'_>) -> Result<Filter, (String, 
         )
     };
     match f.kind.as_str() {
-        "RequestHeaderModifier" => Ok(Filter::RequestHeaders(header_changes(f.request_header_modifier.ok_or_else(|| missing("requestHeaderModifier"))?))),
-        "ResponseHeaderModifier" => Ok(Filter::ResponseHeaders(header_changes(f.response_header_modifier.ok_or_else(|| missing("responseHeaderModifier"))?))),
+        "RequestHeaderModifier" => Ok(Filter::RequestHeaders(header_changes(f.request_header_modifier.ok_or_else(|| missing("requestHeaderModifier"))?).map_err(|(x, e)| (format!(".requestHeaderModifier{x}"), e))?)),
+        "ResponseHeaderModifier" => Ok(Filter::ResponseHeaders(header_changes(f.response_header_modifier.ok_or_else(|| missing("responseHeaderModifier"))?).map_err(|(x, e)| (format!(".responseHeaderModifier{x}"), e))?)),
         "URLRewrite" => {
             let r = f.url_rewrite.ok_or_else(|| missing("urlRewrite"))?;
+            if let Some(h) = &r.hostname {
+                header_value(h).map_err(|e| (".urlRewrite.hostname".to_owned(), e))?;
+            }
             let path = r.path.map(|p| path_modifier(p, matches)).transpose().map_err(|(x, e)| (format!(".urlRewrite{x}"), e))?;
             Ok(Filter::Rewrite { hostname: r.hostname, path })
         }
@@ -834,6 +860,9 @@ fn convert_filter(f: RawFilter, ctx: &FilterCtx<'_>) -> Result<Filter, (String, 
             }
             if r.scheme.as_deref().is_some_and(|s| s != "http" && s != "https") {
                 return Err((".requestRedirect.scheme".into(), "expected http or https".into()));
+            }
+            if let Some(h) = &r.hostname {
+                header_value(h).map_err(|e| (".requestRedirect.hostname".to_owned(), e))?;
             }
             let path = r.path.map(|p| path_modifier(p, matches)).transpose().map_err(|(x, e)| (format!(".requestRedirect{x}"), e))?;
             Ok(Filter::Redirect { scheme: r.scheme, hostname: r.hostname, path, port: r.port, status })

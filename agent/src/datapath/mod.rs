@@ -123,7 +123,9 @@ pub struct CaptureMaps {
 }
 
 impl CaptureMaps {
-    pub fn orig_dst(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// The original destination of a captured connection, removed from `ORIG_DST` as it
+    /// is read: an entry is used once, so the map holds only connections not yet accepted.
+    pub fn take_orig_dst(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4> {
         let key = ConnKey {
             netns_cookie,
             src_ip: raw_ip(*client.ip()),
@@ -131,6 +133,7 @@ impl CaptureMaps {
             _pad: 0,
         };
         let v = self.orig_dst.get(&key, 0).ok()?;
+        let _ = raw_delete(self.orig_dst.map().fd().as_fd(), &key);
         Some(SocketAddrV4::new(ip_of(v.ip), v.port))
     }
 
@@ -171,6 +174,27 @@ impl CaptureMaps {
 
 /// BPF_MAP_UPDATE_ELEM through a shared reference (aya's typed maps want `&mut` to write).
 fn raw_update<K, V>(fd: std::os::fd::BorrowedFd<'_>, key: &K, value: &V) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    raw_map_op(
+        BPF_MAP_UPDATE_ELEM,
+        fd,
+        key,
+        std::ptr::from_ref(value) as u64,
+    )
+}
+
+/// BPF_MAP_DELETE_ELEM through a shared reference.
+fn raw_delete<K>(fd: std::os::fd::BorrowedFd<'_>, key: &K) -> std::io::Result<()> {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    raw_map_op(BPF_MAP_DELETE_ELEM, fd, key, 0)
+}
+
+fn raw_map_op<K>(
+    cmd: libc::c_long,
+    fd: std::os::fd::BorrowedFd<'_>,
+    key: &K,
+    value: u64,
+) -> std::io::Result<()> {
     #[repr(C)]
     struct Attr {
         map_fd: u32,
@@ -179,20 +203,20 @@ fn raw_update<K, V>(fd: std::os::fd::BorrowedFd<'_>, key: &K, value: &V) -> std:
         value: u64,
         flags: u64,
     }
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     let attr = Attr {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,
         key: std::ptr::from_ref(key) as u64,
-        value: std::ptr::from_ref(value) as u64,
+        value,
         flags: 0,
     };
-    // SAFETY: attr points at a valid bpf_attr prefix for this command; key and value point
-    // at values of the map's key and value sizes, alive for the call.
+    // SAFETY: attr points at a valid bpf_attr prefix for these commands; key (and value,
+    // when the command reads one) point at values of the map's key and value sizes, alive
+    // for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
+            cmd,
             &raw const attr,
             std::mem::size_of::<Attr>(),
         )

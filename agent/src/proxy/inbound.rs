@@ -2,14 +2,12 @@
 //! The connection's local address is the original destination (the pod's IP and port);
 //! it is delivered to the app with the real client as source.
 
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    sync::atomic::Ordering,
-};
+use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::{deliver, splice, ActiveGuard, PodCtx, PodListener};
+use super::{conn::ConnCtx, dial, listener::PodListener, stream::forward};
+use crate::metrics::Metrics;
 
 /// The inbound listener (127.0.0.1:15006) inside one pod.
 pub struct Inbound(PodListener);
@@ -24,27 +22,21 @@ impl Inbound {
     }
 }
 
-async fn handle(ctx: PodCtx, conn: TcpStream, peer: SocketAddrV4) {
-    let PodCtx {
-        pod,
-        pod_ip,
-        inputs,
-    } = ctx;
-    let m = &inputs.metrics;
-    m.inbound_accepted.fetch_add(1, Ordering::Relaxed);
-    let _active = ActiveGuard::new(m);
+async fn handle(ctx: ConnCtx, conn: TcpStream) {
+    let (pod, peer) = (&ctx.pod, ctx.peer);
+    let m = ctx.metrics();
+    Metrics::inc(&m.inbound_accepted);
     let orig = match conn.local_addr() {
-        Ok(SocketAddr::V4(a)) if *a.ip() == pod_ip => a,
+        Ok(SocketAddr::V4(a)) if *a.ip() == pod.ip => a,
         other => {
-            tracing::warn!(?other, pod = %pod_ip, "inbound connection for another address; closing it");
+            tracing::warn!(?other, pod = %pod.ip, "inbound connection for another address; closing it");
             return;
         }
     };
-    match deliver(&*inputs.capture, &pod, *peer.ip(), orig).await {
-        Ok(app) => splice(m, conn, app).await,
-        Err(e) => {
-            m.upstream_connect_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%orig, %peer, error = %e, "delivering to the app failed");
+    match dial::deliver(ctx.inputs(), &*pod.sockets, *peer.ip(), orig).await {
+        Ok(app) => {
+            forward(m, conn, app, ctx.timeouts().idle).await;
         }
+        Err(e) => tracing::info!(%orig, %peer, error = %e, "delivering to the app failed"),
     }
 }

@@ -1,30 +1,29 @@
 //! Outbound: the listener on 127.0.0.1:15001 inside a pod, where connect4 sends the pod's
-//! service connects. Recovers the original destination, picks an endpoint, connects.
+//! service connects. Recovers the original destination, tells HTTP from the rest, and
+//! serves HTTP per request or forwards the bytes to an endpoint.
 
-use std::{net::SocketAddrV4, sync::atomic::Ordering};
+use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
 
-use std::sync::Arc;
-
 use super::{
+    conn::ConnCtx,
     detect::{detect, Detected},
-    dial,
+    dial::{dial, Reach},
     http::{self, Clients},
+    listener::PodListener,
     sni::{name_matches, peek_server_name},
-    splice, ActiveGuard, PodCtx, PodListener, Reach,
+    stream::forward,
 };
 use crate::{
     config::{AppProtocol, Protocol},
+    metrics::Metrics,
     state::{Endpoint, NodeState, ServiceEntry},
 };
 
 /// How long to wait for a client's first bytes before treating the connection as opaque
 /// TCP (server-speaks-first protocols send nothing).
-const DETECT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// How long to wait for a TLS client's ClientHello when routing by server name.
-const SNI_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const DETECT_WAIT: Duration = Duration::from_millis(100);
 
 /// Endpoints tried per connection before the client's connection is closed.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -38,43 +37,35 @@ impl Outbound {
     }
 
     pub async fn run(self) {
-        let l = &self.0;
-        let clients = Arc::new(Clients::new(PodCtx {
-            pod: l.pod.clone(),
-            pod_ip: l.pod_ip,
-            inputs: l.inputs.clone(),
-        }));
+        let clients = Arc::new(Clients::new(self.0.pod.clone()));
         self.0
-            .serve(move |ctx, conn, peer| {
+            .serve(move |ctx, conn| {
                 let clients = clients.clone();
-                async move { handle(ctx, clients, conn, peer).await }
+                async move { handle(ctx, clients, conn).await }
             })
             .await;
     }
 }
 
-async fn handle(ctx: PodCtx, clients: Arc<Clients>, conn: TcpStream, peer: SocketAddrV4) {
-    let PodCtx {
-        pod,
-        pod_ip,
-        inputs,
-    } = ctx.clone();
-    let m = &inputs.metrics;
-    m.outbound_accepted.fetch_add(1, Ordering::Relaxed);
-    let _active = ActiveGuard::new(m);
+async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
+    let (pod, peer) = (&ctx.pod, ctx.peer);
+    let inputs = ctx.inputs();
+    let m = ctx.metrics();
+    Metrics::inc(&m.outbound_accepted);
+    let cookie = pod.sockets.netns_cookie();
     // Before the agent writes a byte on this connection, so every byte it sends the app
     // takes the same path.
-    if let Err(e) = inputs.capture.accelerate(pod.cookie(), &conn) {
+    if let Err(e) = inputs.capture.accelerate(cookie, &conn) {
         tracing::debug!(error = %e, "could not add the connection to LOCAL_SOCKS");
     }
-    let Some(orig) = inputs.capture.orig_dst(pod.cookie(), peer) else {
-        m.outbound_no_orig_dst.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, pod = %pod_ip, "no original destination recorded for this connection; closing it");
+    let Some(orig) = inputs.capture.orig_dst(cookie, peer) else {
+        Metrics::inc(&m.outbound_no_orig_dst);
+        tracing::warn!(%peer, pod = %pod.ip, "no original destination recorded for this connection; closing it");
         return;
     };
     let Some(svc) = inputs.state.load().service(orig, Protocol::Tcp).cloned() else {
-        m.outbound_no_service.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%orig, pod = %pod_ip, "connection to an address that is no longer a service; closing it");
+        Metrics::inc(&m.outbound_no_service);
+        tracing::warn!(%orig, pod = %pod.ip, "connection to an address that is no longer a service; closing it");
         return;
     };
     // HTTP goes to the HTTP proxy; anything else (or a port declared tcp/tls) is forwarded
@@ -83,33 +74,40 @@ async fn handle(ctx: PodCtx, clients: Arc<Clients>, conn: TcpStream, peer: Socke
         Some(AppProtocol::Tcp | AppProtocol::Tls) => Detected::Opaque,
         _ => detect(&conn, DETECT_WAIT).await,
     };
-    let http = matches!(proto, Detected::Http1 | Detected::Http2);
+    let is_http = matches!(proto, Detected::Http1 | Detected::Http2);
     // The service's connection limit (circuit breaker): HTTP clients hear why.
     let _slot = match svc.traffic.connect(svc.policy.breaker.max_connections) {
         Ok(slot) => slot,
         Err(o) => {
-            m.http_circuit_open.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(service = %svc.name, "connection limit reached; refusing");
-            if http {
-                http::refuse(conn, proto, o.reason()).await;
+            if is_http {
+                http::refuse(&ctx, conn, proto, o.reason()).await;
+            } else {
+                Metrics::inc(&m.http_circuit_open);
             }
             return;
         }
     };
-    if http {
-        m.outbound_http.fetch_add(1, Ordering::Relaxed);
-        return http::serve(ctx, clients, conn, svc, proto).await;
+    if is_http {
+        Metrics::inc(&m.outbound_http);
+        return http::serve(ctx.clone(), clients, conn, svc, proto).await;
     }
     // TLS to a service with TLSRoutes: the backend service is chosen by server name.
     let svc = if proto == Detected::Tls && !svc.tls_routes.is_empty() {
-        let name = peek_server_name(&conn, SNI_WAIT).await;
+        let name = {
+            // Bounded: each read holds a 16 KiB buffer.
+            let Ok(_peek) = inputs.sni_peeks.acquire().await else {
+                return;
+            };
+            peek_server_name(&conn, ctx.timeouts().header_read).await
+        };
         let target = name
             .as_deref()
             .and_then(|n| tls_backend(&inputs.state.load(), &svc, n));
         match target {
             Some(target) => target,
             None => {
-                m.outbound_no_route.fetch_add(1, Ordering::Relaxed);
+                Metrics::inc(&m.outbound_no_route);
                 tracing::info!(service = %svc.name, server_name = ?name, "no TLSRoute hostname matches; closing the connection");
                 return;
             }
@@ -117,25 +115,26 @@ async fn handle(ctx: PodCtx, clients: Arc<Clients>, conn: TcpStream, peer: Socke
     } else {
         svc
     };
-    let state = inputs.state.load();
     // Try up to three endpoints: a connect failure (endpoint gone, its node's agent down)
     // moves on to the next one instead of failing the client.
-    let attempts = svc.endpoints.len().min(MAX_CONNECT_ATTEMPTS);
-    if attempts == 0 {
-        m.outbound_no_endpoint.fetch_add(1, Ordering::Relaxed);
+    let candidates: Vec<(Endpoint, Reach)> = {
+        let state = inputs.state.load();
+        svc.candidates(MAX_CONNECT_ATTEMPTS)
+            .map(|e| (e.clone(), Reach::of(&state, *e.addr.ip())))
+            .collect()
+    };
+    if candidates.is_empty() {
+        Metrics::inc(&m.outbound_no_endpoint);
         tracing::info!(service = %svc.name, "no endpoint; closing the connection");
         return;
     }
-    let candidates: Vec<(Endpoint, Reach)> = svc
-        .candidates(attempts)
-        .map(|e| (e.clone(), Reach::of(&state, *e.addr.ip())))
-        .collect();
-    drop(state);
     for (ep, reach) in candidates {
-        match dial(&inputs, &pod, pod_ip, ep.addr, reach).await {
-            Ok(upstream) => return splice(m, conn, upstream).await,
+        match dial(inputs, &*pod.sockets, pod.ip, ep.addr, reach).await {
+            Ok(upstream) => {
+                forward(m, conn, upstream, ctx.timeouts().idle).await;
+                return;
+            }
             Err(e) => {
-                m.upstream_connect_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(endpoint = %ep.addr, workload = %ep.workload, error = %e, "connecting to the endpoint failed");
             }
         }

@@ -3,16 +3,16 @@
 //! says which port it wants, and waits for a one-byte answer. The destination agent
 //! delivers to the app with the source pod's IP (the tunnel connection's peer) as source.
 //!
-//! Plaintext for now: the wire format below is the seam where mTLS (HTTP/2 CONNECT over
-//! rustls, with both workload identities checked) replaces it.
+//! Plaintext for now. Everything above this file sees only [`connect`] (returning a
+//! [`Stream`]) and [`TunnelServer`], so mTLS (HTTP/2 CONNECT over rustls, with both
+//! workload identities checked) replaces the wire format below without touching them.
 //!
 //! Request:  `WEFT` | version (1) | target IPv4 (4 bytes) | target port (u16, big endian)
 //! Response: one byte, [`Status`].
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
+    sync::Arc,
 };
 
 use tokio::{
@@ -20,14 +20,18 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{deliver, splice, ActiveGuard, PodCtx, PodListener};
-use crate::netns::PodNetns;
+use super::{
+    conn::{ConnCtx, Timeouts},
+    dial::{self, DialError},
+    listener::PodListener,
+    socket::PodSockets,
+    stream::{forward, Stream},
+};
+use crate::metrics::Metrics;
 
 const MAGIC: &[u8; 4] = b"WEFT";
 const VERSION: u8 = 1;
-const HEADER_LEN: usize = 11;
-/// How long a tunnel peer may take to send its header.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEADER_LEN: usize = 11;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -43,8 +47,10 @@ pub enum Status {
 pub enum TunnelError {
     #[error("malformed tunnel header")]
     Malformed,
-    #[error("tunnel peer answered {0:?}")]
+    #[error("the peer agent answered {0} (1: the app could not be reached, 2: request rejected)")]
     Refused(u8),
+    #[error("the peer agent closed the tunnel without answering: {0}")]
+    NoAnswer(std::io::Error),
 }
 
 pub fn encode(target: SocketAddrV4) -> [u8; HEADER_LEN] {
@@ -64,19 +70,35 @@ pub fn decode(h: &[u8; HEADER_LEN]) -> Result<SocketAddrV4, TunnelError> {
     Ok(SocketAddrV4::new(ip, u16::from_be_bytes([h[9], h[10]])))
 }
 
-/// Open a tunnelled connection from `src` (the client pod) to `target` on another node.
-pub async fn connect(src: &PodNetns, target: SocketAddrV4) -> std::io::Result<TcpStream> {
+/// Open a tunnelled connection from `src` (the client pod) to `target` on another node:
+/// connect within the connect timeout, then wait at most the tunnel answer timeout.
+pub async fn connect(
+    src: &dyn PodSockets,
+    target: SocketAddrV4,
+    t: &Timeouts,
+) -> Result<Stream, DialError> {
     let via = SocketAddrV4::new(*target.ip(), weft_common::TUNNEL_PORT);
-    let mut s = src.tcp_socket(None)?.connect(via.into()).await?;
-    s.write_all(&encode(target)).await?;
-    let status = s.read_u8().await?;
-    if status != Status::Connected as u8 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            TunnelError::Refused(status),
-        ));
+    let sock = src.tcp_socket(None).map_err(DialError::Socket)?;
+    let mut s = dial::connect(sock, via, t.connect).await?;
+    let tunnel = |source| DialError::Tunnel {
+        via,
+        target,
+        source,
+    };
+    let answer = async {
+        s.write_all(&encode(target)).await?;
+        s.read_u8().await
+    };
+    match tokio::time::timeout(t.tunnel_answer, answer).await {
+        Err(_) => Err(DialError::TunnelTimeout {
+            via,
+            target,
+            after: t.tunnel_answer,
+        }),
+        Ok(Err(e)) => Err(tunnel(TunnelError::NoAnswer(e))),
+        Ok(Ok(status)) if status == Status::Connected as u8 => Ok(Stream::Tcp(s)),
+        Ok(Ok(status)) => Err(tunnel(TunnelError::Refused(status))),
     }
-    Ok(s)
 }
 
 /// The tunnel listener (0.0.0.0:15008) inside one pod; `ports` are the pod's declared
@@ -97,41 +119,43 @@ impl TunnelServer {
     pub async fn run(self) {
         let ports = self.ports;
         self.listener
-            .serve(move |ctx, conn, peer| {
+            .serve(move |ctx, conn| {
                 let ports = ports.clone();
-                async move { handle(ctx, &ports, conn, peer).await }
+                async move { handle(ctx, &ports, conn).await }
             })
             .await;
     }
 }
 
-async fn handle(ctx: PodCtx, ports: &[u16], mut conn: TcpStream, peer: SocketAddrV4) {
-    let PodCtx {
-        pod,
-        pod_ip,
-        inputs,
-    } = ctx;
-    let m = &inputs.metrics;
-    let _active = ActiveGuard::new(m);
+async fn handle(ctx: ConnCtx, ports: &[u16], mut conn: TcpStream) {
+    let (pod, peer) = (&ctx.pod, ctx.peer);
+    let m = ctx.metrics();
     let mut h = [0u8; HEADER_LEN];
-    let target = match tokio::time::timeout(HEADER_TIMEOUT, conn.read_exact(&mut h)).await {
+    let target = match tokio::time::timeout(ctx.timeouts().header_read, conn.read_exact(&mut h))
+        .await
+    {
         Ok(Ok(_)) => decode(&h),
-        _ => Err(TunnelError::Malformed),
+        Ok(Err(_)) => Err(TunnelError::Malformed),
+        Err(_) => {
+            Metrics::inc(&m.header_read_timeouts);
+            tracing::debug!(%peer, pod = %pod.ip, "no tunnel request within the header read timeout; closing");
+            return;
+        }
     };
     let target = match target {
-        Ok(t) if *t.ip() == pod_ip && ports.contains(&t.port()) => t,
+        Ok(t) if *t.ip() == pod.ip && ports.contains(&t.port()) => t,
         other => {
-            m.tunnel_rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, ?other, pod = %pod_ip, "rejecting tunnel request");
+            Metrics::inc(&m.tunnel_rejected);
+            tracing::info!(%peer, ?other, pod = %pod.ip, "rejecting tunnel request");
             let _ = conn.write_u8(Status::Rejected as u8).await;
             return;
         }
     };
-    m.tunnel_accepted.fetch_add(1, Ordering::Relaxed);
-    match deliver(&*inputs.capture, &pod, *peer.ip(), target).await {
+    Metrics::inc(&m.tunnel_accepted);
+    match dial::deliver(ctx.inputs(), &*pod.sockets, *peer.ip(), target).await {
         Ok(app) => {
             if conn.write_u8(Status::Connected as u8).await.is_ok() {
-                splice(m, conn, app).await;
+                forward(m, conn, app, ctx.timeouts().idle).await;
             }
         }
         Err(e) => {

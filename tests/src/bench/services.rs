@@ -148,7 +148,7 @@ pub fn run(opts: &Options, r: &mut Results) {
         servers.push(c.pod(s).spawn(&c.dir, &tp, &["echo-server", "7000"]));
         c.pod(s).wait_listening(7000, Duration::from_secs(5));
     }
-    let agent = c.start_agent("a", &["--reload-interval-ms", "20"]);
+    let agent = c.start_agent("a", &["--reload-interval", "20ms"]);
     // Node c has no agent: its pods' service traffic goes by the node's iptables rules.
     c.pod("ipt-client")
         .exec("ip", &["route", "add", "10.96.0.0/12", "via", "10.244.2.1"]);

@@ -1,31 +1,47 @@
 //! Upstream HTTP clients of one pod: connection pools (HTTP/1.1 and HTTP/2) whose
-//! connections are opened the way weft reaches each endpoint ([`super::super::dial`]):
+//! connections are opened the way weft reaches each endpoint ([`crate::proxy::dial`]):
 //! inside the endpoint's pod, through its node's agent, or directly, always from the
-//! client pod so its address stays the source.
+//! client pod so its address stays the source, always under the connect timeout.
 
 use std::{
     future::Future,
     net::SocketAddrV4,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use hyper::Uri;
 use hyper_util::{
-    client::legacy::Client,
+    client::legacy::{
+        connect::{Connected, Connection},
+        Client,
+    },
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
-use tokio::net::TcpStream;
 
-use super::super::{dial, PodCtx, Reach};
+use crate::proxy::{
+    conn::Pod,
+    dial::{dial, Reach},
+    stream::Stream,
+};
+
+/// How long an unused pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
 
 /// Opens upstream connections for one pod. The URI's authority is the endpoint address.
 #[derive(Clone)]
-pub struct PodConnector(PodCtx);
+pub struct PodConnector(Arc<Pod>);
 
 impl tower_service::Service<Uri> for PodConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<Stream>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -34,7 +50,7 @@ impl tower_service::Service<Uri> for PodConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let ctx = self.0.clone();
+        let pod = self.0.clone();
         Box::pin(async move {
             let addr: SocketAddrV4 = uri
                 .authority()
@@ -45,9 +61,8 @@ impl tower_service::Service<Uri> for PodConnector {
                         format!("not an endpoint address: {uri}"),
                     )
                 })?;
-            let reach = Reach::of(&ctx.inputs.state.load(), *addr.ip());
-            let s = dial(&ctx.inputs, &ctx.pod, ctx.pod_ip, addr, reach).await?;
-            s.set_nodelay(true)?;
+            let reach = Reach::of(&pod.inputs.state.load(), *addr.ip());
+            let s = dial(&pod.inputs, &*pod.sockets, pod.ip, addr, reach).await?;
             Ok(TokioIo::new(s))
         })
     }
@@ -60,13 +75,16 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(ctx: PodCtx) -> Self {
-        let connector = PodConnector(ctx);
+    pub fn new(pod: Arc<Pod>) -> Self {
+        let t = pod.inputs.config.timeouts;
+        let connector = PodConnector(pod);
         let builder = || {
             let mut b = Client::builder(TokioExecutor::new());
-            b.pool_idle_timeout(Duration::from_secs(90))
+            b.pool_idle_timeout(POOL_IDLE)
                 .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new());
+                .timer(TokioTimer::new())
+                .http2_keep_alive_interval(t.h2_keepalive_interval)
+                .http2_keep_alive_timeout(t.h2_keepalive_timeout);
             b
         };
         Self {

@@ -5,12 +5,14 @@
 //! differently. hyper has removed the evidence by the time the request reaches the proxy,
 //! so [`Inspected`] follows the request framing of the bytes the client sends (heads,
 //! content-length and chunked bodies) and notes which request, counted from 0, had both.
+//! It follows every request of the connection, until a CONNECT or an upgrade the upstream
+//! accepted turns the bytes into something else.
 
 use std::{
     io,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc,
     },
     task::{Context, Poll},
@@ -33,9 +35,39 @@ enum State {
     ChunkData(u64),
     /// Reading trailer lines after the last chunk, until an empty one.
     Trailers(Vec<u8>),
-    /// No longer following: an upgrade, a framing we could not read, or the request
+    /// No longer following: a CONNECT, a framing we could not read, or the request
     /// found (hyper closes the connection after it).
     Stopped,
+}
+
+/// What the request handlers and the byte stream share about a connection's framing.
+#[derive(Debug)]
+pub struct Control {
+    /// Index of the request with both framings, `u64::MAX` while none.
+    conflicting: AtomicU64,
+    /// Set once the connection was upgraded: the bytes are no longer requests.
+    stopped: AtomicBool,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            conflicting: AtomicU64::new(u64::MAX),
+            stopped: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Control {
+    /// Did request `index` (from 0) carry both framings?
+    pub fn conflicting(&self, index: u64) -> bool {
+        self.conflicting.load(Relaxed) == index
+    }
+
+    /// Stop following: the connection was upgraded.
+    pub fn stop(&self) {
+        self.stopped.store(true, Relaxed);
+    }
 }
 
 /// Follows the requests in a client's byte stream.
@@ -44,8 +76,7 @@ pub struct Framing {
     state: State,
     /// Index of the next request head.
     next: u64,
-    /// Index of the request with both framings, `u64::MAX` while none.
-    pub conflicting: Arc<AtomicU64>,
+    pub control: Arc<Control>,
 }
 
 impl Default for Framing {
@@ -53,7 +84,7 @@ impl Default for Framing {
         Self {
             state: State::Head(Vec::new()),
             next: 0,
-            conflicting: Arc::new(AtomicU64::new(u64::MAX)),
+            control: Arc::new(Control::default()),
         }
     }
 }
@@ -141,7 +172,7 @@ impl Framing {
         let text = String::from_utf8_lossy(head);
         let mut lines = text.lines();
         let request_line = lines.next().unwrap_or("");
-        let (mut length, mut chunked, mut te, mut upgrade) = (None, false, false, false);
+        let (mut length, mut chunked, mut te) = (None, false, false);
         for l in lines {
             let Some((name, value)) = l.split_once(':') else {
                 continue;
@@ -153,14 +184,14 @@ impl Framing {
                     te = true;
                     chunked = value.to_ascii_lowercase().trim_end().ends_with("chunked");
                 }
-                "upgrade" => upgrade = true,
                 _ => {}
             }
         }
         self.state = if te && length.is_some() {
-            self.conflicting.store(index, Relaxed);
+            self.control.conflicting.store(index, Relaxed);
             State::Stopped
-        } else if upgrade || request_line.starts_with("CONNECT ") {
+        } else if request_line.starts_with("CONNECT ") {
+            // After a 2xx the connection is a tunnel (hyper upgrades it).
             State::Stopped
         } else if te {
             if chunked {
@@ -178,17 +209,31 @@ impl Framing {
     }
 }
 
-/// A client connection whose incoming bytes pass through a [`Framing`].
+/// A client connection whose incoming bytes pass through a [`Framing`] (HTTP/1.1), or
+/// through nothing (HTTP/2, which frames every request itself).
 pub struct Inspected<T> {
     inner: T,
-    framing: Framing,
+    framing: Option<Framing>,
 }
 
 impl<T> Inspected<T> {
-    pub fn new(inner: T) -> (Self, Arc<AtomicU64>) {
+    pub fn new(inner: T) -> (Self, Arc<Control>) {
         let framing = Framing::default();
-        let flag = framing.conflicting.clone();
-        (Self { inner, framing }, flag)
+        let control = framing.control.clone();
+        (
+            Self {
+                inner,
+                framing: Some(framing),
+            },
+            control,
+        )
+    }
+
+    pub fn passthrough(inner: T) -> Self {
+        Self {
+            inner,
+            framing: None,
+        }
     }
 }
 
@@ -201,8 +246,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Inspected<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            this.framing.feed(&buf.filled()[before..]);
+        if let (Poll::Ready(Ok(())), Some(f)) = (&r, &mut this.framing) {
+            if f.control.stopped.load(Relaxed) {
+                this.framing = None;
+            } else {
+                f.feed(&buf.filled()[before..]);
+            }
         }
         r
     }
@@ -247,7 +296,7 @@ mod tests {
         for part in stream.chunks(split) {
             f.feed(part);
         }
-        f.conflicting.load(Relaxed)
+        f.control.conflicting.load(Relaxed)
     }
 
     #[test]
@@ -272,8 +321,18 @@ POST /c HTTP/1.1\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n
     }
 
     #[test]
-    fn upgrades_stop_the_inspection() {
-        let s = b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\
+    fn requests_after_an_upgrade_header_are_still_checked() {
+        // An Upgrade header alone (or an upgrade the upstream declined) leaves the
+        // connection speaking HTTP: the next request is checked like any other.
+        let s = b"GET / HTTP/1.1\r\nupgrade: websocket\r\n\r\n\
+GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\
+GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(conflicting(s, 10), 2);
+    }
+
+    #[test]
+    fn connect_stops_the_inspection() {
+        let s = b"CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n\
 GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
         assert_eq!(conflicting(s, 10), u64::MAX);
     }

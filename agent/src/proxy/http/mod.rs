@@ -1,57 +1,74 @@
-//! The HTTP proxy for captured connections that speak HTTP/1.1 or HTTP/2 (h2c): each
-//! request is matched against the HTTPRoutes of the service it was sent to, changed by the
-//! rule's filters, sent to a backend service picked by weight, and from there to one of its
-//! endpoints over a pooled connection. Responses the proxy makes itself carry
-//! `x-weft-reason` so an operator can tell them from the app's.
+//! The HTTP proxy for captured connections that speak HTTP/1.1 or HTTP/2 (h2c). A client
+//! connection is served by hyper ([`serve`]), under the connection's timeouts and the drain
+//! signal; each request goes through five phases, each a function below:
+//!
+//! ```text
+//! route    the rule it matches (plan.rs), the backend service; redirects answer here
+//! admit    rate limits, injected faults, an endpoint to go to at all
+//! prepare  the upstream request: filters, hop-by-hop headers, the body (streamed, or
+//!          read into memory for retries and mirrors), mirrors sent off
+//! attempts the backend's circuit breaker, then endpoint choice, retries within the
+//!          budget, outlier reports (attempts.rs)
+//! respond  the answer on its way back: upgrades joined, response filters, the request
+//!          held busy until its body ends
+//! ```
+//!
+//! A phase that answers itself returns a [`ProxyError`], made into a response in one place
+//! ([`ProxyError::respond`]) with `x-weft-reason`.
 
+mod attempts;
+pub mod body;
 mod client;
 mod framing;
+pub mod plan;
 pub mod routing;
 
 use std::{
     convert::Infallible,
+    future::Future,
     pin::Pin,
-    sync::{atomic::Ordering::Relaxed, Arc},
-    task::{Context, Poll},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt as _, Full, Limited};
-use hyper::body::Body as _;
 use hyper::{
     body::Incoming,
-    header::{HeaderValue, HOST, LOCATION},
+    header::{HeaderValue, CONNECTION, HOST},
+    http::uri::PathAndQuery,
     server::conn::{http1, http2},
     service::service_fn,
-    Request, Response, StatusCode, Uri, Version,
+    Request, Response, StatusCode, Version,
 };
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 pub use client::Clients;
 
-use super::{detect::Detected, PodCtx};
+use self::{
+    attempts::Attempts,
+    body::{Body, ClientBody, ClientFault, RequestBody, Tracked},
+    plan::Rule,
+};
+use super::{
+    conn::ConnCtx,
+    detect::Detected,
+    error::{ProxyError, Reason},
+    stream::{forward, Clock},
+};
 use crate::{
-    config::{
-        route::{Filter, PathRewrite, Retry, RouteRule},
-        AppProtocol,
-    },
-    state::ServiceEntry,
-    traffic::{self, now_ns, ActiveSlot, InFlight},
+    config::AppProtocol,
+    metrics::{GaugeGuard, Metrics},
+    state::{ServiceAddr, ServiceEntry},
+    traffic,
 };
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
-
-/// The limits every client connection gets (docs/configuration.md, "Safe limits").
+/// The limits every client connection gets (docs/traffic.md, "Safe limits").
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// How long an HTTP/1.1 client may take to send a request's head (hyper has none
-    /// unless a timer and this are set).
-    pub header_read_timeout: Duration,
     /// Header fields in one HTTP/1.1 request (hyper answers 431 above it).
     pub max_headers: usize,
     /// Bytes of one request head: HTTP/1.1 buffer (431 above it), HTTP/2 header list.
@@ -69,7 +86,6 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            header_read_timeout: Duration::from_secs(30),
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             h2_max_concurrent_streams: 256,
@@ -80,684 +96,569 @@ impl Default for Limits {
         }
     }
 }
-/// Endpoints a request is tried on when connecting fails (nothing reached a server).
-const MAX_CONNECT_ATTEMPTS: usize = 3;
-/// The largest request body read into memory so it can be retried or mirrored; larger or
-/// unknown-length bodies stream through once.
-pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
+
 /// Wait before the n-th retry: n times the route's backoff, or this.
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 /// How long a mirrored request may take before it is dropped.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
-/// The reason header on every response the proxy generates.
-pub const REASON: &str = "x-weft-reason";
 
-/// A response made by the proxy, with its reason in a header and the body.
-pub fn reply(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("weft: {reason}\n")))
-            .map_err(|n: Infallible| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        REASON,
-        HeaderValue::from_str(reason).unwrap_or(HeaderValue::from_static("proxy")),
-    );
-    r
+/// One client connection being served as HTTP, for one service.
+struct HttpConn {
+    ctx: ConnCtx,
+    clients: Arc<Clients>,
+    svc: Arc<ServiceEntry>,
+    /// The client speaks HTTP/2.
+    h2: bool,
+    /// Requests in flight, and the last time one started or ended (idle timeout).
+    busy: AtomicUsize,
+    clock: Clock,
+    /// HTTP/1.1: the request framing the client's bytes showed (framing.rs).
+    framing: Option<Arc<framing::Control>>,
+    /// HTTP/1.1: requests seen so far on the connection.
+    seen: AtomicU64,
 }
 
 /// Serve one captured client connection as HTTP, for service `svc`.
 pub async fn serve(
-    ctx: PodCtx,
+    ctx: ConnCtx,
     clients: Arc<Clients>,
     conn: TcpStream,
     svc: Arc<ServiceEntry>,
     proto: Detected,
 ) {
-    let limits = ctx.inputs.http_limits;
-    let res = if proto == Detected::Http2 {
-        let svc_fn = service_fn(move |req| {
-            let (ctx, clients, svc) = (ctx.clone(), clients.clone(), svc.clone());
-            async move { Ok::<_, Infallible>(handle(&ctx, &clients, &svc, req, true).await) }
-        });
-        http2::Builder::new(TokioExecutor::new())
+    let limits = ctx.inputs().config.http;
+    let t = *ctx.timeouts();
+    let h2 = proto == Detected::Http2;
+    let (io, framing) = if h2 {
+        (framing::Inspected::passthrough(conn), None)
+    } else {
+        let (io, control) = framing::Inspected::new(conn);
+        (io, Some(control))
+    };
+    let st = Arc::new(HttpConn {
+        ctx,
+        clients,
+        svc,
+        h2,
+        busy: AtomicUsize::new(0),
+        clock: Clock::start(),
+        framing,
+        seen: AtomicU64::new(0),
+    });
+    let svc_fn = {
+        let st = st.clone();
+        service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(st.handle(req).await) }
+        })
+    };
+    let res = if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .keep_alive_interval(t.h2_keepalive_interval)
+            .keep_alive_timeout(t.h2_keepalive_timeout)
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
             .initial_stream_window_size(limits.h2_stream_window)
             .initial_connection_window_size(limits.h2_connection_window)
             .max_header_list_size(limits.max_header_bytes as u32)
             .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
             .max_local_error_reset_streams(limits.h2_max_local_error_resets)
-            .serve_connection(TokioIo::new(conn), svc_fn)
-            .await
+            .serve_connection(TokioIo::new(io), svc_fn);
+        st.drive(conn, |c| c.graceful_shutdown()).await
     } else {
-        // HTTP/1.1: the framing of every request is followed so one that carries both
-        // Content-Length and Transfer-Encoding is refused (see framing.rs).
-        let (io, conflicting) = framing::Inspected::new(conn);
-        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let svc_fn = service_fn(move |req| {
-            let (ctx, clients, svc) = (ctx.clone(), clients.clone(), svc.clone());
-            let index = seen.fetch_add(1, Relaxed);
-            let smuggled = conflicting.load(Relaxed) == index;
-            async move {
-                if smuggled {
-                    let mut r = reply(StatusCode::BAD_REQUEST, "conflicting-framing");
-                    r.headers_mut()
-                        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-                    return Ok::<_, Infallible>(r);
-                }
-                Ok(handle(&ctx, &clients, &svc, req, false).await)
-            }
-        });
-        http1::Builder::new()
+        let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(t.header_read)
             .max_headers(limits.max_headers)
             .max_header_size(limits.max_header_bytes)
             .serve_connection(TokioIo::new(io), svc_fn)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        st.drive(conn, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = res {
+        if e.is_timeout() {
+            Metrics::inc(&st.ctx.metrics().header_read_timeouts);
+        }
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 
 /// Answer every request of a connection the circuit breaker refused with 503 and `reason`,
 /// then close it.
-pub async fn refuse(conn: TcpStream, proto: Detected, reason: &'static str) {
+pub async fn refuse(ctx: &ConnCtx, conn: TcpStream, proto: Detected, reason: &'static str) {
+    let reason = if reason == Reason::CircuitOpenConnections.as_str() {
+        Reason::CircuitOpenConnections
+    } else {
+        Reason::CircuitOpenRequests
+    };
+    let metrics = ctx.inputs().metrics.clone();
     let io = TokioIo::new(conn);
-    let svc_fn = service_fn(move |_req| async move {
-        let mut r = reply(StatusCode::SERVICE_UNAVAILABLE, reason);
+    let svc_fn = service_fn(move |_req| {
+        let mut r = ProxyError::from(reason).respond(&metrics);
         r.headers_mut()
-            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-        Ok::<_, Infallible>(r)
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        async move { Ok::<_, Infallible>(r) }
     });
+    let wait = ctx.timeouts().header_read;
     let res = if proto == Detected::Http2 {
-        // Answered for a few seconds (HTTP/2 has no per-response close), then closed.
+        // Answered for the header read timeout (HTTP/2 has no per-response close), then
+        // closed.
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(8)
             .serve_connection(io, svc_fn);
-        tokio::time::timeout(Duration::from_secs(5), conn)
-            .await
-            .unwrap_or(Ok(()))
+        tokio::time::timeout(wait, conn).await.unwrap_or(Ok(()))
     } else {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(5))
+            .header_read_timeout(wait)
             .keep_alive(false)
             .serve_connection(io, svc_fn);
-        tokio::time::timeout(Duration::from_secs(5), conn)
-            .await
-            .unwrap_or(Ok(()))
+        tokio::time::timeout(wait, conn).await.unwrap_or(Ok(()))
     };
     if let Err(e) = res {
         tracing::debug!(error = %e, "refused connection ended with an error");
     }
 }
 
-async fn handle(
-    ctx: &PodCtx,
-    clients: &Clients,
-    svc: &Arc<ServiceEntry>,
-    mut req: Request<Incoming>,
-    downstream_h2: bool,
-) -> Response<Body> {
-    // An HTTP/1.1 Upgrade (WebSocket and the like): keep its headers, and once the
-    // upstream agrees (101) join the two upgraded connections.
-    let upgrade = routing::upgrade_of(req.headers()).filter(|_| !downstream_h2);
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let view = routing::RequestView {
-        method: req.method(),
-        uri: req.uri(),
-        headers: req.headers(),
-    };
-    let selected = routing::select(&svc.routes, &view);
-    if selected.is_none() && !svc.routes.is_empty() {
-        return reply(StatusCode::NOT_FOUND, "no-route");
+/// Where a request is going, once routed.
+struct Routed<'a> {
+    rule: Option<&'a Rule>,
+    /// The PathPrefix the rule matched by (for ReplacePrefixMatch).
+    prefix: Option<&'a str>,
+    backend: Arc<ServiceEntry>,
+}
+
+/// The upstream request, ready to be sent to an endpoint.
+struct Prepared {
+    parts: hyper::http::request::Parts,
+    path: PathAndQuery,
+    body: RequestBody,
+    fault: ClientFault,
+    /// The client asked to upgrade (HTTP/1.1): joined with the upstream's on 101.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    upstream_h2: bool,
+}
+
+/// Counts a request in flight on its connection, and as cancelled by the client if it is
+/// dropped (the client reset the stream or closed the connection) before it was answered.
+struct InProgress<'a> {
+    conn: &'a HttpConn,
+    answered: bool,
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.conn.busy.fetch_sub(1, Relaxed);
+        self.conn.clock.touch();
+        if !self.answered {
+            Metrics::inc(&self.conn.ctx.metrics().http_client_cancelled);
+        }
     }
-    let rule = selected.map(|(_, rule)| rule);
-    let matched_prefix = rule
-        .and_then(|r| routing::matched_prefix(r, &view))
-        .map(str::to_owned);
-    if let Some(redirect) = rule.and_then(|r| {
-        r.filters
-            .iter()
-            .find(|f| matches!(f, Filter::Redirect { .. }))
-    }) {
-        return redirect_response(redirect, &req, matched_prefix.as_deref());
+}
+
+impl HttpConn {
+    fn metrics(&self) -> &Metrics {
+        self.ctx.metrics()
     }
-    let m = &ctx.inputs.metrics;
-    // Which service: the rule's backends by weight, or the service itself without routes;
-    // and the rate limits that apply (the rule's, then the service's).
-    let (backend, buckets) = {
-        let state = ctx.inputs.state.load();
-        let backend = match rule {
-            None => Some(svc.clone()),
-            Some(rule) => routing::choose_backend(&rule.backends).and_then(|b| {
-                state
-                    .service_in(&svc.namespace, &b.service, b.port)
-                    .cloned()
-            }),
+
+    /// Run the connection until it ends: on drain, HTTP/2 gets GOAWAY at once, HTTP/1.1
+    /// answers with `Connection: close` and is closed after the drain grace; an HTTP/2
+    /// connection with no request for the idle timeout is closed.
+    async fn drive<C>(&self, conn: C, shutdown: fn(Pin<&mut C>)) -> Result<(), hyper::Error>
+    where
+        C: Future<Output = Result<(), hyper::Error>>,
+    {
+        tokio::pin!(conn);
+        let t = self.ctx.timeouts();
+        let drain = &self.ctx.inputs().drain;
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        let mut shut = false;
+        loop {
+            tokio::select! {
+                r = &mut conn => return r,
+                () = drain.signaled(), if grace_until.is_none() && !shut => {
+                    if self.h2 {
+                        shutdown(conn.as_mut());
+                        shut = true;
+                    } else {
+                        grace_until = Some(tokio::time::Instant::now() + t.drain_idle_grace);
+                    }
+                }
+                () = sleep_until(grace_until), if !shut => {
+                    shutdown(conn.as_mut());
+                    shut = true;
+                }
+                () = self.idle(t.idle), if self.h2 && !shut => {
+                    Metrics::inc(&self.metrics().http_idle_timeouts);
+                    shutdown(conn.as_mut());
+                    shut = true;
+                }
+            }
+        }
+    }
+
+    /// Resolves once no request has been in flight for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            self.clock.idle_for(idle).await;
+            if self.busy.load(Relaxed) == 0 {
+                return;
+            }
+            // Busy with a long request: look again one idle period from now.
+            self.clock.touch();
+        }
+    }
+
+    /// One request, through every phase; whatever the proxy answers itself is made into
+    /// a response here.
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        self.busy.fetch_add(1, Relaxed);
+        self.clock.touch();
+        let mut progress = InProgress {
+            conn: self,
+            answered: false,
         };
-        let buckets: Vec<_> = rule
-            .into_iter()
-            .flat_map(|r| &r.filters)
-            .filter_map(|f| match f {
-                Filter::Extension {
-                    rate_limit: Some(l),
-                    bucket,
-                    ..
-                } => Some((*l, state.buckets.get(bucket)?.clone())),
-                _ => None,
-            })
-            .collect();
-        (backend, buckets)
-    };
-    let service_limit = svc.policy.rate_limit.map(|l| (l, &svc.traffic.bucket));
-    let limited = buckets.iter().any(|(l, b)| !b.try_take(l))
-        || service_limit.is_some_and(|(l, b)| !b.try_take(&l));
-    if limited {
-        m.http_rate_limited.fetch_add(1, Relaxed);
-        let mut r = reply(StatusCode::TOO_MANY_REQUESTS, "rate-limited");
-        r.headers_mut()
-            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        let mut resp = match self.proxy(req).await {
+            Ok(r) => r,
+            Err(e) => e.respond(self.metrics()),
+        };
+        if !self.h2 {
+            // The client hears HTTP/1.1 whatever the upstream spoke; while draining it
+            // is told to take its next request elsewhere.
+            *resp.version_mut() = Version::HTTP_11;
+            if self.ctx.inputs().drain.is_draining() {
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        progress.answered = true;
+        resp
     }
-    for f in rule.into_iter().flat_map(|r| &r.filters) {
-        if let Filter::Extension {
-            fault: Some(fault), ..
-        } = f
-        {
+
+    async fn proxy(&self, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+        if let Some(f) = &self.framing {
+            // Requests arrive in order on an HTTP/1.1 connection.
+            if f.conflicting(self.seen.fetch_add(1, Relaxed)) {
+                return Err(Reason::ConflictingFraming.into());
+            }
+        }
+        let routed = self.route(&req)?;
+        self.admit(&routed).await?;
+        let prepared = self.prepare(req, &routed).await?;
+        let backend = &routed.backend;
+        let slot = backend
+            .traffic
+            .admit(&backend.policy.breaker)
+            .await
+            .map_err(|o| match o {
+                traffic::Overload::Connections => Reason::CircuitOpenConnections,
+                traffic::Overload::Requests => Reason::CircuitOpenRequests,
+            })?;
+        let rule = routed.rule;
+        let client = if prepared.upstream_h2 {
+            &self.clients.h2
+        } else {
+            &self.clients.h1
+        };
+        let attempts = Attempts {
+            ctx: &self.ctx,
+            client,
+            backend,
+            retry: rule.and_then(|r| r.retry.as_ref()),
+            backend_timeout: rule.and_then(|r| r.backend_timeout),
+            parts: &prepared.parts,
+            path: &prepared.path,
+            fault: &prepared.fault,
+        };
+        let run = attempts.run(prepared.body);
+        let (resp, in_flight) = match rule.and_then(|r| r.request_timeout) {
+            Some(t) => tokio::time::timeout(t, run)
+                .await
+                .map_err(|_| ProxyError::from(Reason::RequestTimeout))??,
+            None => run.await?,
+        };
+        Ok(self.respond(resp, rule, prepared.client_upgrade, (slot, in_flight)))
+    }
+
+    /// Phase 1: the rule and the backend service.
+    fn route<'a>(&'a self, req: &Request<Incoming>) -> Result<Routed<'a>, ProxyError> {
+        let plan = &self.svc.routes;
+        if plan.is_empty() {
+            return Ok(Routed {
+                rule: None,
+                prefix: None,
+                backend: self.svc.clone(),
+            });
+        }
+        let sel = plan
+            .select(req.method(), req.uri(), req.headers())
+            .ok_or(Reason::NoRoute)?;
+        if let Some(r) = &sel.rule.redirect {
+            let host = req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().host())
+                .unwrap_or("");
+            return Err(ProxyError {
+                location: r.location(req.uri(), host, sel.prefix),
+                ..ProxyError::with_status(Reason::Redirect, r.status)
+            });
+        }
+        let backend = sel
+            .rule
+            .choose_backend()
+            .and_then(|addr| self.ctx.inputs().state.load().services.get(&addr).cloned())
+            .ok_or(Reason::NoBackend)?;
+        Ok(Routed {
+            rule: Some(sel.rule),
+            prefix: sel.prefix,
+            backend,
+        })
+    }
+
+    /// Phase 2: rate limits (the rule's, then the service's), faults, and whether there
+    /// is an endpoint to go to at all.
+    async fn admit(&self, routed: &Routed<'_>) -> Result<(), ProxyError> {
+        let rule = routed.rule;
+        let limited = rule.is_some_and(|r| r.rate_limits.iter().any(|(l, b)| !b.try_take(l)))
+            || self
+                .svc
+                .policy
+                .rate_limit
+                .is_some_and(|l| !self.svc.traffic.bucket.try_take(&l));
+        if limited {
+            return Err(Reason::RateLimited.into());
+        }
+        for fault in rule.into_iter().flat_map(|r| &r.faults) {
             if let Some((delay, pct)) = fault.delay {
                 if fastrand::u32(0..100) < pct {
-                    m.http_faults.fetch_add(1, Relaxed);
+                    Metrics::inc(&self.metrics().http_faults);
                     tokio::time::sleep(delay).await;
                 }
             }
             if let Some((status, pct)) = fault.abort {
                 if fastrand::u32(0..100) < pct {
-                    m.http_faults.fetch_add(1, Relaxed);
                     let status =
                         StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                    return reply(status, "fault-injected");
+                    return Err(ProxyError::with_status(Reason::FaultInjected, status));
                 }
             }
         }
-    }
-    let Some(backend) = backend else {
-        return reply(StatusCode::SERVICE_UNAVAILABLE, "no-backend");
-    };
-    if backend.endpoints.is_empty() {
-        return reply(StatusCode::SERVICE_UNAVAILABLE, "no-healthy-endpoint");
+        if routed.backend.endpoints.is_empty() {
+            return Err(Reason::NoHealthyEndpoint.into());
+        }
+        Ok(())
     }
 
-    let (mut parts, body) = req.into_parts();
-    let mut path = parts.uri.path().to_owned();
-    let mut host_override = None;
-    let mut mirrors = vec![];
-    if let Some(rule) = rule {
-        for f in &rule.filters {
-            match f {
-                Filter::RequestHeaders(c) => routing::change_headers(&mut parts.headers, c),
-                Filter::Rewrite { hostname, path: p } => {
-                    if let Some(p) = p {
-                        path = routing::rewrite_path(&path, p, matched_prefix.as_deref());
-                    }
-                    host_override.clone_from(hostname);
+    /// Phase 3: the upstream request.
+    async fn prepare(
+        &self,
+        mut req: Request<Incoming>,
+        routed: &Routed<'_>,
+    ) -> Result<Prepared, ProxyError> {
+        let rule = routed.rule;
+        // An HTTP/1.1 Upgrade (WebSocket and the like): keep its headers, and once the
+        // upstream agrees (101) join the two upgraded connections.
+        let upgrade = (!self.h2)
+            .then(|| routing::upgrade_of(req.headers()))
+            .flatten();
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let path = match rule.and_then(|r| r.rewrite_path.as_ref()) {
+            None => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            Some(rw) => {
+                let mut p = routing::rewrite_path(parts.uri.path(), rw, routed.prefix);
+                if let Some(q) = parts.uri.query() {
+                    p.push('?');
+                    p.push_str(q);
                 }
-                Filter::Mirror {
-                    service,
-                    port,
-                    percent,
-                } if fastrand::u32(0..100) < *percent => mirrors.push((service, *port)),
-                _ => {}
+                PathAndQuery::try_from(p).map_err(|_| Reason::BadPath)?
             }
-        }
-    }
-    routing::strip_hop_by_hop(&mut parts.headers);
-    if let Some(u) = &upgrade {
-        parts.headers.insert(
-            hyper::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
-        parts.headers.insert(hyper::header::UPGRADE, u.clone());
-    }
-    if let Some(h) = host_override.and_then(|h| HeaderValue::from_str(&h).ok()) {
-        parts.headers.insert(HOST, h);
-    }
-    if let Some(q) = parts.uri.query() {
-        path.push('?');
-        path.push_str(q);
-    }
-    // The upstream speaks what the backend port declares, else what the client spoke;
-    // upgrades are HTTP/1.1 only.
-    let upstream_h2 = match backend.app_protocol {
-        Some(AppProtocol::Http2) => true,
-        Some(AppProtocol::Http) => false,
-        _ => downstream_h2,
-    } && upgrade.is_none();
-    parts.version = if upstream_h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let client = if upstream_h2 {
-        &clients.h2
-    } else {
-        &clients.h1
-    };
-
-    // A request is sent again (on a connect failure, or a retry) only if its body is
-    // known: none, or a small one with a declared length, read into memory first.
-    let retry = rule.and_then(|r| r.retry.as_ref());
-    let wants_copy = retry.is_some() || !mirrors.is_empty();
-    let mut body = RequestBody::Stream(Some(body));
-    if body.is_empty() {
-        body = RequestBody::Buffered(Bytes::new());
-    } else if wants_copy {
-        body = body.buffer().await;
-    }
-    for (service, port) in mirrors {
-        match &body {
-            RequestBody::Buffered(b) => {
-                let target = ctx
-                    .inputs
-                    .state
-                    .load()
-                    .service_in(&svc.namespace, service, port)
-                    .cloned();
-                if let Some(target) = target {
-                    m.http_mirrored.fetch_add(1, Relaxed);
-                    mirror(client.clone(), &target, &parts, &path, b.clone());
-                }
-            }
-            RequestBody::Stream(_) => {
-                m.http_mirror_skipped.fetch_add(1, Relaxed);
-                tracing::debug!("request body too large or of unknown length to mirror");
-            }
-        }
-    }
-
-    // The circuit breaker of the backend service: an active slot, maybe after waiting.
-    let slot = match backend.traffic.admit(&backend.policy.breaker).await {
-        Ok(s) => s,
-        Err(o) => {
-            m.http_circuit_open.fetch_add(1, Relaxed);
-            return reply(StatusCode::SERVICE_UNAVAILABLE, o.reason());
-        }
-    };
-    let attempt = Attempts {
-        ctx,
-        client,
-        backend: &backend,
-        retry,
-        backend_timeout: rule.and_then(|r| r.backend_timeout),
-        parts: &parts,
-        path: &path,
-    };
-    let result = match rule.and_then(|r| r.request_timeout) {
-        Some(t) => match tokio::time::timeout(t, attempt.run(body)).await {
-            Ok(r) => r,
-            Err(_) => Err(reply(StatusCode::GATEWAY_TIMEOUT, "request-timeout")),
-        },
-        None => attempt.run(body).await,
-    };
-    let (mut resp, in_flight) = match result {
-        Ok(r) => r,
-        Err(reply) => return reply,
-    };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_side) = client_upgrade {
-            let upstream_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(join_upgraded(client_side, upstream_side));
-            let (parts, body) = resp.into_parts();
-            return Response::from_parts(parts, body.boxed());
-        }
-    }
-    let (mut parts, body) = resp.into_parts();
-    routing::strip_hop_by_hop(&mut parts.headers);
-    if let Some(rule) = rule {
-        response_filters(rule, &mut parts.headers);
-    }
-    // The request stays active (breaker, least-request) until its response body ends.
-    let body = Tracked {
-        inner: body,
-        _held: (slot, in_flight),
-    };
-    Response::from_parts(parts, body.boxed())
-}
-
-/// A request body: as it streams from the client, or read into memory so it can be sent
-/// more than once.
-enum RequestBody {
-    /// `None` once sent.
-    Stream(Option<Incoming>),
-    Buffered(Bytes),
-}
-
-impl RequestBody {
-    fn is_empty(&self) -> bool {
-        match self {
-            Self::Stream(b) => b.as_ref().is_none_or(|b| b.is_end_stream()),
-            Self::Buffered(b) => b.is_empty(),
-        }
-    }
-
-    /// Read a body of declared length up to [`MAX_BUFFERED_BODY`] into memory; longer or
-    /// unknown-length bodies keep streaming (and are sent once).
-    async fn buffer(self) -> Self {
-        let Self::Stream(Some(b)) = self else {
-            return self;
         };
-        match b.size_hint().exact() {
-            Some(n) if n <= MAX_BUFFERED_BODY as u64 => {
-                match Limited::new(b, MAX_BUFFERED_BODY).collect().await {
-                    Ok(c) => Self::Buffered(c.to_bytes()),
-                    // The client broke off or lied about the length: nothing to send.
-                    Err(e) => {
-                        tracing::debug!(error = %e, "reading the request body failed");
-                        Self::Buffered(Bytes::new())
-                    }
+        // An HTTP/2 client names the host in :authority, an HTTP/1.1 upstream wants Host.
+        if !parts.headers.contains_key(HOST) {
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(HOST, v);
                 }
             }
-            _ => Self::Stream(Some(b)),
         }
+        routing::strip_hop_by_hop(&mut parts.headers);
+        if let Some(rule) = rule {
+            rule.request_headers.apply(&mut parts.headers);
+            if let Some(h) = &rule.rewrite_host {
+                parts.headers.insert(HOST, h.clone());
+            }
+        }
+        if let Some(u) = &upgrade {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(hyper::header::UPGRADE, u.clone());
+        }
+        // The upstream speaks what the backend port declares, else what the client spoke;
+        // upgrades are HTTP/1.1 only.
+        let upstream_h2 = match routed.backend.app_protocol {
+            Some(AppProtocol::Http2) => true,
+            Some(AppProtocol::Http) => false,
+            _ => self.h2,
+        } && upgrade.is_none();
+        parts.version = if upstream_h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+
+        // A request is sent again (on a connect failure, or a retry) only if its body is
+        // known: none, or a small one with a declared length, read into memory first.
+        let fault = ClientFault::default();
+        let t = self.ctx.timeouts();
+        let mut body =
+            RequestBody::Stream(Some(ClientBody::new(body, fault.clone(), t.request_body)));
+        let mirrors = rule.map_or(&[][..], |r| &r.mirrors);
+        if body.is_empty() {
+            body = RequestBody::Buffered(Bytes::new());
+        } else if rule.is_some_and(|r| r.retry.is_some()) || !mirrors.is_empty() {
+            body = body
+                .buffer(t.request_body)
+                .await
+                .map_err(ProxyError::from)?;
+        }
+        for m in mirrors {
+            if fastrand::u32(0..100) < m.percent {
+                self.mirror(m.target, &parts, &path, &body);
+            }
+        }
+        Ok(Prepared {
+            parts,
+            path,
+            body,
+            fault,
+            client_upgrade,
+            upstream_h2,
+        })
     }
 
-    fn replayable(&self) -> bool {
-        matches!(self, Self::Buffered(_))
+    /// Send a copy of a request to one endpoint of `target` and forget it: its answer, its
+    /// failure and its time never touch the client's response. Bounded per node.
+    fn mirror(
+        &self,
+        target: Option<ServiceAddr>,
+        parts: &hyper::http::request::Parts,
+        path: &PathAndQuery,
+        body: &RequestBody,
+    ) {
+        let m = self.metrics();
+        let RequestBody::Buffered(bytes) = body else {
+            Metrics::inc(&m.http_mirror_skipped);
+            return;
+        };
+        let Some(target) =
+            target.and_then(|a| self.ctx.inputs().state.load().services.get(&a).cloned())
+        else {
+            return;
+        };
+        let Ok(permit) = self.ctx.inputs().mirrors.clone().try_acquire_owned() else {
+            Metrics::inc(&m.http_mirror_skipped);
+            return;
+        };
+        let Some(i) = traffic::pick(
+            &*target,
+            target.policy.balancer,
+            &target.traffic.rr,
+            |_| false,
+            traffic::now_ns(),
+        ) else {
+            return;
+        };
+        let Ok(uri) = hyper::Uri::builder()
+            .scheme("http")
+            .authority(target.endpoints[i].authority.clone())
+            .path_and_query(path.clone())
+            .build()
+        else {
+            return;
+        };
+        Metrics::inc(&m.http_mirrored);
+        let mut req = Request::new(body::full(bytes.clone()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        let client = if parts.version == Version::HTTP_2 {
+            self.clients.h2.clone()
+        } else {
+            self.clients.h1.clone()
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(MIRROR_TIMEOUT, client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "mirrored request failed"),
+                Err(_) => tracing::debug!("mirrored request timed out"),
+            }
+        });
     }
 
-    /// The body for one attempt; `None` once a streamed body has been sent.
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            Self::Buffered(b) => Some(Full::new(b.clone()).map_err(|n| match n {}).boxed()),
-            Self::Stream(b) => b.take().map(|b| b.boxed()),
+    /// Phase 5: the upstream's answer on its way to the client.
+    fn respond<H: Send + Sync + Unpin + 'static>(
+        &self,
+        mut resp: Response<Incoming>,
+        rule: Option<&Rule>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        held: H,
+    ) -> Response<Body> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_side) = client_upgrade {
+                // From here the client's bytes are no longer HTTP requests.
+                if let Some(f) = &self.framing {
+                    f.stop();
+                }
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                let ctx = self.ctx.clone();
+                tokio::spawn(async move { join_upgraded(ctx, client_side, upstream_side).await });
+                return resp.map(body::incoming);
+            }
         }
+        let (mut parts, body) = resp.into_parts();
+        routing::strip_hop_by_hop(&mut parts.headers);
+        if let Some(rule) = rule {
+            rule.response_headers.apply(&mut parts.headers);
+        }
+        // The request stays active (breaker, least-request) until its response body ends.
+        Response::from_parts(parts, body::boxed(Tracked { inner: body, held }))
     }
 }
 
-/// Copy between the client's and the upstream's upgraded connections until both close.
-async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Copy between the client's and the upstream's upgraded connections until both close or
+/// neither sends anything for the idle timeout. The connection stays counted (its permit
+/// and the upgraded gauge) for as long.
+async fn join_upgraded(
+    ctx: ConnCtx,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let m = ctx.metrics();
+    let _upgraded = GaugeGuard::new(&m.upgraded_connections);
     match tokio::try_join!(client, upstream) {
         Ok((c, u)) => {
-            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
-            }
+            forward(m, TokioIo::new(c), TokioIo::new(u), ctx.timeouts().idle).await;
         }
         Err(e) => tracing::info!(error = %e, "upgrade failed"),
-    }
-}
-
-fn response_filters(rule: &RouteRule, h: &mut hyper::HeaderMap) {
-    for f in &rule.filters {
-        if let Filter::ResponseHeaders(c) = f {
-            routing::change_headers(h, c);
-        }
-    }
-}
-
-fn redirect_response(f: &Filter, req: &Request<Incoming>, matched: Option<&str>) -> Response<Body> {
-    let Filter::Redirect {
-        scheme,
-        hostname,
-        path,
-        port,
-        status,
-    } = f
-    else {
-        return reply(StatusCode::INTERNAL_SERVER_ERROR, "bad-redirect");
-    };
-    let req_host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .unwrap_or("");
-    let host = hostname
-        .clone()
-        .unwrap_or_else(|| req_host.split(':').next().unwrap_or("").to_owned());
-    let scheme = scheme.clone().unwrap_or_else(|| "http".into());
-    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
-    let p = match path {
-        Some(PathRewrite::Full(p)) => p.clone(),
-        Some(rw) => routing::rewrite_path(req.uri().path(), rw, matched),
-        None => req.uri().path().to_owned(),
-    };
-    let q = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let mut r = reply(
-        StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND),
-        "redirect",
-    );
-    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{port}{p}{q}")) {
-        r.headers_mut().insert(LOCATION, v);
-    }
-    r
-}
-
-/// The response body, holding the request's breaker slot and in-flight count until the
-/// body ends or the client goes away.
-struct Tracked {
-    inner: Incoming,
-    _held: (ActiveSlot, InFlight),
-}
-
-impl hyper::body::Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Send a copy of a request to one endpoint of `target` and forget it: its answer, its
-/// failure and its time never touch the client's response.
-fn mirror(
-    client: Client<client::PodConnector, Body>,
-    target: &ServiceEntry,
-    parts: &hyper::http::request::Parts,
-    path: &str,
-    body: Bytes,
-) {
-    let Some(i) = traffic::pick(
-        target,
-        target.policy.balancer,
-        &target.traffic.rr,
-        |_| false,
-        now_ns(),
-    ) else {
-        return;
-    };
-    let Ok(uri) = Uri::try_from(format!("http://{}{path}", target.endpoints[i].addr)) else {
-        return;
-    };
-    let mut req = Request::new(Full::new(body).map_err(|n| match n {}).boxed());
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    tokio::spawn(async move {
-        match tokio::time::timeout(MIRROR_TIMEOUT, client.request(req)).await {
-            Ok(Ok(resp)) => {
-                let _ = resp.into_body().collect().await;
-            }
-            Ok(Err(e)) => tracing::debug!(error = %e, "mirrored request failed"),
-            Err(_) => tracing::debug!("mirrored request timed out"),
-        }
-    });
-}
-
-/// How one attempt at a request ended.
-enum Outcome {
-    Answered(Response<Incoming>),
-    ConnectFailed(hyper_util::client::legacy::Error),
-    Failed(hyper_util::client::legacy::Error),
-    TimedOut,
-}
-
-/// The attempts at one request: endpoint choice, retries within the budget, outlier
-/// reports.
-struct Attempts<'a> {
-    ctx: &'a PodCtx,
-    client: &'a Client<client::PodConnector, Body>,
-    backend: &'a ServiceEntry,
-    retry: Option<&'a Retry>,
-    backend_timeout: Option<Duration>,
-    parts: &'a hyper::http::request::Parts,
-    path: &'a str,
-}
-
-/// Endpoints remembered as tried for one request (more are still avoided by chance).
-const MAX_TRIED: usize = 8;
-
-impl Attempts<'_> {
-    async fn run(
-        &self,
-        mut body: RequestBody,
-    ) -> Result<(Response<Incoming>, InFlight), Response<Body>> {
-        let m = &self.ctx.inputs.metrics;
-        let svc = self.backend;
-        let policy = &svc.policy;
-        if self.retry.is_some() {
-            svc.traffic.deposit();
-        }
-        let (mut tried, mut n_tried) = ([usize::MAX; MAX_TRIED], 0);
-        let (mut retries, mut connect_failures) = (0u32, 0usize);
-        loop {
-            let now = now_ns();
-            let seen = |i: usize| tried[..n_tried].contains(&i);
-            let pick = |skip: &dyn Fn(usize) -> bool| {
-                traffic::pick(svc, policy.balancer, &svc.traffic.rr, skip, now)
-            };
-            let Some(i) = pick(&seen).or_else(|| pick(&|_| false)) else {
-                return Err(reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-healthy-endpoint",
-                ));
-            };
-            if n_tried < MAX_TRIED && !seen(i) {
-                tried[n_tried] = i;
-                n_tried += 1;
-            }
-            let ep = &svc.endpoints[i];
-            let Some(b) = body.take() else {
-                return Err(reply(StatusCode::BAD_GATEWAY, "upstream-error"));
-            };
-            let uri = Uri::try_from(format!("http://{}{}", ep.addr, self.path))
-                .map_err(|_| reply(StatusCode::BAD_REQUEST, "bad-path"))?;
-            let mut req = Request::new(b);
-            *req.method_mut() = self.parts.method.clone();
-            *req.uri_mut() = uri;
-            *req.version_mut() = self.parts.version;
-            *req.headers_mut() = self.parts.headers.clone();
-            let in_flight = ep.stats.start();
-            let sent = self.client.request(req);
-            let outcome = match self.backend_timeout {
-                Some(t) => match tokio::time::timeout(t, sent).await {
-                    Ok(r) => r.map_err(|e| e.into()),
-                    Err(_) => Err(Outcome::TimedOut),
-                },
-                None => sent.await.map_err(|e| e.into()),
-            };
-            let outcome = match outcome {
-                Ok(r) => Outcome::Answered(r),
-                Err(o) => o,
-            };
-            let done = now_ns();
-            let ok = matches!(&outcome, Outcome::Answered(r) if r.status().as_u16() < 500);
-            // A failure counts as a slow answer, so P2C steers away from an endpoint that
-            // fails fast.
-            let rtt = done.saturating_sub(now);
-            let rtt = if ok {
-                rtt
-            } else {
-                rtt.max(traffic::EndpointStats::FAILURE_RTT_NS)
-            };
-            ep.stats.observe_rtt(rtt, done);
-            if let Some(t) = traffic::report(svc, i, ok, policy.outlier.as_ref(), done) {
-                m.http_ejections.fetch_add(1, Relaxed);
-                tracing::warn!(service = %svc.name, endpoint = %ep.addr, workload = %ep.workload, seconds = t.as_secs_f64(), "endpoint ejected after failures in a row");
-            }
-            let retry_on = |status: u16| {
-                self.retry.is_some_and(|r| {
-                    retries < r.attempts && r.codes.contains(&status) && body.replayable()
-                })
-            };
-            let wants_retry = match &outcome {
-                Outcome::Answered(r) => retry_on(r.status().as_u16()),
-                Outcome::ConnectFailed(_) => {
-                    m.upstream_connect_errors.fetch_add(1, Relaxed);
-                    connect_failures += 1;
-                    // Nothing reached the server: another endpoint is always safe to try.
-                    if connect_failures < MAX_CONNECT_ATTEMPTS
-                        && body.replayable()
-                        && n_tried < svc.endpoints.len()
-                    {
-                        continue;
-                    }
-                    retry_on(503)
-                }
-                Outcome::Failed(_) => retry_on(502),
-                Outcome::TimedOut => retry_on(504),
-            };
-            if wants_retry {
-                if svc.traffic.withdraw(&policy.retry_budget) {
-                    retries += 1;
-                    m.http_retries.fetch_add(1, Relaxed);
-                    let backoff = self
-                        .retry
-                        .and_then(|r| r.backoff)
-                        .unwrap_or(DEFAULT_BACKOFF);
-                    tokio::time::sleep(backoff * retries).await;
-                    continue;
-                }
-                m.http_retry_budget_exhausted.fetch_add(1, Relaxed);
-            }
-            return match outcome {
-                Outcome::Answered(r) => Ok((r, in_flight)),
-                Outcome::ConnectFailed(e) => {
-                    tracing::info!(endpoint = %ep.addr, error = %e, "upstream connect failed");
-                    Err(reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "upstream-connect-failed",
-                    ))
-                }
-                Outcome::Failed(e) => {
-                    tracing::info!(endpoint = %ep.addr, error = %e, "upstream request failed");
-                    Err(reply(StatusCode::BAD_GATEWAY, "upstream-error"))
-                }
-                Outcome::TimedOut => Err(reply(StatusCode::GATEWAY_TIMEOUT, "backend-timeout")),
-            };
-        }
-    }
-}
-
-impl From<hyper_util::client::legacy::Error> for Outcome {
-    fn from(e: hyper_util::client::legacy::Error) -> Self {
-        if e.is_connect() {
-            Self::ConnectFailed(e)
-        } else {
-            Self::Failed(e)
-        }
     }
 }
