@@ -41,6 +41,8 @@ pub struct EndpointStats {
     /// Ejections so far, less one per base ejection time healthy: the next one lasts
     /// (this + 1) times the base time.
     ejections: AtomicU32,
+    /// Answers (or failures) measured so far: what the latency estimate is made of.
+    samples: AtomicU64,
 }
 
 impl Default for EndpointStats {
@@ -52,6 +54,7 @@ impl Default for EndpointStats {
             failures_in_a_row: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            samples: AtomicU64::new(0),
         }
     }
 }
@@ -86,6 +89,15 @@ impl EndpointStats {
         };
         self.rtt.store(next.to_bits(), Relaxed);
         self.stamp.store(now, Relaxed);
+        self.samples.fetch_add(1, Relaxed);
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.samples.load(Relaxed)
+    }
+
+    pub fn failures_in_a_row(&self) -> u32 {
+        self.failures_in_a_row.load(Relaxed)
     }
 
     /// A failed request counts as this slow, so balancing by latency steers away from an
@@ -117,9 +129,11 @@ impl serde::Serialize for EndpointStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap as _;
         let now = now_ns();
-        let mut m = s.serialize_map(Some(5))?;
+        let mut m = s.serialize_map(Some(7))?;
         m.serialize_entry("in_flight", &self.in_flight())?;
         m.serialize_entry("latency_ms", &(self.decayed_rtt(now) / 1e6))?;
+        m.serialize_entry("samples", &self.samples())?;
+        m.serialize_entry("failures_in_a_row", &self.failures_in_a_row())?;
         m.serialize_entry("ejected", &self.is_ejected(now))?;
         m.serialize_entry("ejected_for_ms", &(self.ejected_for(now) / 1_000_000))?;
         m.serialize_entry("ejections", &self.ejections())?;

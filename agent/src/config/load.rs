@@ -475,12 +475,15 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     Ok(cfg)
 }
 
-/// The Services of `namespace` and their ports, for routes to refer to.
+/// The Services of `namespace` and their TCP ports, for routes to refer to.
 fn service_ports<'a>(services: &'a [Service], namespace: &str) -> route::ServicePorts<'a> {
     services
         .iter()
         .filter(|s| s.namespace == namespace)
-        .map(|s| (s.name.as_str(), s.ports.iter().map(|p| p.port).collect()))
+        .map(|s| {
+            let tcp = s.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
+            (s.name.as_str(), tcp.map(|p| p.port).collect())
+        })
         .collect()
 }
 

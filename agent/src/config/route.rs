@@ -632,7 +632,7 @@ fn convert_parents(
             if !ports.contains(&port) {
                 return Err(err(
                     f(".port"),
-                    format!("Service {namespace}/{} has no port {port}", p.name),
+                    format!("Service {namespace}/{} has no TCP port {port}", p.name),
                 ));
             }
         }
@@ -739,7 +739,7 @@ fn convert_backend(
         Some(p) => {
             return Err((
                 ".port".into(),
-                format!("Service {namespace}/{} has no port {p}", b.name),
+                format!("Service {namespace}/{} has no TCP port {p}", b.name),
             ))
         }
         None => return Err((".port".into(), "is required for a Service backend".into())),
@@ -798,9 +798,26 @@ fn path_modifier(
     p: RawPathModifier,
     matches: &[RouteMatch],
 ) -> Result<PathRewrite, (String, String)> {
+    let path_ok = |field: &str, v: &str| -> Result<(), (String, String)> {
+        let ok = v.starts_with('/')
+            && !v.contains(['?', '#'])
+            && hyper::http::uri::PathAndQuery::try_from(v).is_ok();
+        if ok {
+            Ok(())
+        } else {
+            Err((
+                format!(".path.{field}"),
+                format!("{v:?} is not a URI path (it starts with / and has no spaces, ? or #)"),
+            ))
+        }
+    };
     match (p.kind.as_str(), p.replace_full_path, p.replace_prefix_match) {
-        ("ReplaceFullPath", Some(v), None) => Ok(PathRewrite::Full(v)),
+        ("ReplaceFullPath", Some(v), None) => {
+            path_ok("replaceFullPath", &v)?;
+            Ok(PathRewrite::Full(v))
+        }
         ("ReplacePrefixMatch", None, Some(v)) => {
+            path_ok("replacePrefixMatch", &v)?;
             let prefix_only = !matches.is_empty()
                 && matches
                     .iter()

@@ -197,7 +197,24 @@ fn route_errors_name_the_field() {
     assert!(e.contains("(HTTPRoute default/r): field `spec.rules[0].backendRefs[0].name`: no Service default/nope"), "{e}");
     let e = err(&route("    - backendRefs: [{name: web, port: 81}]\n"));
     assert!(
-        e.contains("spec.rules[0].backendRefs[0].port`: Service default/web has no port 81"),
+        e.contains("spec.rules[0].backendRefs[0].port`: Service default/web has no TCP port 81"),
+        "{e}"
+    );
+    let e = err(&route("    - matches: [{headers: [{name: \"bad name\", value: x}]}]\n      backendRefs: [{name: web, port: 80}]\n"));
+    assert!(
+        e.contains("spec.rules[0].matches[0].headers[0].name`: \"bad name\" is not a valid HTTP header name"),
+        "{e}"
+    );
+    let e = err(&route("    - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: \"x\\ny\"}]}}]\n      backendRefs: [{name: web, port: 80}]\n"));
+    assert!(
+        e.contains("spec.rules[0].filters[0].requestHeaderModifier.set[0].value`"),
+        "{e}"
+    );
+    let e = err(&route("    - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: \"/a b\"}}}]\n      backendRefs: [{name: web, port: 80}]\n"));
+    assert!(
+        e.contains(
+            "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath`: \"/a b\" is not a URI path"
+        ),
         "{e}"
     );
     let e = err(&route("    - matches: [{headers: [{type: RegularExpression, name: a, value: \"(\"}]}]\n      backendRefs: [{name: web, port: 80}]\n"));

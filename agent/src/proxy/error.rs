@@ -71,7 +71,6 @@ reasons! {
     ConflictingFraming = (StatusCode::BAD_REQUEST, "conflicting-framing", Client),
     BadRequestBody = (StatusCode::BAD_REQUEST, "bad-request-body", Client),
     RequestBodyTimeout = (StatusCode::REQUEST_TIMEOUT, "request-body-timeout", Client),
-    BadPath = (StatusCode::BAD_REQUEST, "bad-path", Client),
 }
 
 impl Reason {
@@ -81,10 +80,9 @@ impl Reason {
             Self::CircuitOpenRequests | Self::CircuitOpenConnections => &m.http_circuit_open,
             Self::RateLimited => &m.http_rate_limited,
             Self::FaultInjected => &m.http_faults,
-            Self::ConflictingFraming
-            | Self::BadRequestBody
-            | Self::RequestBodyTimeout
-            | Self::BadPath => &m.http_client_errors,
+            Self::ConflictingFraming | Self::BadRequestBody | Self::RequestBodyTimeout => {
+                &m.http_client_errors
+            }
             _ => return None,
         })
     }

@@ -88,7 +88,8 @@ impl Attempts<'_> {
             parts.scheme = Some(Scheme::HTTP);
             parts.authority = Some(ep.authority.clone());
             parts.path_and_query = Some(self.path.clone());
-            let uri = Uri::from_parts(parts).map_err(|_| Reason::BadPath)?;
+            // Scheme, authority and path are all there: this cannot fail.
+            let uri = Uri::from_parts(parts).map_err(|_| Reason::UpstreamError)?;
             let mut req = Request::new(b);
             *req.method_mut() = self.parts.method.clone();
             *req.uri_mut() = uri;

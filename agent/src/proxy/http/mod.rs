@@ -478,7 +478,15 @@ impl HttpConn {
                     p.push('?');
                     p.push_str(q);
                 }
-                PathAndQuery::try_from(p).map_err(|_| Reason::BadPath)?
+                // A valid path with a prefix replaced by a valid one (checked with the
+                // configuration) is valid; should it not be, the original path is sent.
+                PathAndQuery::try_from(p).unwrap_or_else(|_| {
+                    parts
+                        .uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+                })
             }
         };
         // An HTTP/2 client names the host in :authority, an HTTP/1.1 upstream wants Host.
