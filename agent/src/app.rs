@@ -46,6 +46,8 @@ pub struct AgentOptions {
     pub drain_timeout: Duration,
     /// Timeouts and limits of the proxy.
     pub proxy: ProxyConfig,
+    /// Sizes of the service maps when they are created.
+    pub capacity: crate::datapath::services::Capacity,
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -72,23 +74,22 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     check_own_cgroup(&mounts.cgroup2, &cgroup)?;
 
-    // 4. The datapath: load, adopt or attach, pinned under bpffs.
+    // 4. The datapath: load, adopt or attach, pinned under bpffs. Nothing is written to
+    //    the maps yet: a running predecessor still owns them.
     let (mut dp, capture) = Datapath::start(&DatapathOptions {
         node: opts.node.clone(),
         cgroup: cgroup.clone(),
         bpffs: mounts.bpffs.clone(),
         accelerate: opts.accelerate,
+        capacity: opts.capacity,
     })?;
-    let while_down = report_while_down(&mut dp);
-    tracing::info!(cgroup = %cgroup.display(), pins = %dp.pin_root().display(), attachment = ?dp.attachment, "datapath ready");
-
-    // 5. The node's state, and the service maps that follow from it.
     let state = Arc::new(ArcSwap::from_pointee(NodeState::build(
         &opts.node, &cfg, 1, None,
     )));
-    dp.sync_services(&state.load())?;
 
-    // 6. Listeners from a predecessor, if one is running (graceful restart).
+    // 5. Listeners from a predecessor, if one is running (graceful restart). Once it has
+    //    handed them over it writes nothing more, so from here this agent is the maps'
+    //    only writer.
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;
     let handoff_path = opts.run_dir.join("handoff.sock");
@@ -101,6 +102,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             "took over the listeners of the previous agent"
         );
     }
+
+    // 6. The maps: take them over, report what happened while no agent ran, write the
+    //    services.
+    dp.take_ownership()?;
+    let while_down = report_while_down(&mut dp);
+    tracing::info!(cgroup = %cgroup.display(), pins = %dp.pin_root().display(), attachment = ?dp.attachment, "datapath ready");
+    dp.sync_services(&state.load())
+        .context("writing the service maps")?;
 
     // 7. Proxy inputs, and every meshed pod of this node enrolled.
     let (drain_trigger, drain) = Drain::new();
@@ -175,6 +184,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 let changed = fp != fingerprint;
                 fingerprint = fp;
                 let mut dp = datapath.lock().await;
+                if dp.is_dirty() {
+                    // A sync that failed and could not be rolled back: until it succeeds the
+                    // maps may disagree with the proxy's state.
+                    match dp.sync_services(&state.load()) {
+                        Ok(()) => tracing::info!("the service maps agree with the configuration again"),
+                        Err(e) => tracing::error!(error = %e, "the service maps still disagree with the configuration; retrying"),
+                    }
+                }
                 if changed {
                     match config::load_path(&opts.config).map_err(anyhow::Error::from).and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp)) {
                         Ok(()) => {
@@ -300,8 +317,9 @@ fn apply(
         tracing::warn!(node = %opts.node, "this node is no longer declared; keeping its pods as they are");
     }
     let next = NodeState::build(&opts.node, cfg, generation, Some(&state.load()));
-    dp.sync_services(&next)
-        .context("writing the service maps (the proxy keeps the previous state)")?;
+    dp.sync_services(&next).context(
+        "writing the service maps (the maps and the proxy keep the previous configuration)",
+    )?;
     state.store(Arc::new(next));
     Ok(())
 }

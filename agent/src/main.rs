@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use weft_agent::{
     app, config,
+    datapath::services::Capacity,
     proxy::{
         conn::{ConnLimits, Timeouts},
         ProxyConfig,
@@ -111,6 +112,14 @@ struct RunArgs {
     /// Connections the agent holds for the whole node.
     #[arg(long, default_value_t = ConnLimits::DEFAULT_PER_NODE)]
     max_connections: u32,
+    /// Service ports (address, port, protocol) the SERVICES map holds; applies when the
+    /// maps are first created.
+    #[arg(long, default_value_t = Capacity::DEFAULT.services)]
+    max_services: u32,
+    /// Endpoints, over all services, the ENDPOINTS map holds; applies when the maps are
+    /// first created.
+    #[arg(long, default_value_t = Capacity::DEFAULT.endpoints)]
+    max_endpoints: u32,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -203,6 +212,10 @@ fn run(args: RunArgs) -> ExitCode {
                 per_node: args.max_connections,
             },
             ..ProxyConfig::default()
+        },
+        capacity: Capacity {
+            services: args.max_services.max(1),
+            endpoints: args.max_endpoints.max(1),
         },
     };
     match rt.block_on(app::run(opts)) {

@@ -8,7 +8,8 @@
 
 /// Bumped whenever a map's key or value layout changes. Pinned objects live under a
 /// directory named after it, so an agent never reuses maps of an incompatible layout.
-pub const ABI_VERSION: u32 = 1;
+/// 2: per-socket state (capture record, service address, UDP NAT) moved to socket storage.
+pub const ABI_VERSION: u32 = 2;
 
 /// The agent's outbound listener, bound to 127.0.0.1 inside every enrolled pod's netns.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -34,8 +35,11 @@ pub mod maps {
     pub const WORKLOADS: &str = "WORKLOADS";
     pub const CAPTURED: &str = "CAPTURED";
     pub const ORIG_DST: &str = "ORIG_DST";
-    pub const SVC_BY_COOKIE: &str = "SVC_BY_COOKIE";
-    pub const UDP_REVNAT: &str = "UDP_REVNAT";
+    pub const SVC_OF_SOCK: &str = "SVC_OF_SOCK";
+    pub const UDP_NAT: &str = "UDP_NAT";
+    /// The maps held in socket-local storage (BTF maps): the kernel frees an entry with
+    /// its socket, so one pod's sockets never take room from another's.
+    pub const SOCKET_STORAGE: [&str; 3] = [CAPTURED, SVC_OF_SOCK, UDP_NAT];
     pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
     pub const INBOUND_LSN: &str = "INBOUND_LSN";
     pub const LOCAL_SOCKS: &str = "LOCAL_SOCKS";
@@ -118,8 +122,8 @@ pub struct Workload {
     pub _pad: u32,
 }
 
-/// Value of `CAPTURED`, keyed by the client socket's cookie (u64): written by connect4
-/// when it redirects a socket to the agent, read by sockops once the connection is up.
+/// Value of `CAPTURED`, the socket storage of a client socket: written by connect4 when it
+/// redirects the socket to the agent, read (and deleted) by sockops once it is connected.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Captured {
@@ -139,13 +143,28 @@ pub struct ConnKey {
     pub _pad: u16,
 }
 
-/// Key of `UDP_REVNAT`: a UDP socket and the backend it was sent to, so recvmsg can put
-/// the service address back as the reply's source.
+/// How many (backend -> service) translations one UDP socket keeps in `UDP_NAT`; a socket
+/// sending through more service backends than this reuses the oldest slot.
+pub const NAT_SLOTS: usize = 4;
+
+/// One translation of a UDP socket: replies from `backend` appear to come from `service`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RevNatKey {
-    pub cookie: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatSlot {
     pub backend: SockAddr4,
+    pub service: SockAddr4,
+}
+
+/// Value of `UDP_NAT`, the socket storage of a UDP socket that sent to a service address:
+/// the backends it was sent to, so recvmsg can put the service address back as the
+/// reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpNat {
+    pub slots: [NatSlot; NAT_SLOTS],
+    /// Slot the next new backend goes to (modulo NAT_SLOTS).
+    pub next: u32,
+    pub _pad: u32,
 }
 
 /// Key of `INBOUND_PORTS`: a pod's IP and one of its declared ports.
@@ -279,7 +298,8 @@ mod pod {
     unsafe impl aya::Pod for Workload {}
     unsafe impl aya::Pod for Captured {}
     unsafe impl aya::Pod for ConnKey {}
-    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for NatSlot {}
+    unsafe impl aya::Pod for UdpNat {}
     unsafe impl aya::Pod for InboundKey {}
     unsafe impl aya::Pod for InboundPort {}
     unsafe impl aya::Pod for SockPairKey {}
@@ -307,7 +327,8 @@ mod tests {
         assert_eq!((size_of::<Workload>(), align_of::<Workload>()), (8, 4));
         assert_eq!((size_of::<Captured>(), align_of::<Captured>()), (16, 8));
         assert_eq!((size_of::<ConnKey>(), align_of::<ConnKey>()), (16, 8));
-        assert_eq!((size_of::<RevNatKey>(), align_of::<RevNatKey>()), (16, 8));
+        assert_eq!((size_of::<NatSlot>(), align_of::<NatSlot>()), (16, 4));
+        assert_eq!((size_of::<UdpNat>(), align_of::<UdpNat>()), (72, 4));
         assert_eq!((size_of::<InboundKey>(), align_of::<InboundKey>()), (8, 4));
         assert_eq!(
             (size_of::<InboundPort>(), align_of::<InboundPort>()),

@@ -7,19 +7,19 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
-        bpf_sk_release,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_release},
     programs::SockAddrContext,
     EbpfContext as _,
 };
 use weft_common::{
-    workload_flags, Captured, EndpointKey, RevNatKey, ServiceKey, ServiceValue, SockAddr4, Stat,
+    workload_flags, Captured, EndpointKey, ServiceKey, ServiceValue, SockAddr4, Stat,
     OUTBOUND_PORT, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::maps::{count, CAPTURED, ENDPOINTS, SERVICES, SVC_BY_COOKIE, UDP_REVNAT, WORKLOADS};
+use crate::{
+    maps::{count, CAPTURED, ENDPOINTS, SERVICES, SVC_OF_SOCK, WORKLOADS},
+    udp::remember_backend,
+};
 
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -92,10 +92,21 @@ pub fn getpeername6(ctx: &SockAddrContext) {
 }
 
 fn service_of_socket(ctx: &SockAddrContext) -> Option<SockAddr4> {
-    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: LRU values are plain data; a racing update yields at worst a stale address.
-    unsafe { SVC_BY_COOKIE.get(&cookie) }.copied()
+    // SAFETY: the storage belongs to this socket; its value is plain data.
+    let p = unsafe { SVC_OF_SOCK.get_ptr_mut(ctx) };
+    // SAFETY: a non-null storage pointer is valid for the program's run.
+    (!p.is_null()).then(|| unsafe { *p })
+}
+
+/// Remember on the socket which service address it connected to (for getpeername).
+fn remember_service(ctx: &SockAddrContext, svc: SockAddr4) {
+    let mut v = svc;
+    // SAFETY: the storage belongs to this socket; it is created with `v` if absent.
+    let p = unsafe { SVC_OF_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut v)) };
+    if !p.is_null() {
+        // SAFETY: as above; a socket reconnecting overwrites its old value.
+        unsafe { *p = svc };
+    }
 }
 
 fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst: SockAddr4) -> Verdict {
@@ -113,15 +124,14 @@ fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst: SockAddr4) -> Verdict 
     let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
         return Verdict::Untouched;
     };
-    // SAFETY: bpf_get_socket_cookie/bpf_get_netns_cookie accept a sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if proto == PROTO_TCP {
+        // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         // SAFETY: as above.
         let flags = unsafe { WORKLOADS.get(&netns) }.map_or(0, |w| w.flags);
         if flags & workload_flags::MESHED != 0 {
             if agent_listening(ctx) {
-                return capture(cookie, netns, dst);
+                return capture(ctx, netns, dst);
             }
             if flags & workload_flags::FAIL_OPEN == 0 {
                 count(Stat::FailClosedRefused);
@@ -130,38 +140,41 @@ fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst: SockAddr4) -> Verdict 
             count(Stat::FailOpenBypass);
         }
     }
-    load_balance(cookie, proto, dst, &svc)
+    load_balance(ctx, proto, dst, &svc)
 }
 
 /// Send a meshed pod's connect to the agent's outbound listener in the pod's own netns and
 /// remember where it wanted to go.
-fn capture(cookie: u64, netns: u64, dst: SockAddr4) -> Verdict {
-    let captured = Captured {
+fn capture(ctx: &SockAddrContext, netns: u64, dst: SockAddr4) -> Verdict {
+    let mut captured = Captured {
         orig: dst,
         netns_cookie: netns,
     };
-    if CAPTURED.insert(&cookie, &captured, 0).is_err() {
+    // SAFETY: the storage belongs to this socket; it is created with `captured` if absent.
+    let p = unsafe { CAPTURED.get_or_insert_ptr_mut(ctx, Some(&mut captured)) };
+    if p.is_null() {
         // Without the record the agent could not route the connection: refuse it rather
         // than deliver it to a listener that will reset it.
         return Verdict::Refuse;
     }
-    let _ = SVC_BY_COOKIE.insert(&cookie, &dst, 0);
+    // SAFETY: as above; a socket connecting again overwrites its old record.
+    unsafe { *p = captured };
+    remember_service(ctx, dst);
     count(Stat::Captured);
     Verdict::Rewrite(SockAddr4::new(LOOPBACK, OUTBOUND_PORT))
 }
 
 /// Socket-level load balancing: pick a ready endpoint at random and connect straight to it.
-fn load_balance(cookie: u64, proto: u8, dst: SockAddr4, svc: &ServiceValue) -> Verdict {
+fn load_balance(ctx: &SockAddrContext, proto: u8, dst: SockAddr4, svc: &ServiceValue) -> Verdict {
     match pick_endpoint(svc) {
         None => {
             count(Stat::NoEndpoint);
             Verdict::Refuse
         }
         Some(backend) => {
-            let _ = SVC_BY_COOKIE.insert(&cookie, &dst, 0);
+            remember_service(ctx, dst);
             if proto == PROTO_UDP {
-                let key = RevNatKey { cookie, backend };
-                let _ = UDP_REVNAT.insert(&key, &dst, 0);
+                remember_backend(ctx, backend, dst);
             }
             count(Stat::SockLb);
             Verdict::Rewrite(backend)

@@ -3,18 +3,23 @@
 //! restarted agent finds the same maps, and the attached programs keep working while no
 //! agent runs. Sizes are upper bounds; the hash maps the agent fills are not preallocated,
 //! so they cost kernel memory in proportion to what is configured.
+//!
+//! State about one socket lives in socket storage (`SkStorage`, BTF maps pinned by the
+//! agent): the kernel frees it with the socket, so it needs no cleanup, has no capacity to
+//! share, and one pod churning sockets cannot evict another pod's entries.
 
 /// BPF_F_NO_PREALLOC as the u32 map flags take it.
 const NO_PREALLOC: u32 = BPF_F_NO_PREALLOC;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use weft_common::{
-    settings, Captured, ConnKey, DeliveryKey, EndpointKey, InboundKey, InboundPort, RevNatKey,
-    ServiceKey, ServiceValue, SockAddr4, SockPairKey, Stat, Workload,
+    settings, Captured, ConnKey, DeliveryKey, EndpointKey, InboundKey, InboundPort, ServiceKey,
+    ServiceValue, SockAddr4, SockPairKey, Stat, UdpNat, Workload,
 };
 
 /// Service address -> endpoint list id and size.
@@ -29,22 +34,25 @@ pub static ENDPOINTS: HashMap<EndpointKey, SockAddr4> = HashMap::pinned(1_048_57
 #[map]
 pub static WORKLOADS: HashMap<u64, Workload> = HashMap::pinned(16_384, NO_PREALLOC);
 
-/// Client socket cookie -> original destination, for sockets redirected to the agent and
-/// not yet connected.
-#[map]
-pub static CAPTURED: LruHashMap<u64, Captured> = LruHashMap::pinned(65_536, 0);
+/// Per client socket redirected to the agent and not yet connected: its original
+/// destination (socket storage; sockops moves it to `ORIG_DST`).
+#[btf_map]
+pub static CAPTURED: SkStorage<Captured> = SkStorage::new();
 
-/// Captured connection's client end -> original destination; read by the agent on accept.
+/// Captured connection's client end -> original destination; read (and deleted) by the
+/// agent on accept, so it holds only connections waiting in a pod's accept queue.
 #[map]
 pub static ORIG_DST: LruHashMap<ConnKey, SockAddr4> = LruHashMap::pinned(65_536, 0);
 
-/// Socket cookie -> the service address the app connected to (what getpeername returns).
-#[map]
-pub static SVC_BY_COOKIE: LruHashMap<u64, SockAddr4> = LruHashMap::pinned(262_144, 0);
+/// Per socket that connected to a service address: that address (socket storage; what
+/// getpeername returns).
+#[btf_map]
+pub static SVC_OF_SOCK: SkStorage<SockAddr4> = SkStorage::new();
 
-/// (UDP socket cookie, backend) -> service address, for recvmsg's reverse translation.
-#[map]
-pub static UDP_REVNAT: LruHashMap<RevNatKey, SockAddr4> = LruHashMap::pinned(65_536, 0);
+/// Per UDP socket that sent to a service address: the backends it went to (socket
+/// storage; recvmsg's reverse translation).
+#[btf_map]
+pub static UDP_NAT: SkStorage<UdpNat> = SkStorage::new();
 
 /// (pod IP, port) of enrolled pods whose inbound traffic is steered to the agent.
 #[map]
@@ -82,6 +90,12 @@ pub fn count(stat: Stat) {
         // SAFETY: a per-CPU slot is only touched by programs on this CPU.
         unsafe { *v += 1 };
     }
+}
+
+/// The map pointer socket-storage helpers take (what aya-ebpf passes for its own calls).
+#[inline(always)]
+pub fn map_ptr<T>(map: &T) -> *mut core::ffi::c_void {
+    core::ptr::from_ref(map).cast_mut().cast()
 }
 
 #[inline(always)]

@@ -15,13 +15,13 @@ use aya_ebpf::{
         sk_action::SK_PASS, BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_sk_storage_delete, bpf_sk_storage_get},
     programs::{SkMsgContext, SockOpsContext},
     EbpfContext as _,
 };
-use weft_common::{settings, ConnKey, SockPairKey, Stat};
+use weft_common::{settings, Captured, ConnKey, SockPairKey, Stat};
 
-use crate::maps::{count, setting, CAPTURED, LOCAL_SOCKS, ORIG_DST};
+use crate::maps::{count, map_ptr, setting, CAPTURED, LOCAL_SOCKS, ORIG_DST};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -60,12 +60,19 @@ fn addresses(ctx: &SockOpsContext) -> Option<(u32, u32)> {
 }
 
 fn publish_orig_dst(ctx: &SockOpsContext) {
-    // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: LRU values are plain data.
-    let Some(captured) = (unsafe { CAPTURED.get(&cookie) }).copied() else {
+    // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this call.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
         return;
-    };
+    }
+    // SAFETY: sk is this callback's full socket; the storage is plain data.
+    let p = unsafe { bpf_sk_storage_get(map_ptr(&CAPTURED), sk.cast(), core::ptr::null_mut(), 0) }
+        .cast::<Captured>();
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: a non-null storage pointer is valid for the program's run.
+    let captured = unsafe { *p };
     let Some((src_ip, _)) = addresses(ctx) else {
         return;
     };
@@ -76,7 +83,8 @@ fn publish_orig_dst(ctx: &SockOpsContext) {
         _pad: 0,
     };
     let _ = ORIG_DST.insert(&key, &captured.orig, 0);
-    let _ = CAPTURED.remove(&cookie);
+    // SAFETY: as above.
+    unsafe { bpf_sk_storage_delete(map_ptr(&CAPTURED), sk.cast()) };
 }
 
 fn accelerate(ctx: &SockOpsContext) {

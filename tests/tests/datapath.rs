@@ -376,6 +376,57 @@ fn invalid_config_change_keeps_the_last_good_one() {
 }
 
 #[test]
+fn a_reload_that_would_overflow_a_map_is_refused_and_nothing_changes() {
+    if !require_root("a_reload_that_would_overflow_a_map_is_refused_and_nothing_changes") {
+        return;
+    }
+    let c = two_nodes("map-full");
+    // Room for four service ports: the cluster declares two.
+    let agent = c.start_agent("a", &["--max-services", "4"]);
+    let _srv = c
+        .pod("web")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    http_get(c.pod("client"), "http://10.96.0.10/").expect("works before the change");
+    let maps_before = agent.admin("/maps").unwrap()["services"].clone();
+    assert_eq!(maps_before.as_array().unwrap().len(), 2);
+
+    // Three more service ports: five do not fit.
+    let mut big = c.config_yaml();
+    for i in 1..=3 {
+        big.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: extra-{i}}}\nspec: {{clusterIP: 10.96.9.{i}, selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n"
+        ));
+    }
+    c.write_config(&big);
+    let deadline = Instant::now() + SECS5;
+    let err = loop {
+        let st = agent.admin("/status").expect("admin");
+        if let Some(e) = st["last_config_error"].as_str() {
+            break e.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never refused the change"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        err.contains("eBPF map SERVICES holds at most 4 entries and this configuration needs 5")
+            && err.contains("--max-services"),
+        "{err}"
+    );
+    assert_eq!(agent.admin("/status").unwrap()["config_generation"], 1);
+    assert_eq!(
+        agent.admin("/maps").unwrap()["services"],
+        maps_before,
+        "the kernel's service map is unchanged"
+    );
+    http_get(c.pod("client"), "http://10.96.0.10/").expect("the old configuration still serves");
+    http_get(c.pod("client"), "http://10.96.9.1/").expect_err("the refused service is not there");
+}
+
+#[test]
 fn dual_stack_sockets_reach_ipv4_services_through_connect6() {
     if !require_root("dual_stack_sockets_reach_ipv4_services_through_connect6") {
         return;

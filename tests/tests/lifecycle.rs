@@ -210,7 +210,11 @@ fn graceful_restart_refuses_no_connection() {
 
 /// Run the agent with `setup` applied in the child; expect a quick failure naming `what`.
 fn refuses(args: &[&str], what: &str, setup: impl Fn(&mut Command)) {
-    let mut cmd = Command::new(bin("weft-agent"));
+    refuses_with(&bin("weft-agent"), args, what, setup);
+}
+
+fn refuses_with(agent: &std::path::Path, args: &[&str], what: &str, setup: impl Fn(&mut Command)) {
+    let mut cmd = Command::new(agent);
     cmd.args([
         "run",
         "--node",
@@ -236,9 +240,19 @@ fn agent_refuses_to_start_without_what_it_needs() {
     if !require_root("agent_refuses_to_start_without_what_it_needs") {
         return;
     }
-    refuses(&[], "not running as root", |c| {
+    // The unprivileged run needs a copy of the binary it can reach: the checkout may live
+    // under a directory other users cannot enter (a fresh clone under `mktemp -d`).
+    let unpriv = std::env::temp_dir().join(format!("weft-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&unpriv).unwrap();
+    let agent = unpriv.join("weft-agent");
+    std::fs::copy(bin("weft-agent"), &agent).unwrap();
+    for p in [&unpriv, &agent] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    refuses_with(&agent, &[], "not running as root", |c| {
         c.uid(65534).gid(65534);
     });
+    let _ = std::fs::remove_dir_all(&unpriv);
     refuses(
         &["--btf", "/nonexistent/vmlinux"],
         "kernel BTF not found at /nonexistent/vmlinux",
@@ -301,8 +315,14 @@ fn pins_of_other_versions_are_removed_once_attached() {
     std::fs::create_dir_all(&old).expect("mkdir on bpffs");
     let agent = c.start_agent("a", &[]);
     assert!(!node_dir.join("v0").exists(), "the v0 directory is gone");
+    let versions: Vec<_> = std::fs::read_dir(&node_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(versions.len(), 1, "one version left: {versions:?}");
     assert!(
-        node_dir.join("v1/links/weft_connect4").exists(),
+        versions[0].join("links/weft_connect4").exists(),
         "this version is pinned"
     );
     assert_eq!(agent.admin("/status").unwrap()["attachment"], "attached");

@@ -10,6 +10,7 @@
 
 pub mod mounts;
 pub mod preflight;
+pub mod services;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,11 +31,11 @@ use aya::{
 use weft_common::{
     maps, programs, settings, workload_flags, ConnKey, DeliveryKey, EndpointKey, InboundKey,
     InboundPort, ServiceKey, ServiceValue, SockAddr4, SockPairKey, Stat, Workload as WorkloadValue,
-    ABI_VERSION, PROTO_TCP, PROTO_UDP,
+    ABI_VERSION,
 };
 
 use crate::{
-    config::{AgentDown, Protocol, Workload},
+    config::{AgentDown, Workload},
     netns::PodNetns,
     state::NodeState,
 };
@@ -76,6 +77,21 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("eBPF map {map} holds at most {max} entries and this configuration needs {needed}: declare less, or give the maps more room with {flag} (docs/operations.md, \"Map sizes\")")]
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        max: u32,
+        flag: &'static str,
+    },
+    #[error("{first}; putting the previous contents back failed too ({rollback}); the next reload tick tries again")]
+    RollbackFailed {
+        first: Box<DatapathError>,
+        rollback: Box<DatapathError>,
+    },
+    #[cfg(test)]
+    #[error("injected failure")]
+    Injected,
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
@@ -101,6 +117,16 @@ pub struct DatapathOptions {
     pub bpffs: PathBuf,
     /// Turn on sockops/sk_msg redirection between local sockets.
     pub accelerate: bool,
+    /// Sizes of `SERVICES` and `ENDPOINTS` when they are created (pinned maps keep theirs).
+    pub capacity: services::Capacity,
+}
+
+impl services::Capacity {
+    /// The sizes ebpf/src/maps.rs declares.
+    pub const DEFAULT: Self = Self {
+        services: 262_144,
+        endpoints: 1_048_576,
+    };
 }
 
 /// How the cgroup programs came to be attached.
@@ -138,13 +164,17 @@ impl CaptureMaps {
     }
 
     pub fn announce_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<()> {
-        let key = DeliveryKey {
-            src_ip: raw_ip(*src.ip()),
-            dst_ip: raw_ip(*dst.ip()),
-            src_port: src.port(),
-            dst_port: dst.port(),
-        };
-        raw_update(self.deliveries.map().fd().as_fd(), &key, &1u8)
+        raw_update(
+            self.deliveries.map().fd().as_fd(),
+            &delivery_key(src, dst),
+            &1u8,
+        )
+    }
+
+    /// Remove an announced delivery whose connect failed (sk_lookup consumes the ones
+    /// that arrive).
+    pub fn withdraw_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) {
+        let _ = raw_delete(self.deliveries.map().fd().as_fd(), &delivery_key(src, dst));
     }
 
     /// Add the agent's end of a captured loopback connection to `LOCAL_SOCKS` (when
@@ -169,6 +199,43 @@ impl CaptureMaps {
         };
         let fd = sock.as_raw_fd() as u32;
         raw_update(self.local_socks.fd().as_fd(), &key, &fd)
+    }
+}
+
+/// `SERVICES` and `ENDPOINTS` as the service sync writes them.
+struct AyaTables<'a> {
+    services: &'a mut BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    endpoints: &'a mut BpfHashMap<MapData, EndpointKey, SockAddr4>,
+}
+
+impl services::ServiceTables for AyaTables<'_> {
+    fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), DatapathError> {
+        self.services
+            .insert(k, v, 0)
+            .map_err(map_err(maps::SERVICES))
+    }
+
+    fn drop_service(&mut self, k: &ServiceKey) {
+        let _ = self.services.remove(k);
+    }
+
+    fn put_endpoint(&mut self, k: &EndpointKey, v: &SockAddr4) -> Result<(), DatapathError> {
+        self.endpoints
+            .insert(k, v, 0)
+            .map_err(map_err(maps::ENDPOINTS))
+    }
+
+    fn drop_endpoint(&mut self, k: &EndpointKey) {
+        let _ = self.endpoints.remove(k);
+    }
+}
+
+fn delivery_key(src: SocketAddrV4, dst: SocketAddrV4) -> DeliveryKey {
+    DeliveryKey {
+        src_ip: raw_ip(*src.ip()),
+        dst_ip: raw_ip(*dst.ip()),
+        src_port: src.port(),
+        dst_port: dst.port(),
     }
 }
 
@@ -251,10 +318,16 @@ pub struct Datapath {
     inbound_lsn: SockHash<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     acked: Array<MapData, u64>,
-    /// Service key -> (endpoint list id, endpoints written), mirrored from the maps.
-    written: HashMap<ServiceKey, ServiceValue>,
+    /// What this agent wrote to `SERVICES` and `ENDPOINTS` (read from them when it takes
+    /// ownership of the maps; `None` until then).
+    written: Option<services::Written>,
+    /// The sizes of `SERVICES` and `ENDPOINTS` as the kernel has them.
+    capacity: services::Capacity,
+    /// The last sync failed and could not be rolled back: try again.
+    dirty: bool,
     pods: HashMap<u64, PodEntry>,
     pub attachment: Attachment,
+    accelerate: bool,
 }
 
 impl Datapath {
@@ -269,9 +342,21 @@ impl Datapath {
         for sub in ["maps", "links", "pods"] {
             std::fs::create_dir_all(root.join(sub)).map_err(|e| pin_err(&root)(e.to_string()))?;
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(root.join("maps"))
-            .load(OBJECT)?;
+            .map_max_entries(maps::SERVICES, opts.capacity.services)
+            .map_max_entries(maps::ENDPOINTS, opts.capacity.endpoints);
+        // Socket-storage maps are BTF maps, which carry no pinning flag: pin them by name
+        // here, so every program of this version shares one instance across restarts.
+        let storage_pins: Vec<(&str, PathBuf)> = maps::SOCKET_STORAGE
+            .iter()
+            .map(|m| (*m, root.join("maps").join(m)))
+            .collect();
+        for (name, path) in &storage_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
 
         let cgroup = File::open(&opts.cgroup).map_err(|source| DatapathError::Cgroup {
             path: opts.cgroup.clone(),
@@ -329,14 +414,18 @@ impl Datapath {
             prog.load().map_err(prog_err(name))?;
         }
 
-        let mut settings_map: Array<MapData, u32> = take_map(&mut ebpf, maps::SETTINGS)?;
-        settings_map
-            .set(settings::ACCELERATE, u32::from(opts.accelerate), 0)
-            .map_err(map_err(maps::SETTINGS))?;
-
         let services: BpfHashMap<MapData, ServiceKey, ServiceValue> =
             take_map(&mut ebpf, maps::SERVICES)?;
-        let written = services.iter().filter_map(Result::ok).collect();
+        let endpoints: BpfHashMap<MapData, EndpointKey, SockAddr4> =
+            take_map(&mut ebpf, maps::ENDPOINTS)?;
+        let size = |m: &MapData, name| m.info().map(|i| i.max_entries()).map_err(map_err(name));
+        let capacity = services::Capacity {
+            services: size(services.map(), maps::SERVICES)?,
+            endpoints: size(endpoints.map(), maps::ENDPOINTS)?,
+        };
+        if capacity != opts.capacity {
+            tracing::warn!(pinned = ?capacity, asked = ?opts.capacity, "the pinned SERVICES/ENDPOINTS maps keep the size they were created with; to resize them, stop the agent and remove the pins (docs/operations.md, \"Map sizes\")");
+        }
         let capture = CaptureMaps {
             orig_dst: take_map(&mut ebpf, maps::ORIG_DST)?,
             deliveries: take_map(&mut ebpf, maps::DELIVERIES)?,
@@ -344,14 +433,17 @@ impl Datapath {
             accelerate: opts.accelerate,
         };
         let dp = Self {
-            endpoints: take_map(&mut ebpf, maps::ENDPOINTS)?,
+            endpoints,
             workloads: take_map(&mut ebpf, maps::WORKLOADS)?,
             inbound_ports: take_map(&mut ebpf, maps::INBOUND_PORTS)?,
             inbound_lsn: take_map(&mut ebpf, maps::INBOUND_LSN)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
             acked: take_map(&mut ebpf, maps::ACKED)?,
             services,
-            written,
+            written: None,
+            capacity,
+            dirty: false,
+            accelerate: opts.accelerate,
             pods: HashMap::new(),
             ebpf,
             root,
@@ -365,85 +457,51 @@ impl Datapath {
         &self.root
     }
 
-    /// Make `SERVICES` and `ENDPOINTS` say what `state` says. Endpoints are written before
-    /// the service entry that counts them, and trimmed after it, so a concurrent connect
-    /// never picks an index that is not there.
-    pub fn sync_services(&mut self, state: &NodeState) -> Result<(), DatapathError> {
-        let mut desired: HashMap<ServiceKey, Vec<SockAddr4>> = HashMap::new();
-        for (addr, svc) in &state.services {
-            let key = ServiceKey {
-                ip: raw_ip(*addr.vip.ip()),
-                port: addr.vip.port(),
-                proto: match addr.protocol {
-                    Protocol::Tcp => PROTO_TCP,
-                    Protocol::Udp => PROTO_UDP,
+    /// Become the one agent that writes the maps: read what they hold (a previous agent's
+    /// service ids included) and apply this agent's settings. Called once the previous
+    /// agent, if any, has handed over and stopped writing.
+    pub fn take_ownership(&mut self) -> Result<(), DatapathError> {
+        let written = services::Written::read(self.services.iter().filter_map(Result::ok), |k| {
+            self.endpoints.get(k, 0).ok()
+        });
+        tracing::debug!(services = written.len(), "read the service maps");
+        self.written = Some(written);
+        let mut settings_map: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut(maps::SETTINGS).ok_or(
+                DatapathError::MissingMap {
+                    name: maps::SETTINGS,
                 },
-                _pad: 0,
-            };
-            let eps = svc
-                .endpoints
-                .iter()
-                .map(|e| SockAddr4::new(raw_ip(*e.addr.ip()), e.addr.port()))
-                .collect();
-            desired.insert(key, eps);
-        }
-        let mut used: HashSet<u32> = self.written.values().map(|v| v.id).collect();
-        let mut next_id = 0u32;
-        for (key, eps) in &desired {
-            let old = self.written.get(key).copied();
-            let id = match old {
-                Some(v) => v.id,
-                None => {
-                    while used.contains(&next_id) {
-                        next_id += 1;
-                    }
-                    used.insert(next_id);
-                    next_id
-                }
-            };
-            for (i, ep) in eps.iter().enumerate() {
-                let ek = EndpointKey {
-                    service: id,
-                    index: i as u32,
-                };
-                self.endpoints
-                    .insert(ek, ep, 0)
-                    .map_err(map_err(maps::ENDPOINTS))?;
-            }
-            let value = ServiceValue {
-                id,
-                count: eps.len() as u32,
-            };
-            if old != Some(value) {
-                self.services
-                    .insert(key, value, 0)
-                    .map_err(map_err(maps::SERVICES))?;
-            }
-            for i in eps.len() as u32..old.map_or(0, |v| v.count) {
-                let _ = self.endpoints.remove(&EndpointKey {
-                    service: id,
-                    index: i,
-                });
-            }
-            self.written.insert(*key, value);
-        }
-        let stale: Vec<ServiceKey> = self
-            .written
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .copied()
-            .collect();
-        for key in stale {
-            let old = self.written.remove(&key).expect("key listed from the map");
-            let _ = self.services.remove(&key);
-            for i in 0..old.count {
-                let _ = self.endpoints.remove(&EndpointKey {
-                    service: old.id,
-                    index: i,
-                });
-            }
-        }
-        Ok(())
+            )?)
+            .map_err(map_err(maps::SETTINGS))?;
+        settings_map
+            .set(settings::ACCELERATE, u32::from(self.accelerate), 0)
+            .map_err(map_err(maps::SETTINGS))
+    }
+
+    /// Refuse a state the maps cannot hold, before anything is written.
+    pub fn check_capacity(&self, state: &NodeState) -> Result<(), DatapathError> {
+        self.written
+            .as_ref()
+            .expect("take_ownership first")
+            .check(&services::desired(state), self.capacity)
+    }
+
+    /// Make `SERVICES` and `ENDPOINTS` say what `state` says, or leave them as they were
+    /// (services.rs). A failure that could not even be rolled back marks the maps dirty;
+    /// [`Self::is_dirty`] tells the caller to sync again.
+    pub fn sync_services(&mut self, state: &NodeState) -> Result<(), DatapathError> {
+        let written = self.written.as_mut().expect("take_ownership first");
+        let mut tables = AyaTables {
+            services: &mut self.services,
+            endpoints: &mut self.endpoints,
+        };
+        let res = written.sync(&mut tables, &services::desired(state), self.capacity);
+        self.dirty = matches!(res, Err(DatapathError::RollbackFailed { .. }));
+        res
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
     }
 
     /// Enrol a meshed pod: how connect4 treats it, which inbound ports sk_lookup steers,

@@ -164,16 +164,21 @@ async fn deliver_uncounted(
     dst: SocketAddrV4,
 ) -> Result<TcpStream, DialError> {
     let sock = pod.tcp_socket(Some(src)).map_err(DialError::Socket)?;
-    match sock.local_addr().map_err(DialError::Socket)? {
-        std::net::SocketAddr::V4(bound) => inputs
-            .capture
-            .announce_delivery(bound, dst)
-            .map_err(DialError::Socket)?,
+    let bound = match sock.local_addr().map_err(DialError::Socket)? {
+        std::net::SocketAddr::V4(bound) => bound,
         other => {
             return Err(DialError::Socket(io::Error::other(format!(
                 "delivery socket bound to {other}"
             ))))
         }
+    };
+    inputs
+        .capture
+        .announce_delivery(bound, dst)
+        .map_err(DialError::Socket)?;
+    let res = connect(sock, dst, inputs.config.timeouts.connect).await;
+    if res.is_err() {
+        inputs.capture.withdraw_delivery(bound, dst);
     }
-    connect(sock, dst, inputs.config.timeouts.connect).await
+    res
 }

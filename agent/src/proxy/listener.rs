@@ -58,6 +58,8 @@ impl PodListener {
                     tokio::spawn(handle(ctx, conn));
                 }
                 Err(_) => {
+                    // Its capture record (outbound connections have one) is not needed.
+                    let _ = inputs.capture.orig_dst(pod.sockets.netns_cookie(), peer);
                     // A reset tells the client at once; a plain close would look like an
                     // answer with nothing in it.
                     let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));

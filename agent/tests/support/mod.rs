@@ -90,6 +90,8 @@ impl Capture for TableCapture {
         Ok(())
     }
 
+    fn withdraw_delivery(&self, _src: SocketAddrV4, _dst: SocketAddrV4) {}
+
     fn accelerate(&self, _: u64, _: &TcpStream) -> std::io::Result<()> {
         Ok(())
     }

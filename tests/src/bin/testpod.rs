@@ -42,7 +42,16 @@
 //! - `connect-echo ADDR MILLIS`: back-to-back new connections to an echo server, each
 //!   sending and reading back one byte, for MILLIS (at most 1,000,000); prints JSON with the
 //!   count, errors, rate, and connect and round-trip latency percentiles in microseconds.
-//! - `connect ADDR`: one TCP connect with a 2 s timeout; prints `ok` or the error.
+//! - `connect ADDR`: one TCP connect with a 2 s timeout; prints `ok PEER`, PEER being what
+//!   getpeername says the socket is connected to (the service address, for a service).
+//! - `hold-echo ADDR MILLIS INTERVAL`: one TCP connection to an echo server, a byte sent
+//!   and echoed every INTERVAL ms for MILLIS, getpeername checked each time; prints JSON
+//!   with the rounds, the failed ones, and whether getpeername stayed ADDR.
+//! - `udp-watch ADDR MILLIS INTERVAL`: one unconnected UDP socket sending a DNS query to
+//!   ADDR every INTERVAL ms for MILLIS; prints JSON counting answers, answers from another
+//!   source than ADDR, and queries without an answer within 2 s.
+//! - `udp-churn ADDR MILLIS`: a new UDP socket for every datagram to ADDR, as fast as it
+//!   can for MILLIS (at most 10,000,000); prints the count.
 //! - `udp-query ADDR NAME`: one DNS A query from an unconnected UDP socket; prints the
 //!   answer, and fails unless the reply's source is ADDR itself.
 
@@ -69,6 +78,9 @@ fn main() -> ExitCode {
         ["dns-server", port, ip] => dns_server(port, ip),
         ["echo-client", addr, bytes] => echo_client(addr, bytes),
         ["connect", addr] => connect(addr),
+        ["hold-echo", addr, millis, interval] => hold_echo(addr, millis, interval),
+        ["udp-watch", addr, millis, interval] => udp_watch(addr, millis, interval),
+        ["udp-churn", addr, millis] => udp_churn(addr, millis),
         ["http-loop", addr, millis] => http_loop(addr, millis),
         ["connect-echo", addr, millis] => connect_echo(addr, millis),
         ["upgrade-server", port] => upgrade_server(port),
@@ -759,12 +771,97 @@ fn pattern(len: usize) -> Vec<u8> {
 fn connect(addr: &str) -> Res {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-        Ok(_) => {
-            println!("ok");
+        Ok(c) => {
+            let peer = c.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+            println!("ok {peer}");
             Ok(())
         }
         Err(e) => Err(format!("connect {addr}: {e}")),
     }
+}
+
+fn num(v: &str) -> Result<u64, String> {
+    v.parse().map_err(|e| format!("{v}: {e}"))
+}
+
+fn hold_echo(addr: &str, millis: &str, interval: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let (ms, every) = (num(millis)?, Duration::from_millis(num(interval)?));
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let end = std::time::Instant::now() + Duration::from_millis(ms);
+    let (mut rounds, mut failed, mut peer_ok) = (0u64, 0u64, true);
+    while std::time::Instant::now() < end {
+        let mut b = [0u8; 1];
+        let ok = c.write_all(&[rounds as u8]).is_ok()
+            && c.read_exact(&mut b).is_ok()
+            && b[0] == rounds as u8;
+        if !ok {
+            failed += 1;
+        }
+        peer_ok &= c.peer_addr().is_ok_and(|p| p == addr);
+        rounds += 1;
+        std::thread::sleep(every);
+    }
+    println!("{{\"rounds\":{rounds},\"failed\":{failed},\"peer_ok\":{peer_ok}}}");
+    Ok(())
+}
+
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+fn udp_watch(addr: &str, millis: &str, interval: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let (ms, every) = (num(millis)?, Duration::from_millis(num(interval)?));
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let end = std::time::Instant::now() + Duration::from_millis(ms);
+    let (mut answered, mut wrong_source, mut lost, mut id) = (0u64, 0u64, 0u64, 0u16);
+    let mut buf = [0u8; 512];
+    while std::time::Instant::now() < end {
+        id = id.wrapping_add(1);
+        s.send_to(&dns_query(id, "watch.test"), addr)
+            .map_err(|e| format!("send_to {addr}: {e}"))?;
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) if n >= 2 && buf[..2] == id.to_be_bytes() => {
+                if from == addr {
+                    answered += 1;
+                } else {
+                    wrong_source += 1;
+                }
+            }
+            _ => lost += 1,
+        }
+        std::thread::sleep(every);
+    }
+    println!("{{\"answered\":{answered},\"wrong_source\":{wrong_source},\"lost\":{lost}}}");
+    Ok(())
+}
+
+fn udp_churn(addr: &str, millis: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let end = std::time::Instant::now() + Duration::from_millis(num(millis)?);
+    let q = dns_query(7, "churn.test");
+    let mut sent = 0u64;
+    while std::time::Instant::now() < end && sent < 10_000_000 {
+        let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        if s.send_to(&q, addr).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("{{\"sent\":{sent}}}");
+    Ok(())
 }
 
 fn grpc_server(port: &str) -> Res {
