@@ -6,7 +6,7 @@ use std::{path::Path, sync::Arc};
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::UnixListener,
     sync::Mutex,
 };
@@ -33,6 +33,19 @@ pub struct Status {
     /// What the datapath did while no agent ran before this one started: meshed connects
     /// that bypassed the mesh (fail-open) or were refused (fail-closed), inbound likewise.
     pub while_agent_down: std::collections::BTreeMap<String, u64>,
+    /// The agent's file descriptor limit (RLIMIT_NOFILE), raised at start to the hard
+    /// limit, and the connection limits it serves under.
+    pub limits: Limits,
+}
+
+/// Limits the agent runs under.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Limits {
+    pub open_files: u64,
+    /// What the limit was before the agent raised it.
+    pub open_files_at_start: u64,
+    pub max_connections: u32,
+    pub max_connections_per_pod: u32,
 }
 
 #[derive(Clone)]
@@ -43,21 +56,50 @@ pub struct AdminState {
     pub datapath: Arc<Mutex<Datapath>>,
 }
 
-pub async fn serve(path: &Path, admin: AdminState) -> std::io::Result<()> {
+/// Admin connections answered at once; more wait for a place.
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// The longest request line read.
+const MAX_REQUEST_LINE: u64 = 1024;
+
+/// Bind the admin socket (failing at once if that is not possible).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    UnixListener::bind(path)
+}
+
+/// Answer admin requests until the process ends: a request line must arrive within
+/// `header_read`, at most [`MAX_ADMIN_CONNECTIONS`] are served at once, and a failing
+/// accept (out of file descriptors) backs off and tries again, never ending the loop.
+pub async fn serve(listener: UnixListener, admin: AdminState, header_read: std::time::Duration) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let accept_errors = std::sync::atomic::AtomicU64::new(0);
+    let mut backoff = crate::proxy::listener::Backoff::new(&accept_errors);
     loop {
-        let (conn, _) = listener.accept().await?;
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                backoff.failed(&e, "the admin socket").await;
+                continue;
+            }
+        };
+        backoff.succeeded();
+        let Ok(place) = places.clone().acquire_owned().await else {
+            continue;
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _place = place;
             let (r, mut w) = conn.into_split();
             let mut line = String::new();
-            if BufReader::new(r).read_line(&mut line).await.is_err() {
-                return;
-            }
-            let body = match line.trim().strip_prefix("GET ") {
-                Some(path) => answer(&admin, path.trim()).await,
-                None => json!({"error": "expected a request line `GET /path`"}),
+            let mut reader = BufReader::new(r.take(MAX_REQUEST_LINE));
+            let read = reader.read_line(&mut line);
+            let body = match tokio::time::timeout(header_read, read).await {
+                Ok(Ok(_)) => match line.trim().strip_prefix("GET ") {
+                    Some(path) => answer(&admin, path.trim()).await,
+                    None => json!({"error": "expected a request line `GET /path`"}),
+                },
+                Ok(Err(_)) => return,
+                Err(_) => json!({"error": "no request line within the header read timeout"}),
             };
             let _ = w.write_all(format!("{body}\n").as_bytes()).await;
         });

@@ -48,13 +48,29 @@ pub struct AgentOptions {
     pub proxy: ProxyConfig,
     /// Sizes of the service maps when they are created.
     pub capacity: crate::datapath::services::Capacity,
+    /// `--max-connections` was not given: at most what the open-file limit allows.
+    pub max_connections_from_open_files: bool,
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let started = Instant::now();
 
-    // 1. Privileges and kernel features, before anything is touched.
+    // 1. Privileges and kernel features, before anything is touched; as many open files
+    //    as the system allows.
     let mounts = preflight::check(&opts.bpffs, &opts.btf)?;
+    let (open_files_at_start, open_files) = raise_open_files();
+    let mut proxy_config = opts.proxy;
+    let limits = &mut proxy_config.limits;
+    // Two descriptors per connection, and room for the agent's own (maps, programs,
+    // listeners, namespaces).
+    let reserve = (open_files / 2).min(1024);
+    let affordable = u32::try_from((open_files - reserve) / 2).unwrap_or(u32::MAX);
+    if opts.max_connections_from_open_files {
+        limits.per_node = limits.per_node.min(affordable.max(1));
+    } else if limits.per_node > affordable {
+        tracing::warn!(open_files, max_connections = limits.per_node, "the open-file limit is below what --max-connections needs (two descriptors per connection): accepting will fail, and back off, before the connection limit is reached");
+    }
+    let limits = *limits;
 
     // 2. Configuration, parsed and validated before anything binds.
     let cfg = config::load_path(&opts.config).context("the initial configuration is invalid")?;
@@ -113,7 +129,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
     // 7. Proxy inputs, and every meshed pod of this node enrolled.
     let (drain_trigger, drain) = Drain::new();
-    let inputs = ProxyInputs::new(state.clone(), Arc::new(capture), opts.proxy, drain);
+    let inputs = ProxyInputs::new(state.clone(), Arc::new(capture), proxy_config, drain);
     let metrics = inputs.metrics.clone();
     let host = HostNetns::current().context("opening the agent's own network namespace")?;
     let mut pods = Pods {
@@ -135,6 +151,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         inherited_listeners: inherited_count,
         enrolled: pods.names(),
         while_agent_down: while_down,
+        limits: admin::Limits {
+            open_files,
+            open_files_at_start,
+            max_connections: limits.per_node,
+            max_connections_per_pod: limits.per_pod,
+        },
         ..Status::default()
     }));
     tracing::info!(
@@ -152,19 +174,29 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         datapath: datapath.clone(),
     };
     let admin_path = opts.run_dir.join("admin.sock");
-    tokio::spawn(async move {
-        if let Err(e) = admin::serve(&admin_path, admin_state).await {
-            tracing::error!(error = %e, path = %admin_path.display(), "admin API stopped");
-        }
-    });
+    let admin_listener =
+        admin::bind(&admin_path).with_context(|| format!("binding {}", admin_path.display()))?;
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state,
+        opts.proxy.timeouts.header_read,
+    ));
     let (successor_tx, mut successor_rx) = mpsc::channel(1);
     let _ = std::fs::remove_file(&handoff_path);
     let handoff_listener = UnixListener::bind(&handoff_path)
         .with_context(|| format!("binding {}", handoff_path.display()))?;
+    let handoff_errors = metrics.clone();
     tokio::spawn(async move {
-        while let Ok((s, _)) = handoff_listener.accept().await {
-            if successor_tx.send(s).await.is_err() {
-                break;
+        let mut backoff = crate::proxy::listener::Backoff::new(&handoff_errors.accept_errors);
+        loop {
+            match handoff_listener.accept().await {
+                Ok((s, _)) => {
+                    backoff.succeeded();
+                    if successor_tx.send(s).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => backoff.failed(&e, "the handoff socket").await,
             }
         }
     });
@@ -180,7 +212,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let handoff_deadline = terminating.map(|t| t + opts.handoff_wait);
         tokio::select! {
             _ = tick.tick() => {
-                let fp = config::watch::fingerprint(&opts.config);
+                // Unreadable for now (out of descriptors, say): look again next tick.
+                let fp = config::watch::fingerprint(&opts.config).or(fingerprint);
                 let changed = fp != fingerprint;
                 fingerprint = fp;
                 let mut dp = datapath.lock().await;
@@ -256,6 +289,22 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         "drained; exiting (eBPF programs and maps stay pinned)"
     );
     Ok(())
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit: every proxied connection holds two
+/// descriptors. Returns the limit before and after.
+fn raise_open_files() -> (u64, u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return (0, 0);
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(error = %e, soft, hard, "could not raise the open-file limit");
+            return (soft, soft);
+        }
+    }
+    (soft, hard)
 }
 
 /// Parsing a large configuration builds a big transient document tree; hand the freed

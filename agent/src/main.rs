@@ -109,9 +109,10 @@ struct RunArgs {
     /// Connections the agent holds for one pod (its outbound ones and those to it).
     #[arg(long, default_value_t = ConnLimits::DEFAULT_PER_POD)]
     max_connections_per_pod: u32,
-    /// Connections the agent holds for the whole node.
-    #[arg(long, default_value_t = ConnLimits::DEFAULT_PER_NODE)]
-    max_connections: u32,
+    /// Connections the agent holds for the whole node [default: 131072, or what the
+    /// open-file limit allows at two descriptors per connection, whichever is lower].
+    #[arg(long)]
+    max_connections: Option<u32>,
     /// Service ports (address, port, protocol) the SERVICES map holds; applies when the
     /// maps are first created.
     #[arg(long, default_value_t = Capacity::DEFAULT.services)]
@@ -209,10 +210,11 @@ fn run(args: RunArgs) -> ExitCode {
             },
             limits: ConnLimits {
                 per_pod: args.max_connections_per_pod,
-                per_node: args.max_connections,
+                per_node: args.max_connections.unwrap_or(ConnLimits::DEFAULT_PER_NODE),
             },
             ..ProxyConfig::default()
         },
+        max_connections_from_open_files: args.max_connections.is_none(),
         capacity: Capacity {
             services: args.max_services.max(1),
             endpoints: args.max_endpoints.max(1),

@@ -415,3 +415,70 @@ async fn an_idle_http2_connection_is_closed() {
     assert!(h2.ready().await.is_err(), "closed after the idle timeout");
     assert_eq!(m.metrics("a").http_idle_timeouts.load(Relaxed), 1);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_mid_prefix_is_neither_stalled_nor_spun_on() {
+    let m = mesh()
+        .pod("client", "a")
+        .server("echo", "a", "web", 8080)
+        .docs(&format!(
+            "{WEB}---
+apiVersion: v1
+kind: Service
+metadata: {{name: tls}}
+spec: {{clusterIP: 10.96.0.20, selector: {{app: web}}, ports: [{{port: 443, targetPort: 8080}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {{name: tls}}
+spec:
+  parentRefs: [{{kind: Service, name: tls, port: 443}}]
+  hostnames: [a.example]
+  rules: [{{backendRefs: [{{name: web, port: 80}}]}}]
+"
+        ))
+        .config(|c| c.timeouts.header_read = Duration::from_millis(300))
+        .start()
+        .await;
+    let l = tokio::net::TcpListener::bind((m.ip("echo"), 8080))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    // One byte that could start "GET ": after the detection wait it is plain TCP.
+    let mut c = m.connect("client", "10.96.0.10:80").await;
+    c.write_all(b"G").await.unwrap();
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b))
+        .await
+        .expect("forwarded as bytes after the detection wait")
+        .unwrap();
+    assert_eq!(&b, b"G");
+    // Part of a TLS ClientHello, then nothing: given up at the header read timeout.
+    let mut t = m.connect("client", "10.96.0.20:443").await;
+    t.write_all(&[0x16, 0x03, 0x01, 0x00, 0x50, 0x01])
+        .await
+        .unwrap();
+    let mut out = vec![];
+    tokio::time::timeout(Duration::from_secs(3), t.read_to_end(&mut out))
+        .await
+        .expect("closed after the header read timeout")
+        .ok();
+    assert!(out.is_empty());
+    assert_eq!(m.metrics("a").outbound_no_route.load(Relaxed), 1);
+    assert_eq!(
+        m.metrics("a").active_connections.load(Relaxed),
+        1,
+        "only the echo connection is open"
+    );
+}

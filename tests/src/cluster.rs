@@ -468,8 +468,25 @@ impl Cluster {
         a
     }
 
+    /// Start the agent of `node` with at most `open_files` file descriptors (its hard
+    /// RLIMIT_NOFILE, set with prlimit) and wait until it is ready.
+    pub fn start_agent_with_open_files(
+        &self,
+        node: &str,
+        extra: &[&str],
+        open_files: u64,
+    ) -> Agent {
+        let mut a = self.spawn_agent_inner(node, extra, Some(open_files));
+        a.wait_ready(Duration::from_secs(20));
+        a
+    }
+
     /// Start the agent of `node` without waiting for it.
     pub fn spawn_agent(&self, node: &str, extra: &[&str]) -> Agent {
+        self.spawn_agent_inner(node, extra, None)
+    }
+
+    fn spawn_agent_inner(&self, node: &str, extra: &[&str], open_files: Option<u64>) -> Agent {
         let n = self.node(node);
         let run_dir = Path::new(RUN_ROOT).join(&self.cid).join(&n.name);
         let cgroup = n
@@ -495,10 +512,22 @@ impl Cluster {
             args.extend(["--reload-interval", "100ms"]);
         }
         args.extend_from_slice(extra);
+        let agent = crate::bin("weft-agent");
+        let agent = agent.display().to_string();
+        let nofile = open_files.map(|n| format!("--nofile={n}:{n}"));
+        let (program, args) = match &nofile {
+            // prlimit execs the agent in its own process: the PID stays the agent's.
+            Some(limit) => {
+                let mut a = vec![limit.as_str(), "--", agent.as_str()];
+                a.extend(args);
+                (Path::new("/usr/bin/prlimit").to_owned(), a)
+            }
+            None => (Path::new(&agent).to_owned(), args),
+        };
         let (cmd, keep) = command_in(
             &Path::new("/var/run/netns").join(&n.netns),
             None,
-            &crate::bin("weft-agent"),
+            &program,
             &args,
         );
         let seq = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -208,6 +208,180 @@ fn graceful_restart_refuses_no_connection() {
     eprintln!("graceful restart: {out}");
 }
 
+#[test]
+fn graceful_restart_drains_keepalive_http1_and_http2_without_a_failed_request() {
+    if !require_root("graceful_restart_drains_keepalive_http1_and_http2_without_a_failed_request") {
+        return;
+    }
+    let c = Cluster::builder("handoff-keepalive")
+        .node("a")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("web", "a").label("app", "web").port(8080))
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .build();
+    let tp = bin("weft-testpod");
+    let _srv = c
+        .pod("web")
+        .spawn(&c.dir, &tp, &["h2-server", "8080", "web", "64"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    let mut old = c.start_agent("a", &[]);
+    let client = c.pod("client");
+    // Keep-alive HTTP/1.1 from wrk, HTTP/2 from h2load and from a pooled hyper client,
+    // for 6 s.
+    let mut wrk = client.spawn(
+        &c.dir,
+        std::path::Path::new("/usr/bin/wrk"),
+        &["-t1", "-c4", "-d6s", "http://10.96.0.10/"],
+    );
+    let mut h2 = client.spawn(&c.dir, &tp, &["h2-load", "10.96.0.10:80", "6000", "4"]);
+    let mut h2load = client.spawn(
+        &c.dir,
+        std::path::Path::new("/usr/bin/h2load"),
+        &["-c2", "-m4", "-D", "6", "http://10.96.0.10/"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    old.proc.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let new = c.start_agent("a", &[]);
+    let exit = old
+        .proc
+        .wait_exit(Duration::from_secs(20))
+        .expect("the old agent drains and exits");
+    let drained_in = t0.elapsed();
+    assert!(exit.success(), "old agent: {exit}");
+    // The drain timeout is 20 s: keep-alive clients were told to go, not cut off.
+    assert!(
+        drained_in < Duration::from_secs(8),
+        "the old agent took {drained_in:?} to drain:\n{}",
+        old.proc.output()
+    );
+    wrk.wait_exit(Duration::from_secs(20))
+        .expect("wrk finishes");
+    h2.wait_exit(Duration::from_secs(20))
+        .expect("h2-load finishes");
+    h2load
+        .wait_exit(Duration::from_secs(20))
+        .expect("h2load finishes");
+    let h2load_out = h2load.output();
+    let summary = h2load_out
+        .lines()
+        .find(|l| l.starts_with("requests: "))
+        .unwrap_or_default();
+    assert!(
+        summary.contains(" 0 failed, 0 errored, 0 timeout"),
+        "h2load saw failures during the restart:\n{h2load_out}"
+    );
+    let succeeded: u64 = summary
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" succeeded"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        succeeded > 500,
+        "too little HTTP/2 load from h2load:\n{h2load_out}"
+    );
+    let wrk_out = wrk.output();
+    eprintln!("wrk:\n{wrk_out}\nh2-load: {}", h2.output());
+    assert!(
+        !wrk_out.contains("Socket errors") && !wrk_out.contains("Non-2xx"),
+        "HTTP/1.1 requests failed during the restart:\n{wrk_out}"
+    );
+    let requests: u64 = wrk_out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        requests > 500,
+        "too little HTTP/1.1 load to mean anything:\n{wrk_out}"
+    );
+    let h2: serde_json::Value = serde_json::from_str(h2.output().trim()).expect("h2-load JSON");
+    assert_eq!(
+        (h2["failed"].as_u64(), h2["non_200"].as_u64()),
+        (Some(0), Some(0)),
+        "HTTP/2 requests failed during the restart: {h2}"
+    );
+    assert!(h2["ok"].as_u64().unwrap() > 500, "{h2}");
+    assert!(
+        new.stat("proxy", "outbound_accepted") > 0,
+        "the new agent took over"
+    );
+}
+
+#[test]
+fn an_agent_out_of_file_descriptors_recovers_and_still_hands_over() {
+    if !require_root("an_agent_out_of_file_descriptors_recovers_and_still_hands_over") {
+        return;
+    }
+    let c = Cluster::builder("nofile")
+        .node("a")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("echo", "a").label("app", "echo").port(7000))
+        .service(
+            ServiceSpec::new("echo", "10.96.6.1")
+                .select("app", "echo")
+                .tcp(7, 7000),
+        )
+        .build();
+    let tp = bin("weft-testpod");
+    let _echo = c.pod("echo").spawn(&c.dir, &tp, &["echo-server", "7000"]);
+    c.pod("echo").wait_listening(7000, SECS5);
+    // A connection limit above what the descriptors allow, so they run out first.
+    let mut old = c.start_agent_with_open_files("a", &["--max-connections", "100000"], 150);
+    let status = old.admin("/status").unwrap();
+    assert_eq!(status["limits"]["open_files"], 150, "{status}");
+    // Far more connections than 150 descriptors allow, held for a while.
+    let mut holder =
+        c.pod("client")
+            .spawn(&c.dir, &tp, &["hold-many", "10.96.6.1:7", "300", "1500"]);
+    holder
+        .wait_exit(Duration::from_secs(60))
+        .expect("the holder finishes");
+    let held: serde_json::Value = serde_json::from_str(holder.output().trim()).unwrap();
+    assert!(
+        held["echoed"].as_u64().unwrap() < 150,
+        "the descriptors ran out: {held}"
+    );
+    // Once the connections are gone, everything answers again: the admin API ...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let errors = loop {
+        if let Ok(v) = old.admin("/stats") {
+            break v["proxy"]["accept_errors"].as_u64().unwrap_or(0);
+        }
+        assert!(Instant::now() < deadline, "the admin API never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(errors > 0, "accepting failed while out of descriptors");
+    // ... the proxy ...
+    let out = c.pod("client").run(
+        &tp.display().to_string(),
+        &["echo-client", "10.96.6.1:7", "1000"],
+        SECS5,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and the handoff socket: a new agent takes the listeners over.
+    old.proc.signal(libc::SIGTERM);
+    let new = c.start_agent("a", &[]);
+    assert!(
+        new.admin("/status").unwrap()["inherited_listeners"]
+            .as_u64()
+            .unwrap()
+            >= 3,
+        "took over the listeners"
+    );
+    // Nothing was left hanging: the old agent drains well within its 20 s.
+    assert!(old.proc.wait_exit(Duration::from_secs(10)).is_some());
+}
+
 /// Run the agent with `setup` applied in the child; expect a quick failure naming `what`.
 fn refuses(args: &[&str], what: &str, setup: impl Fn(&mut Command)) {
     refuses_with(&bin("weft-agent"), args, what, setup);

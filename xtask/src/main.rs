@@ -97,9 +97,17 @@ fn output(c: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// Debian packages the tests, the demo and the agent use: `ip` (iproute2), curl and dig as
-/// pod clients, bpftool to look at the datapath by hand.
-const DEB_PACKAGES: &[&str] = &["iproute2", "curl", "dnsutils", "bpftool"];
+/// Debian packages the tests, the demo and the agent use: `ip` (iproute2), curl, dig, wrk
+/// and h2load (nghttp2-client) as pod clients written by others, bpftool to look at the
+/// datapath by hand.
+const DEB_PACKAGES: &[&str] = &[
+    "iproute2",
+    "curl",
+    "dnsutils",
+    "bpftool",
+    "wrk",
+    "nghttp2-client",
+];
 
 /// bpf-linker's version, pinned: it must link against the same LLVM major as the nightly
 /// rustc that builds ebpf/, and this one was verified with LLVM 22.

@@ -10,13 +10,17 @@ use std::{
     path::Path,
 };
 
-/// A value that changes whenever any file of the source changes, appears or disappears.
-pub fn fingerprint(path: &Path) -> u64 {
+/// A value that changes whenever any file of the source changes, appears or disappears;
+/// `None` when the source cannot be looked at right now (out of file descriptors, say),
+/// which is no reason to think it changed.
+pub fn fingerprint(path: &Path) -> Option<u64> {
     let mut h = DefaultHasher::new();
     let mut files = Vec::new();
     if path.is_dir() {
-        if let Ok(dir) = std::fs::read_dir(path) {
-            files.extend(dir.flatten().map(|e| e.path()));
+        match std::fs::read_dir(path) {
+            Ok(dir) => files.extend(dir.flatten().map(|e| e.path())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return None,
         }
         files.sort();
     } else {
@@ -36,10 +40,11 @@ pub fn fingerprint(path: &Path) -> u64 {
                 m.dev(),
             )
                 .hash(&mut h),
-            Err(e) => e.kind().to_string().hash(&mut h),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing".hash(&mut h),
+            Err(_) => return None,
         }
     }
-    h.finish()
+    Some(h.finish())
 }
 
 #[cfg(test)]

@@ -72,8 +72,10 @@ pub async fn detect(conn: &TcpStream, wait: Duration) -> Detected {
         match classify(&buf[..n]) {
             Some(d) => return d,
             None if n == buf.len() => return Detected::Opaque,
-            // A partial prefix: wait briefly for the rest (peek returns at once while any
-            // data is queued, so sleep instead of spinning).
+            // Peek answers at once while any byte is queued, so the timeout above never
+            // fires for a client that sent a partial prefix and stopped: check the clock.
+            None if tokio::time::Instant::now() >= deadline => return Detected::Opaque,
+            // A partial prefix: wait briefly for the rest (sleep rather than spin).
             None => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     }

@@ -117,6 +117,9 @@ pub async fn peek_server_name(conn: &TcpStream, wait: Duration) -> Option<String
             Hello::Name(name) => return name,
             Hello::Invalid => return None,
             Hello::Partial if n == 0 || (n == last && n == buf.len()) => return None,
+            // Peek answers at once while any byte is queued, so the timeout above never
+            // fires for a client that sent part of a hello and stopped: check the clock.
+            Hello::Partial if tokio::time::Instant::now() >= deadline => return None,
             Hello::Partial => {
                 last = n;
                 tokio::time::sleep(Duration::from_millis(1)).await;

@@ -37,6 +37,10 @@
 //!   the RST_STREAM codes received, whether the connection closed, and frames sent.
 //! - `h2-streams ADDR N`: one HTTP/2 (h2c) connection, N concurrent requests on it;
 //!   prints `ok=K` and fails unless all N got 200.
+//! - `h2-load ADDR MILLIS CONC`: CONC workers sending HTTP/2 (h2c) requests back to back
+//!   for MILLIS through a pooled client (hyper's), which opens a new connection when a
+//!   server sends GOAWAY; prints JSON with the answers by status, the failures and the
+//!   first failure.
 //! - `upgrade-server PORT`: answers an HTTP/1.1 Upgrade request with 101, then echoes.
 //! - `upgrade-client ADDR`: asks ADDR to upgrade, then checks that bytes come back.
 //! - `connect-echo ADDR MILLIS`: back-to-back new connections to an echo server, each
@@ -50,6 +54,9 @@
 //! - `udp-watch ADDR MILLIS INTERVAL`: one unconnected UDP socket sending a DNS query to
 //!   ADDR every INTERVAL ms for MILLIS; prints JSON counting answers, answers from another
 //!   source than ADDR, and queries without an answer within 2 s.
+//! - `hold-many ADDR N MILLIS`: up to N connections to an echo server at once (500 ms to
+//!   connect each), a byte sent on each, the echoes that came within 500 ms counted; all
+//!   held for MILLIS more, then closed; prints JSON with how many were opened and echoed.
 //! - `udp-churn ADDR MILLIS`: a new UDP socket for every datagram to ADDR, as fast as it
 //!   can for MILLIS (at most 10,000,000); prints the count.
 //! - `udp-query ADDR NAME`: one DNS A query from an unconnected UDP socket; prints the
@@ -81,10 +88,12 @@ fn main() -> ExitCode {
         ["hold-echo", addr, millis, interval] => hold_echo(addr, millis, interval),
         ["udp-watch", addr, millis, interval] => udp_watch(addr, millis, interval),
         ["udp-churn", addr, millis] => udp_churn(addr, millis),
+        ["hold-many", addr, n, millis] => hold_many(addr, n, millis),
         ["http-loop", addr, millis] => http_loop(addr, millis),
         ["connect-echo", addr, millis] => connect_echo(addr, millis),
         ["upgrade-server", port] => upgrade_server(port),
         ["h2-streams", addr, n] => h2_streams(addr, n),
+        ["h2-load", addr, millis, conc] => h2_load(addr, millis, conc),
         ["upgrade-client", addr] => upgrade_client(addr),
         ["http-count", addr, path, n] => http_count(addr, path, n, None),
         ["http-count", addr, path, n, header] => http_count(addr, path, n, Some(header)),
@@ -429,6 +438,71 @@ where
             .map_err(|e| format!("h2 handshake: {e}"))?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+fn h2_load(addr: &str, millis: &str, conc: &str) -> Res {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper::{body::Bytes, Request};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let (ms, conc) = (num(millis)?, num(conc)?.clamp(1, 256));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let workers: Vec<_> = (0..conc)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut failed, mut other, mut first) = (0u64, 0u64, 0u64, None);
+                    while tokio::time::Instant::now() < end && ok + failed + other < 1_000_000 {
+                        let req = Request::get(format!("http://{addr}/"))
+                            .body(Empty::<Bytes>::new())
+                            .expect("a request");
+                        match client.request(req).await {
+                            Ok(r) => {
+                                let status = r.status();
+                                match r.into_body().collect().await {
+                                    Ok(_) if status == 200 => ok += 1,
+                                    Ok(_) => other += 1,
+                                    Err(e) => {
+                                        failed += 1;
+                                        first.get_or_insert(e.to_string());
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                failed += 1;
+                                first.get_or_insert(format!("{e:?}"));
+                            }
+                        }
+                    }
+                    (ok, failed, other, first)
+                })
+            })
+            .collect();
+        let (mut ok, mut failed, mut other, mut first) = (0, 0, 0, None);
+        for w in workers {
+            let (o, f, x, e) = w.await.map_err(|e| e.to_string())?;
+            ok += o;
+            failed += f;
+            other += x;
+            if first.is_none() {
+                first = e;
+            }
+        }
+        println!(
+            "{}",
+            serde_json::json!({"ok": ok, "failed": failed, "non_200": other, "first_failure": first})
+        );
+        Ok(())
+    })
 }
 
 fn h2_streams(addr: &str, n: &str) -> Res {
@@ -846,6 +920,31 @@ fn udp_watch(addr: &str, millis: &str, interval: &str) -> Res {
         std::thread::sleep(every);
     }
     println!("{{\"answered\":{answered},\"wrong_source\":{wrong_source},\"lost\":{lost}}}");
+    Ok(())
+}
+
+fn hold_many(addr: &str, n: &str, millis: &str) -> Res {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let (n, ms) = (num(n)?.min(10_000), num(millis)?);
+    let mut held = vec![];
+    for i in 0..n {
+        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            let _ = c.write_all(&[i as u8]);
+            held.push(c);
+        }
+    }
+    // Every echo that is coming has come by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut echoed = 0u64;
+    for c in &mut held {
+        let _ = c.set_nonblocking(true);
+        let mut b = [0u8; 1];
+        if matches!(c.read(&mut b), Ok(1)) {
+            echoed += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    println!("{{\"opened\":{},\"echoed\":{echoed}}}", held.len());
     Ok(())
 }
 
