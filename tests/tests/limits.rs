@@ -196,3 +196,66 @@ fn http2_limits_reset_or_go_away() {
     still_serving(&c);
     assert!(a.admin("/ready").is_ok());
 }
+
+#[test]
+fn clients_breaking_their_requests_leave_every_endpoint_untouched() {
+    if !require_root("clients_breaking_their_requests_leave_every_endpoint_untouched") {
+        return;
+    }
+    let c = cluster("client-faults");
+    let policy = r#"apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web}
+spec:
+  targetRef: {kind: Service, name: web}
+  outlierDetection: {consecutiveFailures: 3, baseEjectionTime: 60s}
+---
+"#;
+    c.write_config(&format!("{}{policy}", c.config_yaml()));
+    let a = c.start_agent("a", &[]);
+    let _b = c.start_agent("b", &[]);
+    let tp = bin("weft-testpod");
+    let _web = c
+        .pod("web")
+        .spawn(&c.dir, &tp, &["http-server", "8080", "web"]);
+    let _h2 = c
+        .pod("h2")
+        .spawn(&c.dir, &tp, &["h2-server", "8081", "h2", "64"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    c.pod("h2").wait_listening(8081, SECS5);
+    let endpoint = || {
+        let v = a.admin("/services").expect("admin");
+        v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["address"] == "10.96.1.1:80")
+            .expect("the web service")["endpoints"][0]
+            .clone()
+    };
+    still_serving(&c);
+    let before = endpoint();
+    assert_eq!(before["samples"], 5, "{before}");
+    let client = c.pod("client");
+    for (mode, want) in [("bad-chunk", 400), ("short-body", 400), ("reset-mid", 0)] {
+        for _ in 0..50 {
+            let got = abuse(client, "h1-abuse", "10.96.1.1:80", mode);
+            assert_eq!(got["status"], want, "{mode}: {got}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = endpoint();
+    for field in ["samples", "failures_in_a_row", "ejected", "ejections"] {
+        assert_eq!(
+            after[field], before[field],
+            "{field}: before {before}, after {after}"
+        );
+    }
+    assert_eq!(a.stat("proxy", "http_ejections"), 0);
+    assert_eq!(
+        a.stat("proxy", "http_client_errors") + a.stat("proxy", "http_client_cancelled"),
+        150,
+        "each broken request was counted as the client's"
+    );
+    still_serving(&c);
+}

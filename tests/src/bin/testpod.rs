@@ -29,8 +29,10 @@
 //!   prints the answer (`closed` if the connection closed without one).
 //! - `h1-abuse ADDR MODE`: one HTTP/1.1 request crossing a limit (`many-headers`: 150
 //!   fields, `big-header`: one 80 KiB field, `smuggle`: Content-Length with
-//!   Transfer-Encoding, `slow-head`: half a head, then nothing); prints JSON with the
-//!   status (0 for none), whether the connection was closed, and the time taken.
+//!   Transfer-Encoding, `slow-head`: half a head, then nothing) or broken by the client
+//!   (`bad-chunk`: a chunk size that is not hex, `short-body`: less body than its
+//!   Content-Length, then a half-close, `reset-mid`: the same, then a reset); prints JSON
+//!   with the status (0 for none), whether the connection was closed, and the time taken.
 //! - `h2-abuse ADDR MODE`: raw HTTP/2 frames crossing a limit (`rapid-reset`: HEADERS +
 //!   RST_STREAM pairs, `continuation`: an endless header block, `streams`: 400 concurrent
 //!   streams, `window`: DATA beyond the stream window); prints JSON with the GOAWAY code,
@@ -1084,6 +1086,12 @@ fn h1_abuse(addr: &str, mode: &str) -> Res {
             "POST / HTTP/1.1\r\nhost: {host}\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: {host}\r\n\r\n"
         ),
         "slow-head" => format!("GET / HTTP/1.1\r\nhost: {host}\r\nx-never: fin"),
+        "bad-chunk" => format!(
+            "POST / HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nnot-hex\r\n"
+        ),
+        "short-body" | "reset-mid" => format!(
+            "POST / HTTP/1.1\r\nhost: {host}\r\ncontent-length: 1000\r\n\r\nfar fewer than a thousand bytes"
+        ),
         other => return Err(format!("unknown mode {other}")),
     };
     let started = std::time::Instant::now();
@@ -1093,6 +1101,22 @@ fn h1_abuse(addr: &str, mode: &str) -> Res {
         .map_err(|e| e.to_string())?;
     // The server may answer (and close) before it has read everything.
     let _ = c.write_all(req.as_bytes());
+    match mode {
+        // The body ends early: half-close, the answer is still read.
+        "bad-chunk" | "short-body" => {
+            let _ = c.shutdown(Shutdown::Write);
+        }
+        // Gone mid-body: reset (SO_LINGER 0), nothing is read.
+        "reset-mid" => {
+            std::thread::sleep(Duration::from_millis(5));
+            let s = socket2::SockRef::from(&c);
+            let _ = s.set_linger(Some(Duration::ZERO));
+            drop(c);
+            println!("{{\"status\":0,\"responses\":0,\"reason\":\"\",\"closed\":true,\"ms\":0}}");
+            return Ok(());
+        }
+        _ => {}
+    }
     let mut got = Vec::new();
     let mut chunk = [0u8; 4096];
     let closed = loop {
