@@ -41,6 +41,15 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the parsers of untrusted bytes (cargo-fuzz, nightly): each target for a
+    /// bounded time, from the seeds in fuzz/seeds/ and what earlier runs found.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +60,7 @@ fn main() -> ExitCode {
         Cmd::Test { args } => setup().and_then(|()| test(&args)),
         Cmd::Demo => setup().and_then(|()| demo()),
         Cmd::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Cmd::Fuzz { seconds, targets } => setup().and_then(|()| fuzz(seconds, &targets)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -369,6 +379,65 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         c.args(["--report", "docs/benchmarks.md"]);
     }
     run(c)
+}
+
+/// cargo-fuzz's version, pinned so a fresh machine builds the same runner.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The fuzz targets (fuzz/fuzz_targets/), each with seeds in fuzz/seeds/<target>/.
+const FUZZ_TARGETS: &[&str] = &[
+    "http1_framing",
+    "client_hello",
+    "protocol_detection",
+    "tunnel_header",
+    "config_loader",
+];
+
+fn fuzz(seconds: u64, only: &[String]) -> anyhow::Result<()> {
+    let installed = output(Command::new("cargo").args(["fuzz", "--version"]));
+    if !installed.is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute, once)");
+        run({
+            let mut c = Command::new("cargo");
+            c.args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ]);
+            c
+        })?;
+    }
+    for t in only {
+        if !FUZZ_TARGETS.contains(&t.as_str()) {
+            bail!("no fuzz target {t}; the targets are {}", FUZZ_TARGETS.join(", "));
+        }
+    }
+    let dir = workspace().join("fuzz");
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_empty() || only.iter().any(|o| o == *t))
+    {
+        println!("fuzz: {target} for {seconds} s");
+        // New inputs go to corpus/ (kept between runs, not committed); seeds/ is read.
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let mut c = Command::new("cargo");
+        c.current_dir(&dir)
+            // The fuzzed code never loads eBPF: skip building the object.
+            .env("AYA_BUILD_SKIP", "1")
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            // An input that takes this long is a finding too (a slow parse is a stall).
+            .arg("-timeout=20");
+        run(c).with_context(|| {
+            format!("fuzz target {target} found a failure: the input is in fuzz/artifacts/{target}/")
+        })?;
+    }
+    Ok(())
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -19,7 +19,7 @@
 mod attempts;
 pub mod body;
 mod client;
-mod framing;
+pub mod framing;
 pub mod plan;
 pub mod routing;
 

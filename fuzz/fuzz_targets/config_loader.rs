@@ -1,0 +1,12 @@
+//! The configuration loader on any text: it answers with a configuration or an error,
+//! never a panic (the agent reloads whatever lands in its configuration directory).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = weft_agent::config::load_str(std::path::Path::new("fuzz.yaml"), text);
+});
