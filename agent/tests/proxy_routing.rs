@@ -95,6 +95,8 @@ spec:
         - type: RequestHeaderModifier
           requestHeaderModifier: {set: [{name: x-rewritten, value: 'yes'}]}
       backendRefs: [{name: v1, port: 80}]
+    - matches: [{path: {type: RegularExpression, value: '/items/[0-9]+'}}]
+      backendRefs: [{name: v2, port: 80}]
     - backendRefs: [{name: v1, port: 80, weight: 80}, {name: v2, port: 80, weight: 20}]
 ",
         )
@@ -111,6 +113,13 @@ spec:
     let a = support::send(&mut c, support::get("/old/page?q=1")).await;
     assert_eq!(a.who(), "v1");
     assert_eq!(a.json()["path"], "/new/page");
+    // A regular expression wins over the catch-all.
+    for _ in 0..10 {
+        assert_eq!(
+            support::send(&mut c, support::get("/items/42")).await.who(),
+            "v2"
+        );
+    }
     let mut v1 = 0;
     for _ in 0..400 {
         if support::send(&mut c, support::get("/")).await.who() == "v1" {

@@ -534,3 +534,67 @@ fn an_unreachable_endpoint_is_skipped_for_the_next_one() {
         "web2 was tried and skipped"
     );
 }
+
+#[test]
+fn weftctl_tables_show_what_the_operations_guide_says() {
+    if !require_root("weftctl_tables_show_what_the_operations_guide_says") {
+        return;
+    }
+    let c = two_nodes("weftctl");
+    let agent = c.start_agent("a", &[]);
+    let _srv = c
+        .pod("web")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    http_get(c.pod("client"), "http://10.96.0.10/")
+        .expect("a request, so the endpoint has a sample");
+    let weftctl = |what: &str| {
+        let out = std::process::Command::new(bin("weftctl"))
+            .args(["--admin-socket", &agent.admin.display().to_string(), what])
+            .output()
+            .expect("weftctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = weftctl("status");
+    for field in [
+        "ready",
+        "config_generation",
+        "last_config_error",
+        "enrolled",
+        "limits.open_files",
+        "limits.max_connections",
+    ] {
+        assert!(
+            status.lines().any(|l| l.starts_with(field)),
+            "status lacks {field}:\n{status}"
+        );
+    }
+    let services = weftctl("services");
+    let header = services.lines().next().unwrap();
+    for col in [
+        "SERVICE",
+        "ENDPOINT",
+        "IN-FLIGHT",
+        "LATENCY-MS",
+        "SAMPLES",
+        "EJECTED",
+    ] {
+        assert!(header.contains(col), "services lacks {col}:\n{services}");
+    }
+    let web = services
+        .lines()
+        .find(|l| l.contains("10.96.0.10:80"))
+        .expect("the web service");
+    assert!(
+        web.contains("10.244.1.11:8080") && web.contains("default/web"),
+        "{web}"
+    );
+    for what in ["workloads", "stats", "maps"] {
+        assert!(weftctl(what).lines().count() > 1, "{what} shows rows");
+    }
+}

@@ -410,7 +410,10 @@ fn fuzz(seconds: u64, only: &[String]) -> anyhow::Result<()> {
     }
     for t in only {
         if !FUZZ_TARGETS.contains(&t.as_str()) {
-            bail!("no fuzz target {t}; the targets are {}", FUZZ_TARGETS.join(", "));
+            bail!(
+                "no fuzz target {t}; the targets are {}",
+                FUZZ_TARGETS.join(", ")
+            );
         }
     }
     let dir = workspace().join("fuzz");
@@ -434,7 +437,9 @@ fn fuzz(seconds: u64, only: &[String]) -> anyhow::Result<()> {
             // An input that takes this long is a finding too (a slow parse is a stall).
             .arg("-timeout=20");
         run(c).with_context(|| {
-            format!("fuzz target {target} found a failure: the input is in fuzz/artifacts/{target}/")
+            format!(
+                "fuzz target {target} found a failure: the input is in fuzz/artifacts/{target}/"
+            )
         })?;
     }
     Ok(())

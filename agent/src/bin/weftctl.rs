@@ -84,93 +84,168 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Print rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn items(v: &Value) -> impl Iterator<Item = &Value> {
+    v.as_array().into_iter().flatten()
+}
+
 fn print_table(what: What, v: &Value) {
     match what {
         What::Status => {
-            for key in [
+            let mut rows: Vec<Vec<String>> = [
                 "node",
+                "pid",
                 "ready",
                 "draining",
                 "config_generation",
+                "last_config_error",
                 "attachment",
                 "startup_ms",
                 "inherited_listeners",
-                "last_config_error",
-            ] {
-                println!("{key:<22} {}", s(&v[key]));
+            ]
+            .iter()
+            .map(|k| vec![(*k).to_owned(), s(&v[*k])])
+            .collect();
+            let enrolled: Vec<String> = items(&v["enrolled"]).map(s).collect();
+            rows.push(vec!["enrolled".into(), enrolled.join(", ")]);
+            for (k, n) in v["while_agent_down"].as_object().into_iter().flatten() {
+                rows.push(vec![format!("while_agent_down.{k}"), s(n)]);
             }
-            let enrolled: Vec<String> = v["enrolled"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect();
-            println!("{:<22} {}", "enrolled", enrolled.join(", "));
+            for (k, n) in v["limits"].as_object().into_iter().flatten() {
+                rows.push(vec![format!("limits.{k}"), s(n)]);
+            }
+            table(&["FIELD", "VALUE"], &rows);
         }
         What::Services => {
-            println!(
-                "{:<28} {:<22} {:<5} ENDPOINTS",
-                "SERVICE", "ADDRESS", "PROTO"
-            );
-            for svc in v["services"].as_array().into_iter().flatten() {
-                let eps: Vec<String> = svc["endpoints"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|e| format!("{}({})", s(&e["addr"]), s(&e["node"])))
-                    .collect();
-                println!(
-                    "{:<28} {:<22} {:<5} {}",
-                    s(&svc["name"]),
-                    s(&svc["address"]),
-                    s(&svc["protocol"]),
-                    eps.join(" ")
-                );
-            }
-        }
-        What::Workloads => {
-            println!(
-                "{:<28} {:<16} {:<7} {:<12} ENROLLED",
-                "WORKLOAD", "IP", "MESHED", "AGENT-DOWN"
-            );
-            for w in v["workloads"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<28} {:<16} {:<7} {:<12} {}",
-                    s(&w["name"]),
-                    s(&w["ip"]),
-                    s(&w["meshed"]),
-                    s(&w["agent_down"]),
-                    s(&w["enrolled"])
-                );
-            }
-        }
-        What::Stats => {
-            for section in ["ebpf", "proxy"] {
-                if let Some(m) = v[section].as_object() {
-                    for (k, val) in m {
-                        println!("{section:<6} {k:<26} {}", s(val));
+            let mut rows = vec![];
+            for svc in items(&v["services"]) {
+                let eps: Vec<&Value> = items(&svc["endpoints"]).collect();
+                let head = |i: usize| -> [String; 3] {
+                    if i == 0 {
+                        [s(&svc["name"]), s(&svc["address"]), s(&svc["protocol"])]
+                    } else {
+                        Default::default()
                     }
+                };
+                if eps.is_empty() {
+                    let [n, a, p] = head(0);
+                    rows.push(vec![n, a, p, "(no endpoint)".into()]);
+                }
+                for (i, e) in eps.iter().enumerate() {
+                    let [n, a, p] = head(i);
+                    let ejected = if e["ejected"] == true {
+                        format!("yes ({} ms)", s(&e["ejected_for_ms"]))
+                    } else {
+                        "no".into()
+                    };
+                    rows.push(vec![
+                        n,
+                        a,
+                        p,
+                        s(&e["addr"]),
+                        s(&e["node"]),
+                        s(&e["workload"]),
+                        s(&e["in_flight"]),
+                        e["latency_ms"]
+                            .as_f64()
+                            .map_or("-".into(), |l| format!("{l:.2}")),
+                        s(&e["samples"]),
+                        s(&e["failures_in_a_row"]),
+                        ejected,
+                        s(&e["ejections"]),
+                    ]);
                 }
             }
+            table(
+                &[
+                    "SERVICE",
+                    "ADDRESS",
+                    "PROTO",
+                    "ENDPOINT",
+                    "NODE",
+                    "WORKLOAD",
+                    "IN-FLIGHT",
+                    "LATENCY-MS",
+                    "SAMPLES",
+                    "FAILS",
+                    "EJECTED",
+                    "EJECTIONS",
+                ],
+                &rows,
+            );
+        }
+        What::Workloads => {
+            let rows: Vec<Vec<String>> = items(&v["workloads"])
+                .map(|w| {
+                    [
+                        "name",
+                        "ip",
+                        "meshed",
+                        "agent_down",
+                        "enrolled",
+                        "service_account",
+                    ]
+                    .iter()
+                    .map(|k| s(&w[*k]))
+                    .collect()
+                })
+                .collect();
+            table(
+                &[
+                    "WORKLOAD",
+                    "IP",
+                    "MESHED",
+                    "AGENT-DOWN",
+                    "ENROLLED",
+                    "SERVICE-ACCOUNT",
+                ],
+                &rows,
+            );
+        }
+        What::Stats => {
+            let mut rows = vec![];
+            for section in ["ebpf", "proxy"] {
+                for (k, val) in v[section].as_object().into_iter().flatten() {
+                    rows.push(vec![section.to_owned(), k.clone(), s(val)]);
+                }
+            }
+            table(&["SOURCE", "COUNTER", "VALUE"], &rows);
         }
         What::Maps => {
             println!("pinned under {}", s(&v["pin_root"]));
-            println!("{:<22} {:<5} {:<4} ENDPOINTS", "ADDRESS", "PROTO", "ID");
-            for svc in v["services"].as_array().into_iter().flatten() {
-                let eps: Vec<String> = svc["endpoints"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(s)
-                    .collect();
-                println!(
-                    "{:<22} {:<5} {:<4} {}",
-                    s(&svc["address"]),
-                    s(&svc["proto"]),
-                    s(&svc["id"]),
-                    eps.join(" ")
-                );
-            }
+            let rows: Vec<Vec<String>> = items(&v["services"])
+                .map(|svc| {
+                    let eps: Vec<String> = items(&svc["endpoints"]).map(s).collect();
+                    vec![
+                        s(&svc["address"]),
+                        s(&svc["proto"]),
+                        s(&svc["id"]),
+                        eps.join(" "),
+                    ]
+                })
+                .collect();
+            table(&["ADDRESS", "PROTO", "ID", "ENDPOINTS"], &rows);
         }
     }
 }

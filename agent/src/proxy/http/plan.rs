@@ -27,8 +27,11 @@ pub struct RoutePlan {
     pub rules: Vec<Rule>,
 }
 
-/// How specific a match is, ordered as the Gateway API's precedence: path kind (exact,
-/// prefix, regex), path length, a method, the number of headers, of query parameters.
+/// How specific a match is, ordered as the Gateway API's precedence: path kind, path
+/// length, a method, the number of headers, of query parameters. Path kinds rank exact,
+/// then prefix (longer first), then regular expression, then the catch-all prefix `/` (or
+/// no path at all): the Gateway API leaves regular expressions' place to implementations,
+/// and below every prefix they could never win against a catch-all rule.
 type Precedence = (u8, usize, bool, usize, usize);
 
 #[derive(Debug)]
@@ -95,16 +98,17 @@ pub struct Selected<'a> {
 
 fn precedence(path: Option<&PathMatch>, method: bool, headers: usize, query: usize) -> Precedence {
     let (kind, len) = match path {
-        Some(PathMatch::Exact(p)) => (3, p.len()),
-        Some(PathMatch::Prefix(p)) => (2, p.len()),
-        Some(PathMatch::Regex(_)) => (1, 0),
-        None => (2, 1), // no path match means PathPrefix "/"
+        Some(PathMatch::Exact(p)) => (4, p.len()),
+        Some(PathMatch::Prefix(p)) if p.trim_end_matches('/').is_empty() => (1, 1),
+        Some(PathMatch::Prefix(p)) => (3, p.len()),
+        Some(PathMatch::Regex(_)) => (2, 0),
+        None => (1, 1), // no path match means PathPrefix "/"
     };
     (kind, len, method, headers, query)
 }
 
 /// A rule without matches ranks as a match of PathPrefix "/".
-const CATCH_ALL: Precedence = (2, 1, false, 0, 0);
+const CATCH_ALL: Precedence = (1, 1, false, 0, 0);
 
 fn query_value<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
     uri.query()?.split('&').find_map(|kv| {
@@ -451,6 +455,37 @@ mod tests {
             Some(addr_of("api")),
             "a longer path beats headers"
         );
+    }
+
+    #[test]
+    fn a_regular_expression_beats_the_catch_all_but_not_a_prefix() {
+        let regex = RouteMatch {
+            path: Some(PathMatch::Regex(crate::config::route::StringMatch::Regex(
+                regex::Regex::new("^(?:/items/[0-9]+)$").unwrap(),
+            ))),
+            ..Default::default()
+        };
+        let items = RouteMatch {
+            path: Some(PathMatch::Prefix("/items/special".into())),
+            ..Default::default()
+        };
+        let p = plan(&[route(
+            "a",
+            vec![
+                rule(vec![], "all"),
+                rule(vec![regex], "re"),
+                rule(vec![items], "pre"),
+            ],
+        )]);
+        let h = HeaderMap::new();
+        let pick = |u: &str| {
+            let uri: Uri = u.parse().unwrap();
+            p.select(&Method::GET, &uri, &h)
+                .map(|s| s.rule.backends[0].0.unwrap())
+        };
+        assert_eq!(pick("/items/42"), Some(addr_of("re")));
+        assert_eq!(pick("/items/x"), Some(addr_of("all")));
+        assert_eq!(pick("/items/special"), Some(addr_of("pre")));
     }
 
     #[test]
