@@ -35,10 +35,12 @@ struct Cli {
 enum Command {
     /// Run the agent for one node.
     Run(Box<RunArgs>),
-    /// Check a configuration file or directory without running anything.
+    /// Check configuration without running anything: every source given, together, as
+    /// one configuration.
     Validate {
-        /// A YAML file, a directory of them, or `-` for standard input.
-        path: PathBuf,
+        /// YAML files, directories of them, or `-` for standard input.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -129,36 +131,45 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { path } => match validate(&path) {
-            Ok(cfg) => {
-                println!(
-                    "{}: valid ({} nodes, {} workloads, {} services)",
-                    path.display(),
-                    cfg.nodes.len(),
-                    cfg.workloads.len(),
-                    cfg.services.len()
-                );
-                ExitCode::SUCCESS
+        Command::Validate { paths } => {
+            let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            match validate(&paths) {
+                Ok(cfg) => {
+                    println!(
+                        "{}: valid ({} nodes, {} workloads, {} services)",
+                        shown.join(" "),
+                        cfg.nodes.len(),
+                        cfg.workloads.len(),
+                        cfg.services.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("invalid configuration: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("invalid configuration: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Run(args) => run(*args),
     }
 }
 
-/// Load a configuration from a path, or from standard input for `-`.
-fn validate(path: &std::path::Path) -> Result<config::Config, config::ConfigError> {
-    if path != std::path::Path::new("-") {
-        return config::load_path(path);
-    }
+/// Load the sources as one configuration (`-` is standard input).
+fn validate(paths: &[PathBuf]) -> Result<config::Config, config::ConfigError> {
+    let stdin_name = std::path::Path::new("<stdin>");
     let mut text = String::new();
-    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
-        eprintln!("reading standard input: {e}");
+    if paths.iter().any(|p| p.as_os_str() == "-") {
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            eprintln!("reading standard input: {e}");
+        }
     }
-    config::load_str(std::path::Path::new("<stdin>"), &text)
+    config::load_sources(paths.iter().map(|p| {
+        if p.as_os_str() == "-" {
+            config::Source::Text(stdin_name, &text)
+        } else {
+            config::Source::Path(p)
+        }
+    }))
 }
 
 fn run(args: RunArgs) -> ExitCode {

@@ -78,13 +78,36 @@ impl ConfigError {
 
 /// Read and validate every document under `path` (a file or a directory).
 pub fn load_path(path: &Path) -> Result<Config, ConfigError> {
+    load_sources(std::iter::once(Source::Path(path)))
+}
+
+/// Where configuration documents come from.
+pub enum Source<'a> {
+    /// A file, or a directory of `*.yaml`/`*.yml` files read in name order.
+    Path(&'a Path),
+    /// Text, named as if it came from that file (standard input, tests).
+    Text(&'a Path, &'a str),
+}
+
+/// Read and validate the documents of every source together, as one configuration.
+pub fn load_sources<'a>(
+    sources: impl IntoIterator<Item = Source<'a>>,
+) -> Result<Config, ConfigError> {
     let mut docs = Vec::new();
-    for file in files_of(path)? {
-        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
-            path: file.clone(),
-            source,
-        })?;
-        docs.extend(split_documents(&file, &text)?);
+    for source in sources {
+        match source {
+            Source::Path(path) => {
+                for file in files_of(path)? {
+                    let text =
+                        std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+                            path: file.clone(),
+                            source,
+                        })?;
+                    docs.extend(split_documents(&file, &text)?);
+                }
+            }
+            Source::Text(name, text) => docs.extend(split_documents(name, text)?),
+        }
     }
     build(docs)
 }

@@ -8,7 +8,9 @@ pub mod policy;
 pub mod route;
 pub mod watch;
 
-pub use load::{load_path, load_str, ConfigError, Location, LABEL_AGENT_DOWN, LABEL_MESH};
+pub use load::{
+    load_path, load_sources, load_str, ConfigError, Location, Source, LABEL_AGENT_DOWN, LABEL_MESH,
+};
 pub use model::{
     AgentDown, AppProtocol, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort,
     Workload, WorkloadPort,
