@@ -29,21 +29,29 @@ pub type Body = BoxBody<Bytes, BoxError>;
 pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
 
 /// What went wrong with a client's body, if anything (shared between the body, which is
-/// moved into the upstream request, and the request's handler).
+/// moved into the upstream request, and the request's handler). A request without a body
+/// has nothing to share and allocates nothing.
 #[derive(Clone, Debug, Default)]
-pub struct ClientFault(Arc<AtomicU8>);
+pub struct ClientFault(Option<Arc<AtomicU8>>);
 
 impl ClientFault {
     const BROKEN: u8 = 1;
     const STALLED: u8 = 2;
 
+    /// For a request that has a body.
+    pub fn watch() -> Self {
+        Self(Some(Arc::new(AtomicU8::new(0))))
+    }
+
     fn set(&self, v: u8) {
-        let _ = self.0.compare_exchange(0, v, Relaxed, Relaxed);
+        if let Some(f) = &self.0 {
+            let _ = f.compare_exchange(0, v, Relaxed, Relaxed);
+        }
     }
 
     /// The answer the client's fault calls for, if its body failed.
     pub fn reason(&self) -> Option<Reason> {
-        match self.0.load(Relaxed) {
+        match self.0.as_ref()?.load(Relaxed) {
             Self::BROKEN => Some(Reason::BadRequestBody),
             Self::STALLED => Some(Reason::RequestBodyTimeout),
             _ => None,
@@ -128,13 +136,6 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    pub fn is_empty(&self) -> bool {
-        match self {
-            Self::Stream(b) => b.as_ref().is_none_or(|b| b.is_end_stream()),
-            Self::Buffered(b) => b.is_empty(),
-        }
-    }
-
     /// Read a body of declared length up to [`MAX_BUFFERED_BODY`] into memory within
     /// `deadline`; longer or unknown-length bodies keep streaming (and are sent once). A
     /// body that breaks or is late is the client's fault and answered as such.

@@ -23,18 +23,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Longest request head followed; longer ones are hyper's to refuse (431).
 const MAX_HEAD: usize = 256 * 1024;
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Collecting a request head.
-    Head(Vec<u8>),
+    /// Collecting a request head (in `Framing::buf`).
+    Head,
     /// Skipping this many body bytes.
     Body(u64),
-    /// Reading a chunk-size line.
-    ChunkSize(Vec<u8>),
+    /// Reading a chunk-size line (in `Framing::buf`).
+    ChunkSize,
     /// Skipping chunk data, then its CRLF.
     ChunkData(u64),
     /// Reading trailer lines after the last chunk, until an empty one.
-    Trailers(Vec<u8>),
+    Trailers,
     /// No longer following: a CONNECT, a framing we could not read, or the request
     /// found (hyper closes the connection after it).
     Stopped,
@@ -74,6 +74,8 @@ impl Control {
 #[derive(Debug)]
 pub struct Framing {
     state: State,
+    /// The line or head being collected, reused from one to the next.
+    buf: Vec<u8>,
     /// Index of the next request head.
     next: u64,
     pub control: Arc<Control>,
@@ -82,11 +84,17 @@ pub struct Framing {
 impl Default for Framing {
     fn default() -> Self {
         Self {
-            state: State::Head(Vec::new()),
+            state: State::Head,
+            buf: Vec::new(),
             next: 0,
             control: Arc::new(Control::default()),
         }
     }
+}
+
+/// `line` without its trailing CR/LF and surrounding blanks.
+fn trim(line: &[u8]) -> &[u8] {
+    line.trim_ascii()
 }
 
 impl Framing {
@@ -95,32 +103,27 @@ impl Framing {
         while !data.is_empty() {
             match &mut self.state {
                 State::Stopped => return,
-                State::Body(n) => {
+                State::Body(n) | State::ChunkData(n) => {
                     let k = (*n).min(data.len() as u64);
                     *n -= k;
                     data = &data[k as usize..];
                     if *n == 0 {
-                        self.state = State::Head(Vec::new());
+                        // After chunk data, its CRLF is read as an empty size line.
+                        self.state = match self.state {
+                            State::Body(_) => State::Head,
+                            _ => State::ChunkSize,
+                        };
                     }
                 }
-                State::ChunkData(n) => {
-                    let k = (*n).min(data.len() as u64);
-                    *n -= k;
-                    data = &data[k as usize..];
-                    if *n == 0 {
-                        // The chunk's CRLF is read as an empty size line.
-                        self.state = State::ChunkSize(Vec::new());
-                    }
-                }
-                State::Head(buf) | State::ChunkSize(buf) | State::Trailers(buf) => {
+                State::Head | State::ChunkSize | State::Trailers => {
                     let Some(end) = data.iter().position(|&b| b == b'\n') else {
-                        buf.extend_from_slice(data);
-                        if buf.len() > MAX_HEAD {
-                            self.state = State::Stopped;
+                        self.buf.extend_from_slice(data);
+                        if self.buf.len() > MAX_HEAD {
+                            self.stop();
                         }
                         return;
                     };
-                    buf.extend_from_slice(&data[..=end]);
+                    self.buf.extend_from_slice(&data[..=end]);
                     data = &data[end + 1..];
                     self.line_done();
                 }
@@ -128,80 +131,90 @@ impl Framing {
         }
     }
 
+    fn stop(&mut self) {
+        self.state = State::Stopped;
+        self.buf = Vec::new();
+    }
+
     /// A line ended in the current line-based state.
     fn line_done(&mut self) {
-        match &mut self.state {
-            State::Head(buf) => {
-                let blank = buf.ends_with(b"\r\n\r\n") || buf.ends_with(b"\n\n");
-                if buf == b"\r\n" || buf == b"\n" {
-                    buf.clear(); // blank lines between requests are allowed
+        match self.state {
+            State::Head => {
+                let blank = self.buf.ends_with(b"\r\n\r\n") || self.buf.ends_with(b"\n\n");
+                if self.buf == b"\r\n" || self.buf == b"\n" {
+                    self.buf.clear(); // blank lines between requests are allowed
                 } else if blank {
-                    let head = std::mem::take(buf);
-                    self.head_done(&head);
-                } else if buf.len() > MAX_HEAD {
-                    self.state = State::Stopped;
+                    self.head_done();
+                } else if self.buf.len() > MAX_HEAD {
+                    self.stop();
                 }
             }
-            State::ChunkSize(buf) => {
-                let line = String::from_utf8_lossy(buf).trim().to_owned();
+            State::ChunkSize => {
+                let line = trim(&self.buf);
                 if line.is_empty() {
-                    buf.clear(); // the CRLF after chunk data
+                    self.buf.clear(); // the CRLF after chunk data
                     return;
                 }
-                let hex = line.split(';').next().unwrap_or("").trim();
-                self.state = match u64::from_str_radix(hex, 16) {
-                    Ok(0) => State::Trailers(Vec::new()),
-                    Ok(n) => State::ChunkData(n),
-                    Err(_) => State::Stopped,
-                };
-            }
-            State::Trailers(buf) => {
-                if buf == b"\r\n" || buf == b"\n" {
-                    self.state = State::Head(Vec::new());
-                } else {
-                    buf.clear();
+                let hex = line.split(|&b| b == b';').next().map_or(&b""[..], trim);
+                let size = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u64::from_str_radix(h, 16).ok());
+                self.buf.clear();
+                match size {
+                    Some(0) => self.state = State::Trailers,
+                    Some(n) => self.state = State::ChunkData(n),
+                    None => self.stop(),
                 }
+            }
+            State::Trailers => {
+                if self.buf == b"\r\n" || self.buf == b"\n" {
+                    self.state = State::Head;
+                }
+                self.buf.clear();
             }
             _ => {}
         }
     }
 
-    fn head_done(&mut self, head: &[u8]) {
+    /// A whole head is in `buf`: how its body is framed, and whether it has both framings.
+    fn head_done(&mut self) {
         let index = self.next;
         self.next += 1;
-        let text = String::from_utf8_lossy(head);
-        let mut lines = text.lines();
-        let request_line = lines.next().unwrap_or("");
+        let mut lines = self.buf.split(|&b| b == b'\n');
+        let connect = lines.next().is_some_and(|l| l.starts_with(b"CONNECT "));
         let (mut length, mut chunked, mut te) = (None, false, false);
         for l in lines {
-            let Some((name, value)) = l.split_once(':') else {
+            let Some(colon) = l.iter().position(|&b| b == b':') else {
                 continue;
             };
-            let value = value.trim();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "content-length" => length = value.parse::<u64>().ok().or(Some(u64::MAX)),
-                "transfer-encoding" => {
-                    te = true;
-                    chunked = value.to_ascii_lowercase().trim_end().ends_with("chunked");
-                }
-                _ => {}
+            let (name, value) = (trim(&l[..colon]), trim(&l[colon + 1..]));
+            if name.eq_ignore_ascii_case(b"content-length") {
+                length = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .or(Some(u64::MAX));
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                te = true;
+                chunked =
+                    value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
             }
         }
+        self.buf.clear();
         self.state = if te && length.is_some() {
             self.control.conflicting.store(index, Relaxed);
             State::Stopped
-        } else if request_line.starts_with("CONNECT ") {
+        } else if connect {
             // After a 2xx the connection is a tunnel (hyper upgrades it).
             State::Stopped
         } else if te {
             if chunked {
-                State::ChunkSize(Vec::new())
+                State::ChunkSize
             } else {
                 State::Stopped
             }
         } else {
             match length {
-                None | Some(0) => State::Head(Vec::new()),
+                None | Some(0) => State::Head,
                 Some(u64::MAX) => State::Stopped,
                 Some(n) => State::Body(n),
             }

@@ -525,14 +525,16 @@ impl HttpConn {
 
         // A request is sent again (on a connect failure, or a retry) only if its body is
         // known: none, or a small one with a declared length, read into memory first.
-        let fault = ClientFault::default();
         let t = self.ctx.timeouts();
-        let mut body =
-            RequestBody::Stream(Some(ClientBody::new(body, fault.clone(), t.request_body)));
         let mirrors = rule.map_or(&[][..], |r| &r.mirrors);
-        if body.is_empty() {
-            body = RequestBody::Buffered(Bytes::new());
-        } else if rule.is_some_and(|r| r.retry.is_some()) || !mirrors.is_empty() {
+        let (mut body, fault) = if hyper::body::Body::is_end_stream(&body) {
+            (RequestBody::Buffered(Bytes::new()), ClientFault::default())
+        } else {
+            let fault = ClientFault::watch();
+            let body = ClientBody::new(body, fault.clone(), t.request_body);
+            (RequestBody::Stream(Some(body)), fault)
+        };
+        if !body.replayable() && (rule.is_some_and(|r| r.retry.is_some()) || !mirrors.is_empty()) {
             body = body
                 .buffer(t.request_body)
                 .await

@@ -2,7 +2,10 @@
 //! hop-by-hop headers, upgrades, and picking a backend by weight (for TLSRoutes; HTTP
 //! routes are compiled in plan.rs).
 
-use hyper::{header::HeaderValue, HeaderMap};
+use hyper::{
+    header::{HeaderName, HeaderValue},
+    HeaderMap,
+};
 
 use crate::config::route::{BackendRef, PathRewrite};
 
@@ -44,9 +47,26 @@ pub fn rewrite_path(path: &str, rewrite: &PathRewrite, matched: Option<&str>) ->
     }
 }
 
+/// Headers that describe one connection (RFC 9110 7.6.1) and must not be forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    hyper::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::UPGRADE,
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::PROXY_AUTHENTICATE,
+    hyper::header::PROXY_AUTHORIZATION,
+];
+
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and must not be
-/// forwarded, nor any header the Connection header names.
+/// forwarded, nor any header the Connection header names. Most messages carry none, and
+/// then nothing is looked up or allocated.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // `te: trailers` is the one TE value that passes (gRPC needs it, RFC 9113 8.2.2).
     let trailers = h
         .get_all(hyper::header::TE)
@@ -56,28 +76,17 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    let named: Vec<String> = h
+    let named: Vec<HeaderName> = h
         .get_all(hyper::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
+        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
         .collect();
     for n in named {
-        h.remove(n.as_str());
+        h.remove(n);
     }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "te",
-        "trailer",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ] {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
     if trailers {
@@ -103,7 +112,6 @@ pub fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper::header::HeaderName;
 
     #[test]
     fn weights_partition_the_rolls() {
