@@ -158,8 +158,16 @@ impl CaptureMaps {
             src_port: client.port(),
             _pad: 0,
         };
-        let v = self.orig_dst.get(&key, 0).ok()?;
-        let _ = raw_delete(self.orig_dst.map().fd().as_fd(), &key);
+        // One system call: BPF_MAP_LOOKUP_AND_DELETE_ELEM (hash maps, Linux 5.14+).
+        const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+        let mut v = SockAddr4::default();
+        raw_map_op(
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            self.orig_dst.map().fd().as_fd(),
+            &key,
+            std::ptr::from_mut(&mut v) as u64,
+        )
+        .ok()?;
         Some(SocketAddrV4::new(ip_of(v.ip), v.port))
     }
 
@@ -278,8 +286,8 @@ fn raw_map_op<K>(
         flags: 0,
     };
     // SAFETY: attr points at a valid bpf_attr prefix for these commands; key (and value,
-    // when the command reads one) point at values of the map's key and value sizes, alive
-    // for the call.
+    // when the command reads or writes one) point at values of the map's key and value
+    // sizes, alive for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
