@@ -261,21 +261,7 @@ async fn a_pod_at_its_connection_limit_is_refused_and_others_are_served() {
         .config(|c| c.limits.per_pod = 5)
         .start()
         .await;
-    let l = tokio::net::TcpListener::bind((m.ip("echo"), 8080))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 256];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let _echo = support::echo_server(&m, "echo", 8080).await;
     let echo = |mut c: tokio::net::TcpStream| async move {
         c.write_all(b"\x01hello").await.ok()?;
         let mut buf = [0u8; 6];
@@ -440,21 +426,7 @@ spec:
         .config(|c| c.timeouts.header_read = Duration::from_millis(300))
         .start()
         .await;
-    let l = tokio::net::TcpListener::bind((m.ip("echo"), 8080))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let _echo = support::echo_server(&m, "echo", 8080).await;
     // One byte that could start "GET ": after the detection wait it is plain TCP.
     let mut c = m.connect("client", "10.96.0.10:80").await;
     c.write_all(b"G").await.unwrap();

@@ -169,15 +169,7 @@ async fn opaque_tcp_is_forwarded_both_ways_with_half_close() {
         .docs(WEB)
         .start()
         .await;
-    let l = tokio::net::TcpListener::bind((m.ip("echo"), 8080))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut buf = vec![];
-        s.read_to_end(&mut buf).await.unwrap();
-        s.write_all(&buf).await.unwrap();
-    });
+    let _echo = support::echo_server(&m, "echo", 8080).await;
     let mut c = m.connect("client", "10.96.0.10:80").await;
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     c.write_all(&data).await.unwrap();

@@ -207,6 +207,27 @@ impl Agent {
         }
     }
 
+    /// Wait until the agent reports a refused configuration change, and return the error;
+    /// panics if none comes within `timeout`.
+    pub fn wait_config_error(&self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self
+                .admin("/status")
+                .ok()
+                .and_then(|s| s["last_config_error"].as_str().map(str::to_owned))
+            {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent of {} never reported a refused change",
+                self.node
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// One counter from `/stats` (`ebpf` or `proxy` section).
     pub fn stat(&self, section: &str, name: &str) -> u64 {
         self.admin("/stats")

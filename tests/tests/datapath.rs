@@ -328,18 +328,7 @@ fn invalid_config_change_keeps_the_last_good_one() {
     let bad = good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.999");
     assert_ne!(good, bad);
     c.write_config(&bad);
-    let deadline = Instant::now() + SECS5;
-    let err = loop {
-        let st = agent.admin("/status").expect("admin");
-        if let Some(e) = st["last_config_error"].as_str() {
-            break e.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never reported the invalid change"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let err = agent.wait_config_error(SECS5);
     assert!(
         err.contains("cluster.yaml")
             && err.contains("spec.clusterIP")
@@ -399,18 +388,7 @@ fn a_reload_that_would_overflow_a_map_is_refused_and_nothing_changes() {
         ));
     }
     c.write_config(&big);
-    let deadline = Instant::now() + SECS5;
-    let err = loop {
-        let st = agent.admin("/status").expect("admin");
-        if let Some(e) = st["last_config_error"].as_str() {
-            break e.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never refused the change"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let err = agent.wait_config_error(SECS5);
     assert!(
         err.contains("eBPF map SERVICES holds at most 4 entries and this configuration needs 5")
             && err.contains("--max-services"),

@@ -524,6 +524,28 @@ pub async fn silent(ip: Ipv4Addr, port: u16) -> Silent {
     Silent { accepted, task }
 }
 
+/// A TCP echo server in a pod: every connection gets back what it sends, as it arrives.
+pub async fn echo_server(mesh: &Mesh, pod: &str, port: u16) -> JoinHandle<()> {
+    let l = TcpListener::bind((mesh.ip(pod), port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                    if n == 0
+                        || tokio::io::AsyncWriteExt::write_all(&mut s, &buf[..n])
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
+            });
+        }
+    })
+}
+
 /// How a test server answers.
 #[derive(Clone, Default)]
 pub struct Behaviour {
