@@ -402,3 +402,60 @@ spec:
     assert_eq!(a.stat("proxy", "outbound_no_route"), 1);
     assert_eq!(a.stat("proxy", "outbound_http"), 0, "TLS stays opaque");
 }
+
+#[test]
+fn an_http10_backend_serves_two_requests_on_one_client_connection() {
+    if !require_root("an_http10_backend_serves_two_requests_on_one_client_connection") {
+        return;
+    }
+    let c = cluster("http10");
+    let _a = c.start_agent("a", &[]);
+    let _b = c.start_agent("b", &[]);
+    // Python's http.server answers HTTP/1.0 and closes after every answer.
+    let www = c.dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "from python\n").unwrap();
+    let www = www.display().to_string();
+    let _py = c.pod("web-2").spawn(
+        &c.dir,
+        std::path::Path::new("/usr/bin/python3"),
+        &[
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+            &www,
+        ],
+    );
+    c.pod("web-2").wait_listening(8080, SECS5);
+    // curl asks twice; the proxy keeps its HTTP/1.1 connection open between them.
+    let out = c.pod("client").run(
+        "curl",
+        &[
+            "-sS",
+            "-v",
+            "--http1.1",
+            "--max-time",
+            "5",
+            "http://10.96.0.12/",
+            "http://10.96.0.12/",
+        ],
+        Duration::from_secs(10),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.matches("from python").count(), 2, "{stdout}");
+    assert_eq!(
+        stderr.matches("< HTTP/1.1 200").count(),
+        2,
+        "answered in HTTP/1.1:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("Re-using existing connection")
+            || stderr.contains("Reusing existing connection"),
+        "one client connection for both requests:\n{stderr}"
+    );
+}

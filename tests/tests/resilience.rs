@@ -482,3 +482,45 @@ fn grpc_trailers_pass_through() {
     );
     assert_eq!(a.stat("proxy", "outbound_http"), 1);
 }
+
+#[test]
+fn a_blackholed_endpoint_costs_a_request_at_most_the_connect_timeout() {
+    if !require_root("a_blackholed_endpoint_costs_a_request_at_most_the_connect_timeout") {
+        return;
+    }
+    let c = Cluster::builder("res-blackhole")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("dead", "b").label("app", "mixed").port(8080))
+        .pod(PodSpec::new("live", "b").label("app", "mixed").port(8080))
+        .service(
+            ServiceSpec::new("mixed", "10.96.1.1")
+                .select("app", "mixed")
+                .tcp(80, 8080),
+        )
+        .build();
+    let policy = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: mixed}\nspec:\n  targetRef: {kind: Service, name: mixed}\n  loadBalancer: RoundRobin\n---\n";
+    c.write_config(&format!("{}{policy}", c.config_yaml()));
+    let a = c.start_agent("a", &["--connect-timeout", "500ms"]);
+    let _b = c.start_agent("b", &[]);
+    let _live = serve(&c, "live", &[]);
+    // The dead pod's replies to the client vanish: every connect to it (the tunnel's SYN
+    // arrives, its SYN-ACK is dropped) hangs until the connect timeout.
+    let client_ip = c.pod("client").ip.clone();
+    c.pod("dead").exec(
+        "ip",
+        &["route", "add", "blackhole", &format!("{client_ip}/32")],
+    );
+    let t0 = Instant::now();
+    let got = load(c.pod("client"), "10.96.1.1:80", 8, 1, &[]);
+    let took = t0.elapsed();
+    assert_eq!(got, serde_json::json!({"200 live": 8}), "{got}");
+    // Every other request meets the dead endpoint first: four connect timeouts of 0.5 s,
+    // with room for a busy machine (without the timeout each would wait minutes).
+    assert!(
+        took < Duration::from_secs(8),
+        "eight requests took {took:?}"
+    );
+    assert!(a.stat("proxy", "upstream_connect_timeouts") >= 1);
+}
