@@ -67,9 +67,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Answer admin requests until the process ends: a request line must arrive within
-/// `header_read`, at most [`MAX_ADMIN_CONNECTIONS`] are served at once, and a failing
-/// accept (out of file descriptors) backs off and tries again, never ending the loop.
+/// Answer admin requests until the process ends: a request line must arrive, and the
+/// answer be taken, within `header_read`; at most [`MAX_ADMIN_CONNECTIONS`] are served at
+/// once; a failing accept (out of file descriptors) backs off and tries again, never
+/// ending the loop.
 pub async fn serve(listener: UnixListener, admin: AdminState, header_read: std::time::Duration) {
     let places = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let accept_errors = std::sync::atomic::AtomicU64::new(0);
@@ -101,7 +102,9 @@ pub async fn serve(listener: UnixListener, admin: AdminState, header_read: std::
                 Ok(Err(_)) => return,
                 Err(_) => json!({"error": "no request line within the header read timeout"}),
             };
-            let _ = w.write_all(format!("{body}\n").as_bytes()).await;
+            // A client that does not read its answer does not keep the place either.
+            let answer = format!("{body}\n");
+            let _ = tokio::time::timeout(header_read, w.write_all(answer.as_bytes())).await;
         });
     }
 }

@@ -233,6 +233,46 @@ fn targets(r: &Results) -> String {
         format!("{} vs {} ms per 1k", fmt(w), fmt(h)),
         check(w, h),
     );
+    // The pipeline issue's targets, as ratios measured in this run.
+    let (w, pair) = (cpu("weft other node"), cpu(sc));
+    row(
+        "agent CPU per request, whole cross-node path <= 0.6x the sidecar pair's",
+        format!("{} vs {} ms per 1k ({})", fmt(w), fmt(pair), times(w, pair)),
+        check(w, pair * 0.6 + 1e-9),
+    );
+    let g2 = "http2 5000 rps, 100 streams on 1 connection";
+    let (w, h) = (
+        median(r, g2, "weft other node", "latency p99"),
+        median(r, g2, sc, "latency p99"),
+    );
+    row(
+        "HTTP/2 cross-node p99 at 5,000 rps <= the sidecar pair's",
+        format!("{} ms vs {} ms ({})", fmt(w), fmt(h), times(w, h)),
+        check(w, h + 1e-9),
+    );
+    let bulk = "tcp bulk, 1 connection(s)";
+    for (case, want) in [("weft other node", 0.35), ("weft same node", 0.6)] {
+        let (w, d) = (
+            median(r, bulk, case, "throughput"),
+            median(r, bulk, "direct", "throughput"),
+        );
+        let agents = if case == "weft other node" { "two agents" } else { "one agent" };
+        row(
+            &format!("bulk TCP through {agents} >= {want}x direct"),
+            format!("{} vs {} Gbit/s ({})", fmt(w), fmt(d), times(w, d)),
+            check(d * want, w + 1e-9),
+        );
+    }
+    let ge = "new connection + 1-byte echo";
+    let (w, d) = (
+        median(r, ge, "weft other node", "connections"),
+        median(r, ge, "direct", "connections"),
+    );
+    row(
+        "new connections per second, cross-node >= 0.5x direct",
+        format!("{} vs {} conn/s ({})", fmt(w), fmt(d), times(w, d)),
+        check(d * 0.5, w + 1e-9),
+    );
     let drop = (conn0 - conn_n) / conn0 * 100.0;
     let change = if drop >= 0.0 {
         format!("{}% lower", fmt(drop))
