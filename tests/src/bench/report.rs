@@ -256,7 +256,11 @@ fn targets(r: &Results) -> String {
             median(r, bulk, case, "throughput"),
             median(r, bulk, "direct", "throughput"),
         );
-        let agents = if case == "weft other node" { "two agents" } else { "one agent" };
+        let agents = if case == "weft other node" {
+            "two agents"
+        } else {
+            "one agent"
+        };
         row(
             &format!("bulk TCP through {agents} >= {want}x direct"),
             format!("{} vs {} Gbit/s ({})", fmt(w), fmt(d), times(w, d)),
@@ -545,9 +549,12 @@ const OUTRO: &str = "
   services connection setup slows by an order of magnitude and a full resync takes tens
   of seconds. See the table «connection setup vs services».
 - **One proxy per node instead of two per request.** The same-node path goes through one
-  agent; the cross-node path through two, like a sidecar pair, and both parse HTTP. The
-  HTTP path is new and not yet tuned (per-request allocations, pooling across the
-  tunnel); the targets table shows where it stands.
+  agent; the cross-node path through two, like a sidecar pair, and both parse HTTP. Per
+  request, most of each hop's CPU is the kernel's (sockets, the veth path, wake-ups: about
+  60% of the client-side agent's samples and 85% of the server side's in a `perf` profile),
+  so two userspace hops cost about what two HAProxies cost; new connections across nodes
+  pay for a tunnel connection each until the node-to-node transport pools them. The
+  targets table shows where it stands.
 - **Memory.** The agent is one process per node: its memory grows with the configuration
   (services, endpoints) and the number of open connections, not with the number of pods.
 - **Same-node acceleration.** sk_msg redirection raises same-node throughput, but it is
