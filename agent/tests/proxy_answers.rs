@@ -156,19 +156,8 @@ async fn failing_upstreams_answer_with_their_reason() {
         .pod("client", "a")
         .server("closed", "b", "closed", 8080)
         .server("hangup", "b", "hangup", 8080)
-        .docs(
-            "
-apiVersion: v1
-kind: Service
-metadata: {name: closed}
-spec: {clusterIP: 10.96.0.20, selector: {app: closed}, ports: [{port: 80, targetPort: 8080}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: hangup}
-spec: {clusterIP: 10.96.0.21, selector: {app: hangup}, ports: [{port: 80, targetPort: 8080}]}
-",
-        )
+        .docs(&support::service("closed", "10.96.0.20"))
+        .docs(&support::service("hangup", "10.96.0.21"))
         .start()
         .await;
     // Nothing listens in `closed`; `hangup` reads the request and closes without a word.

@@ -22,19 +22,8 @@ async fn same_node_and_cross_node_requests_keep_the_client_address() {
         .pod("client", "a")
         .server("near", "a", "near", 8080)
         .server("far", "b", "far", 8080)
-        .docs(
-            "
-apiVersion: v1
-kind: Service
-metadata: {name: near}
-spec: {clusterIP: 10.96.0.1, selector: {app: near}, ports: [{port: 80, targetPort: 8080}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: far}
-spec: {clusterIP: 10.96.0.2, selector: {app: far}, ports: [{port: 80, targetPort: 8080}]}
-",
-        )
+        .docs(&support::service("near", "10.96.0.1"))
+        .docs(&support::service("far", "10.96.0.2"))
         .start()
         .await;
     let _near = serve(&m, "near", 8080, Behaviour::default()).await;

@@ -263,6 +263,13 @@ impl Drop for Mesh {
     }
 }
 
+/// A Service `name` at `vip`:80 selecting the pods labelled `app: <name>` on port 8080.
+pub fn service(name: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
+    )
+}
+
 pub fn mesh() -> MeshBuilder {
     MeshBuilder {
         nodes: vec![],
