@@ -65,7 +65,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // listeners, namespaces).
     let reserve = (open_files / 2).min(1024);
     let affordable = u32::try_from((open_files - reserve) / 2).unwrap_or(u32::MAX);
-    if opts.max_connections_from_open_files {
+    if open_files == 0 {
+        // The limit could not be read: keep the connection limit as it was set.
+    } else if opts.max_connections_from_open_files {
         limits.per_node = limits.per_node.min(affordable.max(1));
     } else if limits.per_node > affordable {
         tracing::warn!(open_files, max_connections = limits.per_node, "the open-file limit is below what --max-connections needs (two descriptors per connection): accepting will fail, and back off, before the connection limit is reached");

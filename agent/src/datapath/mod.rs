@@ -486,14 +486,6 @@ impl Datapath {
             .map_err(map_err(maps::SETTINGS))
     }
 
-    /// Refuse a state the maps cannot hold, before anything is written.
-    pub fn check_capacity(&self, state: &NodeState) -> Result<(), DatapathError> {
-        self.written
-            .as_ref()
-            .expect("take_ownership first")
-            .check(&services::desired(state), self.capacity)
-    }
-
     /// Make `SERVICES` and `ENDPOINTS` say what `state` says, or leave them as they were
     /// (services.rs). A failure that could not even be rolled back marks the maps dirty;
     /// [`Self::is_dirty`] tells the caller to sync again.
