@@ -84,6 +84,10 @@ pub async fn serve(listener: UnixListener, admin: AdminState, header_read: std::
             }
         };
         backoff.succeeded();
+        if let Err(e) = crate::peer::check_root(&conn) {
+            tracing::warn!(error = %e, "refusing an admin client");
+            continue;
+        }
         let Ok(place) = places.clone().acquire_owned().await else {
             continue;
         };

@@ -108,8 +108,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // 5. Listeners from a predecessor, if one is running (graceful restart). Once it has
     //    handed them over it writes nothing more, so from here this agent is the maps'
     //    only writer.
-    std::fs::create_dir_all(&opts.run_dir)
-        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    crate::peer::private_dir(&opts.run_dir)
+        .with_context(|| format!("creating {} (mode 0700)", opts.run_dir.display()))?;
     let handoff_path = opts.run_dir.join("handoff.sock");
     let mut inherited =
         handoff::receive(&handoff_path).context("taking over listeners from the running agent")?;

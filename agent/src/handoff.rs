@@ -8,6 +8,10 @@
 //!
 //! Wire format, one message per listener: 8 bytes netns cookie (little endian), 1 byte
 //! [`ListenerKind`], one fd. A final message with kind 255 and no fd ends the list.
+//!
+//! The listeners are the pods' traffic: they go only to root running this agent's
+//! executable (checked with SO_PEERCRED and /proc, peer.rs), and each received descriptor
+//! is checked to be the listening socket it is announced as.
 
 use std::{
     collections::HashMap,
@@ -40,6 +44,15 @@ impl ListenerKind {
             1 => Some(Self::Inbound),
             2 => Some(Self::Tunnel),
             _ => None,
+        }
+    }
+
+    /// The port this kind of listener is bound to inside a pod.
+    pub fn port(self) -> u16 {
+        match self {
+            Self::Outbound => weft_common::OUTBOUND_PORT,
+            Self::Inbound => weft_common::INBOUND_PORT,
+            Self::Tunnel => weft_common::TUNNEL_PORT,
         }
     }
 
@@ -120,14 +133,51 @@ pub fn receive(path: &Path) -> io::Result<Inherited> {
                 "malformed handoff message",
             ));
         };
+        check_listener(&fd, cookie, kind)?;
         let l = std::net::TcpListener::from(fd);
         l.set_nonblocking(true)?;
         out.0.insert((cookie, kind), l);
     }
 }
 
-/// Answer one successor on `stream`: wait for its request, send every listener.
+/// A received descriptor must be what the message says it is: a listening IPv4 TCP socket
+/// on the kind's port, in the network namespace with that cookie. Anything else (a
+/// confused or hostile sender) is refused rather than served on.
+fn check_listener(fd: &OwnedFd, cookie: u64, kind: ListenerKind) -> io::Result<()> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let bad = |what: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("handed-over descriptor: {what}"),
+        )
+    };
+    let listening = getsockopt(fd, sockopt::AcceptConn).map_err(io::Error::from)?;
+    let stream = getsockopt(fd, sockopt::SockType).map_err(io::Error::from)?
+        == nix::sys::socket::SockType::Stream;
+    if !listening || !stream {
+        return Err(bad(format!("{kind:?} is not a listening TCP socket")));
+    }
+    let netns = crate::netns::netns_cookie(fd)?;
+    if netns != cookie {
+        return Err(bad(format!(
+            "{kind:?} lives in netns {netns}, not in {cookie} as announced"
+        )));
+    }
+    match nix::sys::socket::getsockname::<nix::sys::socket::SockaddrIn>(fd.as_raw_fd()) {
+        Ok(a) if a.port() == kind.port() => Ok(()),
+        Ok(a) => Err(bad(format!(
+            "{kind:?} is bound to port {}, not {}",
+            a.port(),
+            kind.port()
+        ))),
+        Err(e) => Err(bad(format!("{kind:?} has no IPv4 address: {e}"))),
+    }
+}
+
+/// Answer one successor on `stream`: check that it is this agent's executable, running as
+/// root, wait for its request, send every listener.
 pub fn send(mut stream: UnixStream, listeners: &[(u64, ListenerKind, RawFd)]) -> io::Result<()> {
+    crate::peer::check_same_agent(&stream).map_err(io::Error::other)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut req = [0u8; REQUEST.len()];
     stream.read_exact(&mut req)?;

@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod handoff;
 pub mod metrics;
 pub mod netns;
+pub mod peer;
 pub mod proxy;
 pub mod state;
 pub mod traffic;

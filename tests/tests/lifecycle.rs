@@ -520,3 +520,77 @@ fn pins_of_other_versions_are_removed_once_attached() {
     );
     assert_eq!(agent.admin("/status").unwrap()["attachment"], "attached");
 }
+
+#[test]
+fn only_the_agent_itself_can_take_over_the_listeners() {
+    if !require_root("only_the_agent_itself_can_take_over_the_listeners") {
+        return;
+    }
+    let c = Cluster::builder("handoff-peer")
+        .node("a")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("web", "a").label("app", "web").port(8080))
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .build();
+    let _srv = c.pod("web").spawn(
+        &c.dir,
+        &bin("weft-testpod"),
+        &["http-server", "8080", "web"],
+    );
+    c.pod("web").wait_listening(8080, SECS5);
+    let agent = c.start_agent("a", &[]);
+    let run_dir = agent.admin.parent().unwrap().to_owned();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&run_dir).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "the run directory is private");
+    // Root, but another program: it asks for the listeners and gets nothing.
+    let handoff = run_dir.join("handoff.sock").display().to_string();
+    let ask = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(5)
+try:
+    s.sendall(b"TAKEOVER\n")
+    msg, fds, _, _ = socket.recv_fds(s, 64, 4)
+    print(len(msg), len(fds))
+except (ConnectionResetError, BrokenPipeError):
+    print(0, 0)
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", ask, &handoff])
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0 0",
+        "no listener handed to another program: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not root: not even a connection (the directory is 0700).
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", ask, &handoff])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("python3");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent goes on serving, and says what it refused.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.admin("/status").unwrap()["draining"], false);
+    weft_e2e::http_get(c.pod("client"), "http://10.96.0.10/").expect("still serving");
+    assert!(
+        agent.proc.output().contains("not this agent's executable"),
+        "{}",
+        agent.proc.output()
+    );
+}
