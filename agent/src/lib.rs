@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod enroll;
 pub mod handoff;
+pub mod identity;
 pub mod metrics;
 pub mod netns;
 pub mod peer;

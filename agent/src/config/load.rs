@@ -194,7 +194,7 @@ fn split_documents(file: &Path, text: &str) -> Result<Vec<Doc>, ConfigError> {
             Some(v) => typed(&at, "metadata", v)?,
         };
         at.object = match (kind.as_str(), &meta.namespace) {
-            ("Node" | "Namespace", _) => format!("{kind} {}", meta.name),
+            ("Mesh" | "Node" | "Namespace", _) => format!("{kind} {}", meta.name),
             (_, ns) => format!(
                 "{kind} {}/{}",
                 ns.as_deref().unwrap_or("default"),
@@ -238,6 +238,13 @@ fn typed<T: serde::de::DeserializeOwned>(
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct NodeSpec {
     address: Ipv4Addr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MeshSpec {
+    #[serde(default)]
+    trust_domain: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +335,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     // HTTPRouteFilters by (namespace, name), for the routes that reference them.
     let mut route_filters: BTreeMap<(String, String), policy::RouteFilter> = BTreeMap::new();
     let mut vips: HashMap<(Ipv4Addr, u16, Protocol), String> = HashMap::new();
+    let mut mesh_at: Option<Location> = None;
     for doc in docs {
         let Doc {
             at,
@@ -357,6 +365,22 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                     address: spec.address,
                 };
                 cfg.nodes.insert(meta.name, node);
+            }
+            (WEFT_API, "Mesh") => {
+                let spec: MeshSpec = typed(&at, "spec", spec)?;
+                if let Some(first) = &mesh_at {
+                    return Err(ConfigError::field(
+                        &at,
+                        "kind",
+                        format!("only one Mesh document may be declared; the first is at {first}"),
+                    ));
+                }
+                if let Some(td) = &spec.trust_domain {
+                    crate::identity::check_trust_domain(td)
+                        .map_err(|e| ConfigError::field(&at, "spec.trustDomain", e.to_string()))?;
+                }
+                cfg.trust_domain = spec.trust_domain;
+                mesh_at = Some(at);
             }
             ("v1", "Namespace") => {
                 cfg.namespaces
@@ -416,7 +440,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                     "must be gateway.networking.k8s.io/v1",
                 ));
             }
-            (_, "Node" | "Workload" | "TrafficPolicy" | "HTTPRouteFilter") => {
+            (_, "Mesh" | "Node" | "Workload" | "TrafficPolicy" | "HTTPRouteFilter") => {
                 return Err(ConfigError::field(
                     &at,
                     "apiVersion",
@@ -430,7 +454,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 return Err(ConfigError::field(
                     &at,
                     "kind",
-                    format!("unknown kind {kind:?}; expected Node, Namespace, Workload, Service, HTTPRoute, TLSRoute, TrafficPolicy or HTTPRouteFilter"),
+                    format!("unknown kind {kind:?}; expected Mesh, Node, Namespace, Workload, Service, HTTPRoute, TLSRoute, TrafficPolicy or HTTPRouteFilter"),
                 ));
             }
         }
@@ -439,6 +463,10 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     let mut ips: HashMap<Ipv4Addr, String> = HashMap::new();
     for (at, meta, ns, spec) in pending_workloads {
         let w = workload(&cfg, &at, meta, ns, spec)?;
+        // Its identity names it in certificates and DNS names: both parts must be labels.
+        if let Err(e) = crate::identity::SpiffeId::workload(cfg.trust_domain(), &w.namespace, &w.service_account) {
+            return Err(ConfigError::field(&at, "spec.serviceAccount", format!("gives no valid workload identity: {e}")));
+        }
         if let Some(other) = ips.insert(w.ip, w.id()) {
             return Err(ConfigError::field(
                 &at,

@@ -14,6 +14,19 @@ pub struct Config {
     pub routes: Vec<super::route::HttpRoute>,
     pub tls_routes: Vec<super::route::TlsRoute>,
     pub policies: Vec<super::policy::ServicePolicy>,
+    /// From the `Mesh` document; [`Config::trust_domain`] gives the default.
+    pub trust_domain: Option<String>,
+}
+
+impl Config {
+    pub const DEFAULT_TRUST_DOMAIN: &'static str = "cluster.local";
+
+    /// The trust domain of every identity in this mesh (`spiffe://<trust-domain>/...`).
+    pub fn trust_domain(&self) -> &str {
+        self.trust_domain
+            .as_deref()
+            .unwrap_or(Self::DEFAULT_TRUST_DOMAIN)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -342,3 +342,30 @@ fn policy_errors_name_the_field() {
         "{e}"
     );
 }
+
+const MESH: &str = "apiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\n";
+
+#[test]
+fn the_mesh_names_the_trust_domain_once() {
+    assert_eq!(parse("").unwrap().trust_domain(), "cluster.local");
+    let cfg = parse(&format!("{MESH}spec: {{trustDomain: prod.example.com}}\n")).unwrap();
+    assert_eq!(cfg.trust_domain(), "prod.example.com");
+
+    let e = err(&format!("{MESH}spec: {{trustDomain: Prod_Example}}\n"));
+    assert!(
+        e.contains("Mesh mesh") && e.contains("field `spec.trustDomain`"),
+        "{e}"
+    );
+    let other = MESH.replace("{name: mesh}", "{name: other}");
+    let e = err(&format!("{MESH}spec: {{}}\n---\n{other}spec: {{}}\n"));
+    assert!(e.contains("only one Mesh document"), "{e}");
+}
+
+#[test]
+fn a_workload_must_name_a_valid_identity() {
+    let e = err("apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec: {node: a, ip: 10.0.0.1, serviceAccount: \"bad/name\", ports: [{port: 80}]}\n");
+    assert!(
+        e.contains("Workload default/w") && e.contains("field `spec.serviceAccount`"),
+        "{e}"
+    );
+}
