@@ -34,9 +34,10 @@ pub fn steer(ctx: &SkLookupContext) -> u32 {
         src_port: u16::from_be(l.remote_port),
         dst_port: l.local_port as u16,
     };
-    // SAFETY: only the presence of the key matters.
+    // SAFETY: only the presence of the key matters. The agent removes the entry once its
+    // connect ends: a retransmitted SYN (the first one met a full accept queue, or its
+    // answer was lost) must reach the app too, never the agent's own inbound listener.
     if unsafe { DELIVERIES.get(&delivery) }.is_some() {
-        let _ = DELIVERIES.remove(&delivery);
         return SK_PASS;
     }
     match INBOUND_LSN.redirect_sk_lookup(ctx, l.local_ip4, 0) {

@@ -62,8 +62,8 @@ pub static INBOUND_PORTS: HashMap<InboundKey, InboundPort> = HashMap::pinned(65_
 #[map]
 pub static INBOUND_LSN: SockHash<u32> = SockHash::pinned(16_384, 0);
 
-/// Connections the agent is opening to an app with the original client as source; sk_lookup
-/// passes each one to the app once, then forgets it.
+/// Connections the agent is opening to an app with the original client as source: sk_lookup
+/// passes their SYNs to the app; the agent removes each once its connect ends.
 #[map]
 pub static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65_536, 0);
 

@@ -179,8 +179,7 @@ impl CaptureMaps {
         )
     }
 
-    /// Remove an announced delivery whose connect failed (sk_lookup consumes the ones
-    /// that arrive).
+    /// Remove an announced delivery once its connect has ended, either way.
     pub fn withdraw_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) {
         let _ = raw_delete(self.deliveries.map().fd().as_fd(), &delivery_key(src, dst));
     }

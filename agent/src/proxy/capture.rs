@@ -13,7 +13,7 @@ pub trait Capture: Send + Sync + 'static {
     fn orig_dst(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4>;
     /// The agent is about to connect `src` -> `dst` inside a pod: let it reach the app.
     fn announce_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4) -> std::io::Result<()>;
-    /// A delivery announced but not made (its connect failed): forget it.
+    /// A delivery whose connect has ended (made or failed): forget it.
     fn withdraw_delivery(&self, src: SocketAddrV4, dst: SocketAddrV4);
     /// Offer the agent's end of a captured loopback connection for sk_msg acceleration.
     fn accelerate(&self, netns_cookie: u64, conn: &TcpStream) -> std::io::Result<()>;

@@ -177,8 +177,8 @@ async fn deliver_uncounted(
         .announce_delivery(bound, dst)
         .map_err(DialError::Socket)?;
     let res = connect(sock, dst, inputs.config.timeouts.connect).await;
-    if res.is_err() {
-        inputs.capture.withdraw_delivery(bound, dst);
-    }
+    // Until now every SYN of this connection (a retransmitted one too) had to reach the
+    // app; from now on the 4-tuple is the connection's own.
+    inputs.capture.withdraw_delivery(bound, dst);
     res
 }
