@@ -1,5 +1,6 @@
 //! The admin API on a Unix socket: one request line (`GET /path`), one JSON document back.
-//! `weftctl` is its client. Paths: /ready, /status, /services, /workloads, /stats, /maps.
+//! `weftctl` is its client. Paths: /ready, /status, /services, /workloads, /stats, /maps,
+//! /certificates, /tunnels.
 
 use std::{path::Path, sync::Arc};
 
@@ -11,7 +12,10 @@ use tokio::{
     sync::Mutex,
 };
 
-use crate::{datapath::Datapath, metrics::Metrics, state::NodeState};
+use crate::{
+    datapath::Datapath, identity::certs::Identities, metrics::Metrics, proxy::tunnel::Tunnels,
+    state::NodeState,
+};
 
 /// What the control side publishes about itself.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -54,6 +58,8 @@ pub struct AdminState {
     pub state: Arc<ArcSwap<NodeState>>,
     pub metrics: Arc<Metrics>,
     pub datapath: Arc<Mutex<Datapath>>,
+    pub identities: Arc<Identities>,
+    pub tunnels: Arc<Tunnels>,
 }
 
 /// Admin connections answered at once; more wait for a place.
@@ -160,8 +166,30 @@ async fn answer(admin: &AdminState, path: &str) -> Value {
                 .collect();
             json!({"pin_root": dp.pin_root().display().to_string(), "services": services})
         }
+        "/certificates" => {
+            let st = admin.state.load();
+            let ids = &admin.identities;
+            let now = crate::identity::unix_now();
+            let held: Vec<_> = ids
+                .store
+                .list()
+                .into_iter()
+                .map(|(id, nb, na)| json!({"identity": id, "not_before": nb, "not_after": na, "expires_in_s": na - now}))
+                .collect();
+            json!({
+                "trust_domain": st.trust_domain,
+                "source": ids.source(),
+                "roots": ids.store.roots().map_or(0, |r| r.len()),
+                "certificates": held,
+                "pending": ids.pending(),
+            })
+        }
+        "/tunnels" => json!({
+            "pooled_connections": admin.tunnels.pool.len(),
+            "accepted": admin.tunnels.accepted.list(),
+        }),
         other => {
-            json!({"error": format!("unknown path {other}; try /ready, /status, /services, /workloads, /stats, /maps")})
+            json!({"error": format!("unknown path {other}; try /ready, /status, /services, /workloads, /stats, /maps, /certificates, /tunnels")})
         }
     }
 }

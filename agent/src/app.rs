@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
@@ -17,6 +17,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, Mutex},
 };
+use weft_common::TUNNEL_PORT;
 
 use crate::{
     admin::{self, AdminState, Status},
@@ -24,8 +25,17 @@ use crate::{
     datapath::{preflight, Datapath, DatapathOptions},
     enroll::{self, Enrolled},
     handoff::{self, Inherited},
+    identity::{
+        certs::{Identities, Source},
+        client::CaClient,
+        SpiffeId,
+    },
     netns::HostNetns,
-    proxy::{conn::Drain, socket::PodSockets, ProxyConfig, ProxyInputs},
+    proxy::{
+        conn::{Drain, Pod},
+        tunnel::server::TunnelServer,
+        ProxyConfig, ProxyInputs,
+    },
     state::NodeState,
 };
 
@@ -50,6 +60,29 @@ pub struct AgentOptions {
     pub capacity: crate::datapath::services::Capacity,
     /// `--max-connections` was not given: at most what the open-file limit allows.
     pub max_connections_from_open_files: bool,
+    /// Where workload certificates come from.
+    pub identity: IdentitySource,
+    /// How long to wait at start for the first certificates before serving without them.
+    pub identity_wait: Duration,
+}
+
+/// Where the agent gets its workloads' certificates (flags of `weft-agent run`).
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// None: connections to other nodes fail (single-node use only).
+    None,
+    /// A `weft-ca` at `address`, asked with the node's credentials; peers are checked
+    /// against `bundle`.
+    Ca {
+        address: String,
+        node_cert: PathBuf,
+        node_key: PathBuf,
+        bundle: PathBuf,
+    },
+    /// A CA directory the agent signs with itself (development, the demo).
+    Local { dir: PathBuf, ttl: Duration },
+    /// Certificates kept current by someone else, in `<dir>/<namespace>/<account>/`.
+    Files { dir: PathBuf },
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -105,6 +138,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         &opts.node, &cfg, 1, None,
     )));
 
+    // 4b. Certificates for this node's workloads, before anything is served.
+    let identities = Arc::new(identities(&opts, cfg.trust_domain())?);
+    identities.want(state.load().local_identities());
+    wait_for_certificates(&identities, opts.identity_wait).await;
+
     // 5. Listeners from a predecessor, if one is running (graceful restart). Once it has
     //    handed them over it writes nothing more, so from here this agent is the maps'
     //    only writer.
@@ -131,9 +169,38 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
     // 7. Proxy inputs, and every meshed pod of this node enrolled.
     let (drain_trigger, drain) = Drain::new();
-    let inputs = ProxyInputs::new(state.clone(), Arc::new(capture), proxy_config, drain);
+    let inputs = ProxyInputs::new(
+        state.clone(),
+        Arc::new(capture),
+        proxy_config,
+        drain,
+        identities.store.clone(),
+    );
     let metrics = inputs.metrics.clone();
+    tokio::spawn(identities.clone().run());
     let host = HostNetns::current().context("opening the agent's own network namespace")?;
+    // The node's tunnel listener (mTLS from peer agents), taken over or bound.
+    let host_cookie =
+        crate::netns::own_netns_cookie().context("reading the agent's netns cookie")?;
+    let address = cfg.nodes[&opts.node].address;
+    let tunnel_listener = match inherited.take(host_cookie, handoff::ListenerKind::Tunnel) {
+        Some(l) => l,
+        None => crate::netns::listen(SocketAddrV4::new(address, TUNNEL_PORT), 4096).with_context(|| {
+            format!("binding the tunnel listener on {address}:{TUNNEL_PORT} (the address of Node {}: is it an address of this host?)", opts.node)
+        })?,
+    };
+    let tunnel_fd: std::os::fd::OwnedFd = tunnel_listener
+        .try_clone()
+        .context("duplicating the tunnel listener")?
+        .into();
+    tokio::spawn(
+        TunnelServer::new(
+            tokio::net::TcpListener::from_std(tunnel_listener)
+                .context("registering the tunnel listener")?,
+            inputs.clone(),
+        )
+        .run(),
+    );
     let mut pods = Pods {
         enrolled: HashMap::new(),
         failed: HashMap::new(),
@@ -174,6 +241,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         state: state.clone(),
         metrics: metrics.clone(),
         datapath: datapath.clone(),
+        identities: identities.clone(),
+        tunnels: inputs.tunnels.clone(),
     };
     let admin_path = opts.run_dir.join("admin.sock");
     let admin_listener =
@@ -231,6 +300,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     match config::load_path(&opts.config).map_err(anyhow::Error::from).and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp)) {
                         Ok(()) => {
                             generation += 1;
+                            identities.want(state.load().local_identities());
                             status.rcu(|s| Status { config_generation: generation, last_config_error: None, ..(**s).clone() });
                             tracing::info!(generation, "configuration reloaded");
                             release_parser_memory();
@@ -241,6 +311,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         }
                     }
                 }
+                inputs.tunnels.pool.sweep(opts.proxy.timeouts.idle);
                 // Also retries pods whose enrolment failed (e.g. netns not there yet).
                 tokio::task::block_in_place(|| pods.reconcile(&mut dp, &state.load(), &mut Inherited::default()));
                 let names = pods.names();
@@ -249,7 +320,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 }
             }
             Some(successor) = successor_rx.recv() => {
-                let listeners = pods.listener_fds();
+                let mut listeners = pods.listener_fds();
+                listeners.push((host_cookie, handoff::ListenerKind::Tunnel, tunnel_fd.as_raw_fd()));
                 let stream = successor.into_std().and_then(|s| { s.set_nonblocking(false)?; Ok(s) });
                 match stream.and_then(|s| tokio::task::block_in_place(|| handoff::send(s, &listeners))) {
                     Ok(()) => {
@@ -291,6 +363,66 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         "drained; exiting (eBPF programs and maps stay pinned)"
     );
     Ok(())
+}
+
+/// The certificate source the options name.
+fn identities(opts: &AgentOptions, trust_domain: &str) -> anyhow::Result<Identities> {
+    Ok(match &opts.identity {
+        IdentitySource::None => {
+            tracing::warn!("no identity source (--ca-address, --ca-dir or --cert-dir): connections to pods of other nodes will fail");
+            Identities::new(Source::None, None)
+        }
+        IdentitySource::Ca {
+            address,
+            node_cert,
+            node_key,
+            bundle,
+        } => {
+            let client = CaClient::new(
+                address.clone(),
+                trust_domain,
+                node_cert.clone(),
+                node_key.clone(),
+            )
+            .context("the node's credentials for the CA")?;
+            Identities::new(Source::Ca(client), Some(bundle.clone()))
+        }
+        IdentitySource::Local { dir, ttl } => Identities::new(
+            Source::Local {
+                dir: dir.clone(),
+                node: SpiffeId::node(trust_domain, &opts.node)
+                    .with_context(|| format!("--node {:?} as an identity", opts.node))?,
+                ttl: *ttl,
+            },
+            None,
+        ),
+        IdentitySource::Files { dir } => Identities::new(Source::Files(dir.clone()), None),
+    })
+}
+
+/// Wait until every local workload has a certificate, or `wait` has passed (then say which
+/// are missing: their tunnels fail until the certificates arrive).
+async fn wait_for_certificates(identities: &Identities, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    loop {
+        identities.refresh().await;
+        if identities.complete() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let pending: Vec<String> = identities
+                .pending()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            tracing::warn!(
+                ?pending,
+                "serving without every workload certificate; still trying"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit: every proxied connection holds two
@@ -428,10 +560,10 @@ impl Pods {
             }
         }
         if changed {
-            let map: HashMap<Ipv4Addr, Arc<dyn PodSockets>> = self
+            let map: HashMap<Ipv4Addr, Arc<Pod>> = self
                 .enrolled
                 .iter()
-                .map(|(ip, e)| (*ip, e.netns.clone() as Arc<dyn PodSockets>))
+                .map(|(ip, e)| (*ip, e.pod.clone()))
                 .collect();
             self.inputs.pods.store(Arc::new(map));
         }

@@ -1,5 +1,5 @@
 //! Enrolling a meshed pod of this node: open its netns, prepare its routing for delivery,
-//! create (or take over) the agent's three listeners inside it, register it with the
+//! create (or take over) the agent's two listeners inside it, register it with the
 //! datapath, and start its proxies.
 
 use std::{
@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::task::JoinHandle;
-use weft_common::{DELIVERY_MARK, DELIVERY_TABLE, INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT};
+use weft_common::{DELIVERY_MARK, DELIVERY_TABLE, INBOUND_PORT, OUTBOUND_PORT};
 
 use crate::{
     config::Workload,
@@ -21,7 +21,6 @@ use crate::{
         inbound::Inbound,
         listener::PodListener,
         outbound::Outbound,
-        tunnel::TunnelServer,
         ProxyInputs,
     },
 };
@@ -55,6 +54,8 @@ pub enum EnrollError {
 pub struct Enrolled {
     pub workload: Workload,
     pub netns: Arc<PodNetns>,
+    /// The pod as the proxy sees it (deliveries to it go through this).
+    pub pod: Arc<Pod>,
     /// The listeners, kept for handing over to a successor agent.
     pub listeners: Vec<(ListenerKind, std::os::fd::OwnedFd)>,
     tasks: Vec<JoinHandle<()>>,
@@ -109,10 +110,6 @@ pub fn enroll(
         ListenerKind::Inbound,
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, INBOUND_PORT),
     )?;
-    let tunnel = listen(
-        ListenerKind::Tunnel,
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, TUNNEL_PORT),
-    )?;
     dp.enroll(w, &netns, &inbound)
         .map_err(|source| EnrollError::Datapath {
             workload: id.clone(),
@@ -123,7 +120,6 @@ pub fn enroll(
     for (kind, l) in [
         (ListenerKind::Outbound, &outbound),
         (ListenerKind::Inbound, &inbound),
-        (ListenerKind::Tunnel, &tunnel),
     ] {
         listeners.push((
             kind,
@@ -133,7 +129,6 @@ pub fn enroll(
     let to_tokio = |l: std::net::TcpListener| {
         tokio::net::TcpListener::from_std(l).map_err(io("registering a listener"))
     };
-    let ports = w.ports.iter().map(|p| p.port).collect();
     let shared = Arc::new(Pod {
         sockets: netns.clone(),
         ip: w.ip,
@@ -149,12 +144,12 @@ pub fn enroll(
     let tasks = vec![
         tokio::spawn(Outbound::new(pod(outbound)?).run()),
         tokio::spawn(Inbound::new(pod(inbound)?).run()),
-        tokio::spawn(TunnelServer::new(pod(tunnel)?, ports).run()),
     ];
     tracing::info!(workload = %id, ip = %w.ip, netns = %path.display(), cookie = netns.cookie(), "enrolled");
     Ok(Enrolled {
         workload: w.clone(),
         netns,
+        pod: shared,
         listeners,
         tasks,
     })

@@ -2,9 +2,9 @@
 //!
 //! A running agent serves a Unix socket (`<run-dir>/handoff.sock`). A new agent on the same
 //! node connects to it before enrolling pods, asks for the listeners, and receives every
-//! pod's listening sockets as file descriptors (SCM_RIGHTS). From then on both processes
-//! hold the same sockets: the new agent accepts, the old one stops accepting and drains its
-//! open connections. No listener is ever closed, so no connect is refused or reset.
+//! pod's listening sockets and the node's tunnel listener as file descriptors (SCM_RIGHTS).
+//! From then on both processes hold the same sockets: the new agent accepts, the old one
+//! stops accepting and drains its open connections. No listener is ever closed, so no connect is refused or reset.
 //!
 //! Wire format, one message per listener: 8 bytes netns cookie (little endian), 1 byte
 //! [`ListenerKind`], one fd. A final message with kind 255 and no fd ends the list.
@@ -47,7 +47,7 @@ impl ListenerKind {
         }
     }
 
-    /// The port this kind of listener is bound to inside a pod.
+    /// The port this kind of listener is bound to (inside a pod; the tunnel's on the node).
     pub fn port(self) -> u16 {
         match self {
             Self::Outbound => weft_common::OUTBOUND_PORT,
@@ -60,7 +60,7 @@ impl ListenerKind {
         match self {
             Self::Outbound => "binding the outbound listener (127.0.0.1:15001)",
             Self::Inbound => "binding the inbound listener (127.0.0.1:15006)",
-            Self::Tunnel => "binding the tunnel listener (0.0.0.0:15008)",
+            Self::Tunnel => "binding the tunnel listener (the node's address, port 15008)",
         }
     }
 }

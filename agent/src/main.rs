@@ -126,6 +126,34 @@ struct RunArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Workload certificates from this weft-ca (host:port), asked with the node's
+    /// credentials (--node-cert, --node-key); peers are checked against --trust-bundle.
+    #[arg(long, requires_all = ["node_cert", "node_key", "trust_bundle"], conflicts_with_all = ["ca_dir", "cert_dir"])]
+    ca_address: Option<String>,
+    /// The node's certificate for the CA (written by `weft-ca node-cert`; renewed in place).
+    #[arg(long, requires = "ca_address")]
+    node_cert: Option<PathBuf>,
+    /// The node's private key for the CA (renewed in place).
+    #[arg(long, requires = "ca_address")]
+    node_key: Option<PathBuf>,
+    /// The roots peers are checked against (re-read when it changes: trust rotation).
+    #[arg(long, requires = "ca_address")]
+    trust_bundle: Option<PathBuf>,
+    /// Sign this node's workload certificates with the CA in this directory (made by
+    /// `weft-ca init`). For one host and development only: the CA key is on this host.
+    #[arg(long, conflicts_with = "cert_dir")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of the certificates signed with --ca-dir.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    cert_ttl: Duration,
+    /// Certificates kept current by another tool (cert-manager, SPIRE):
+    /// DIR/<namespace>/<service-account>/{cert.pem,key.pem} and DIR/bundle.pem, re-read
+    /// when they change.
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    /// How long to wait at start for every local workload's certificate.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    identity_wait: Duration,
 }
 
 fn main() -> ExitCode {
@@ -230,6 +258,21 @@ fn run(args: RunArgs) -> ExitCode {
             services: args.max_services.max(1),
             endpoints: args.max_endpoints.max(1),
         },
+        identity: match (args.ca_address, args.ca_dir, args.cert_dir) {
+            (Some(address), _, _) => app::IdentitySource::Ca {
+                address,
+                node_cert: args.node_cert.unwrap_or_default(),
+                node_key: args.node_key.unwrap_or_default(),
+                bundle: args.trust_bundle.unwrap_or_default(),
+            },
+            (_, Some(dir), _) => app::IdentitySource::Local {
+                dir,
+                ttl: args.cert_ttl,
+            },
+            (_, _, Some(dir)) => app::IdentitySource::Files { dir },
+            _ => app::IdentitySource::None,
+        },
+        identity_wait: args.identity_wait,
     };
     match rt.block_on(app::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

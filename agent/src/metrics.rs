@@ -60,10 +60,16 @@ metrics! {
     outbound_no_endpoint: Counter,
     /// Connections the inbound listener accepted for a pod.
     inbound_accepted: Counter,
-    /// Tunnelled connections accepted from another node's agent.
+    /// Tunnelled connections (CONNECT streams) accepted from another node's agent.
     tunnel_accepted: Counter,
-    /// Tunnel requests refused: malformed, or for an address or port the pod does not serve.
+    /// Tunnel streams refused: not a CONNECT, a source address that is not the peer's identity on the peer's node, or a destination that is not a pod of this node with the identity the peer asked for.
     tunnel_rejected: Counter,
+    /// Tunnel connections refused before HTTP/2: no TLS, no or an untrusted or expired certificate, not a workload identity, an unknown server name, or (client side) a peer with the wrong identity.
+    tunnel_handshake_failures: Counter,
+    /// mTLS connections this agent opened to peer agents (each carries many tunnelled connections).
+    tunnel_connections_opened: Counter,
+    /// mTLS connections from peer agents accepted (handshake done).
+    tunnel_connections_accepted: Counter,
     /// Connections refused because their pod held its maximum (--max-connections-per-pod).
     connections_refused_pod_limit: Counter,
     /// Connections refused because the node held its maximum (--max-connections).

@@ -81,19 +81,9 @@ impl PodNetns {
         Ok(out)
     }
 
-    /// A listening TCP socket inside the pod. SO_REUSEPORT lets a restarting agent bind
-    /// beside the old one while it drains.
+    /// A listening TCP socket inside the pod (see [`listen`]).
     pub fn listen(&self, addr: SocketAddrV4, backlog: i32) -> io::Result<std::net::TcpListener> {
-        let sock = self.run(|| -> io::Result<Socket> {
-            let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
-            s.set_reuse_address(true)?;
-            s.set_reuse_port(true)?;
-            s.bind(&SocketAddr::V4(addr).into())?;
-            s.listen(backlog)?;
-            Ok(s)
-        })??;
-        sock.set_nonblocking(true)?;
-        Ok(sock.into())
+        self.run(|| listen(addr, backlog))?
     }
 
     /// An unconnected TCP socket inside the pod, ready for tokio's `TcpSocket::connect`.
@@ -116,6 +106,24 @@ impl PodNetns {
         let std: std::net::TcpStream = sock.into();
         Ok(tokio::net::TcpSocket::from_std_stream(std))
     }
+}
+
+/// A non-blocking listening TCP socket in the calling thread's netns. SO_REUSEPORT lets a
+/// restarting agent bind beside the old one while it drains.
+pub fn listen(addr: SocketAddrV4, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&SocketAddr::V4(addr).into())?;
+    s.listen(backlog)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// The cookie of the calling thread's netns.
+pub fn own_netns_cookie() -> io::Result<u64> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
+    netns_cookie(&s)
 }
 
 /// SO_NETNS_COOKIE of a socket: the cookie of the namespace it was created in.

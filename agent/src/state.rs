@@ -16,6 +16,7 @@ use crate::{
         route::{Filter, HttpRoute, Parent, TlsRoute},
         AppProtocol, Config, Protocol, Service, TargetPort, Workload,
     },
+    identity::SpiffeId,
     proxy::http::plan::{Resolve, RoutePlan},
     traffic::{EndpointStats, Pool, ServiceTraffic, TokenBucket},
 };
@@ -101,6 +102,12 @@ pub struct NodeState {
     pub by_name: HashMap<String, HashMap<String, Vec<Arc<ServiceEntry>>>>,
     /// Token buckets of route rules' rate limits, by [`Filter::Extension`] `bucket`.
     pub buckets: HashMap<String, Arc<TokenBucket>>,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// The identity of every meshed workload of the cluster, by IP.
+    pub identities: HashMap<Ipv4Addr, SpiffeId>,
+    /// Every node's address, by name (where its agent's tunnel listens).
+    pub node_addresses: HashMap<String, Ipv4Addr>,
 }
 
 impl NodeState {
@@ -245,6 +252,22 @@ impl NodeState {
             .filter(|w| w.node == node)
             .map(|w| (w.ip, w.clone()))
             .collect();
+        let trust_domain = cfg.trust_domain().to_owned();
+        // The loader checked that every workload has a valid identity.
+        let identities = cfg
+            .workloads
+            .iter()
+            .filter(|w| w.meshed)
+            .filter_map(|w| {
+                let id = SpiffeId::workload(&trust_domain, &w.namespace, &w.service_account);
+                Some((w.ip, id.ok()?))
+            })
+            .collect();
+        let node_addresses = cfg
+            .nodes
+            .values()
+            .map(|n| (n.name.clone(), n.address))
+            .collect();
         Self {
             node: node.to_owned(),
             generation,
@@ -253,7 +276,34 @@ impl NodeState {
             local,
             workloads,
             buckets,
+            trust_domain,
+            identities,
+            node_addresses,
         }
+    }
+
+    /// This node's own address, when it is declared.
+    pub fn own_address(&self) -> Option<Ipv4Addr> {
+        self.node_addresses.get(&self.node).copied()
+    }
+
+    /// The identities of this node's meshed workloads: what its agent holds certificates
+    /// for.
+    pub fn local_identities(&self) -> std::collections::BTreeSet<SpiffeId> {
+        self.local
+            .keys()
+            .filter_map(|ip| self.identities.get(ip).cloned())
+            .collect()
+    }
+
+    /// Where a meshed workload of another node is reached: its identity and its node's
+    /// address.
+    pub fn tunnel_to(&self, ip: Ipv4Addr) -> Option<(&SpiffeId, Ipv4Addr)> {
+        let w = self.workloads.get(&ip)?;
+        Some((
+            self.identities.get(&ip)?,
+            *self.node_addresses.get(&w.node)?,
+        ))
     }
 
     /// A TCP service port by namespace, name and port (route backends).

@@ -127,7 +127,7 @@ async fn a_silent_peer_agent_is_given_up_at_the_tunnel_answer_timeout() {
         .start()
         .await;
     // Node b's "agent" accepts tunnel connections and never answers.
-    let peer = silent(m.ip("far"), 15008).await;
+    let peer = silent(m.node_ip("b"), 15008).await;
     let t0 = Instant::now();
     let a = m.get("client", "10.96.0.10:80", "/").await;
     assert_eq!(
@@ -168,8 +168,9 @@ async fn silent_tcp_connections_are_closed_at_their_timeouts() {
     assert_eq!(n, 0);
     assert!(t0.elapsed() >= idle, "closed after {:?}", t0.elapsed());
     assert_eq!(m.metrics("a").tcp_idle_timeouts.load(Relaxed), 1);
-    // A tunnel client that never sends its request is closed at the header read timeout.
-    let mut t = tokio::net::TcpStream::connect((m.ip("mute"), 15008))
+    // A tunnel client that never starts its TLS handshake is closed at the header read
+    // timeout.
+    let mut t = tokio::net::TcpStream::connect((m.node_ip("a"), 15008))
         .await
         .unwrap();
     let n = tokio::time::timeout(Duration::from_secs(5), t.read(&mut buf))

@@ -25,6 +25,8 @@ pub struct PodSpec {
     pub ports: Vec<u16>,
     pub mesh: bool,
     pub agent_down: Option<&'static str>,
+    /// Its service account (its identity): `default` unless set.
+    pub account: Option<String>,
 }
 
 impl PodSpec {
@@ -36,7 +38,13 @@ impl PodSpec {
             ports: vec![],
             mesh: true,
             agent_down: None,
+            account: None,
         }
+    }
+    /// Run as service account `sa` (identity spiffe://cluster.local/ns/default/sa/<sa>).
+    pub fn account(mut self, sa: &str) -> Self {
+        self.account = Some(sa.into());
+        self
     }
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.push((k.into(), v.into()));
@@ -95,6 +103,7 @@ pub struct ClusterBuilder {
     nodes: Vec<String>,
     pods: Vec<PodSpec>,
     services: Vec<ServiceSpec>,
+    cert_ttl: Option<String>,
 }
 
 impl ClusterBuilder {
@@ -108,6 +117,11 @@ impl ClusterBuilder {
     }
     pub fn service(mut self, s: ServiceSpec) -> Self {
         self.services.push(s);
+        self
+    }
+    /// Lifetime of the workload certificates the cluster's CA signs (default 24h).
+    pub fn cert_ttl(mut self, ttl: &str) -> Self {
+        self.cert_ttl = Some(ttl.into());
         self
     }
 
@@ -132,6 +146,9 @@ impl ClusterBuilder {
             pods: vec![],
             services: self.services,
             netns: vec![],
+            fabric: String::new(),
+            ca: std::sync::Mutex::new(None),
+            cert_ttl: self.cert_ttl.unwrap_or_else(|| "24h".into()),
         };
         // Register everything before creating it, so a failure half-way still cleans up.
         let fab = format!("weft-{cid}-fab");
@@ -140,6 +157,17 @@ impl ClusterBuilder {
         ip(&["-n", &fab, "link", "set", "lo", "up"]);
         ip(&["-n", &fab, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &fab, "link", "set", "br0", "up"]);
+        // The cluster's CA listens here (see `Cluster::ca_address`).
+        ip(&[
+            "-n",
+            &fab,
+            "addr",
+            "add",
+            "192.168.250.254/24",
+            "dev",
+            "br0",
+        ]);
+        c.fabric = fab.clone();
         for (i, name) in self.nodes.iter().enumerate() {
             let idx = i + 1;
             let ns = format!("weft-{cid}-{name}");
@@ -268,14 +296,81 @@ impl ClusterBuilder {
             });
         }
         c.write_config(&c.config_yaml());
+        // The CA and every node's bootstrap credentials; the CA process starts with the
+        // first agent.
+        let ca = c.ca_dir().display().to_string();
+        run_tool(
+            &crate::bin("weft-ca"),
+            &["init", "--dir", &ca, "--trust-domain", "cluster.local"],
+        );
+        for n in &c.nodes {
+            let out = c.node_credentials(&n.name).display().to_string();
+            run_tool(
+                &crate::bin("weft-ca"),
+                &[
+                    "node-cert",
+                    "--dir",
+                    &ca,
+                    "--node",
+                    &n.full,
+                    "--out",
+                    &out,
+                    "--ttl",
+                    &c.cert_ttl,
+                ],
+            );
+        }
         c
     }
+}
+
+fn run_tool(program: &Path, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .expect("run a tool");
+    assert!(
+        out.status.success(),
+        "{} {}: {}",
+        program.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Node {
     /// Run a host tool inside the node's netns; panics with its stderr if it fails.
     pub fn exec(&self, program: &str, args: &[&str]) -> String {
         exec_in(&self.netns, program, args)
+    }
+
+    /// Run a program inside the node's netns (outside any pod) to completion, at most
+    /// `timeout`.
+    pub fn run(&self, program: &str, args: &[&str], timeout: Duration) -> std::process::Output {
+        let (cmd, keep) = command_in(
+            &Path::new("/var/run/netns").join(&self.netns),
+            None,
+            Path::new(program),
+            args,
+        );
+        run_checked(cmd, keep, timeout)
+    }
+
+    /// Start a long-running program inside the node's netns (outside any pod).
+    pub fn spawn(&self, dir: &Path, program: &Path, args: &[&str]) -> Spawned {
+        let (cmd, keep) = command_in(
+            &Path::new("/var/run/netns").join(&self.netns),
+            None,
+            program,
+            args,
+        );
+        let log = dir.join(format!(
+            "{}-{}-{}.log",
+            self.name,
+            program.file_name().unwrap_or_default().to_string_lossy(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        Spawned::start(&self.name, cmd, keep, log)
     }
 }
 
@@ -305,9 +400,10 @@ impl Pod {
     pub fn spawn(&self, dir: &Path, program: &Path, args: &[&str]) -> Spawned {
         let (cmd, keep) = command_in(&self.netns_path(), Some(&self.cgroup), program, args);
         let log = dir.join(format!(
-            "{}-{}.log",
+            "{}-{}-{}.log",
             self.spec.name,
-            program.file_name().unwrap_or_default().to_string_lossy()
+            program.file_name().unwrap_or_default().to_string_lossy(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         Spawned::start(&self.spec.name, cmd, keep, log)
     }
@@ -367,6 +463,10 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     pub services: Vec<ServiceSpec>,
     netns: Vec<String>,
+    /// The fabric namespace joining the nodes (the CA runs there).
+    pub fabric: String,
+    ca: std::sync::Mutex<Option<Spawned>>,
+    cert_ttl: String,
 }
 
 impl Cluster {
@@ -376,6 +476,7 @@ impl Cluster {
             nodes: vec![],
             pods: vec![],
             services: vec![],
+            cert_ttl: None,
         }
     }
 
@@ -397,6 +498,90 @@ impl Cluster {
         self.dir.join("config")
     }
 
+    /// The cluster CA's directory (`weft-ca init`): roots, bundle.pem.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// Where `weft-ca serve` listens, in the fabric namespace.
+    pub fn ca_address(&self) -> &'static str {
+        "192.168.250.254:15012"
+    }
+
+    /// A node's bootstrap credentials (node-cert.pem, node-key.pem).
+    pub fn node_credentials(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(node)
+    }
+
+    /// Start the CA if it is not running, and wait until it listens.
+    pub fn ensure_ca(&self) {
+        let mut ca = self.ca.lock().unwrap_or_else(|p| p.into_inner());
+        if ca.as_mut().is_some_and(|p| p.is_running()) {
+            return;
+        }
+        let dir = self.ca_dir().display().to_string();
+        let config = self.config_path().display().to_string();
+        let args = [
+            "serve",
+            "--dir",
+            &dir,
+            "--config",
+            &config,
+            "--listen",
+            self.ca_address(),
+            "--ttl",
+            &self.cert_ttl,
+        ];
+        let (cmd, keep) = command_in(
+            &Path::new("/var/run/netns").join(&self.fabric),
+            None,
+            &crate::bin("weft-ca"),
+            &args,
+        );
+        let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.join(format!("ca-{seq}.log"));
+        *ca = Some(Spawned::start("weft-ca", cmd, keep, log));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.fabric, "ss", "-Hltn"])
+                .output()
+                .expect("ss");
+            if String::from_utf8_lossy(&out.stdout).contains(":15012 ") {
+                return;
+            }
+            let running = ca.as_mut().is_some_and(|p| p.is_running());
+            assert!(
+                running && Instant::now() < deadline,
+                "weft-ca did not start listening: {}",
+                ca.as_ref().map(|p| p.output()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stop the CA (agents keep the certificates they have and retry renewals).
+    pub fn stop_ca(&self) {
+        if let Some(mut p) = self.ca.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            p.kill();
+        }
+    }
+
+    /// The flags that point node `node`'s agent at the cluster's CA.
+    pub fn identity_flags(&self, node: &str) -> Vec<String> {
+        let creds = self.node_credentials(node);
+        vec![
+            "--ca-address".into(),
+            self.ca_address().into(),
+            "--node-cert".into(),
+            creds.join("node-cert.pem").display().to_string(),
+            "--node-key".into(),
+            creds.join("node-key.pem").display().to_string(),
+            "--trust-bundle".into(),
+            self.ca_dir().join("bundle.pem").display().to_string(),
+        ]
+    }
+
     /// The configuration documents describing this cluster.
     pub fn config_yaml(&self) -> String {
         let mut y = String::new();
@@ -413,7 +598,7 @@ impl Cluster {
             let ports: Vec<String> = s.ports.iter().map(|p| format!("{{port: {p}}}")).collect();
             let _ = write!(
                 y,
-                "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, labels: {{{}}}}}\nspec:\n  node: {}\n  ip: {}\n  netns: {}\n  cgroup: {}\n  ports: [{}]\n  mesh: {}\n",
+                "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, labels: {{{}}}}}\nspec:\n  node: {}\n  ip: {}\n  netns: {}\n  cgroup: {}\n  ports: [{}]\n  mesh: {}\n  serviceAccount: {}\n",
                 s.name,
                 labels.join(", "),
                 p.node_full,
@@ -422,6 +607,7 @@ impl Cluster {
                 p.cgroup.strip_prefix(&self.cg2).expect("pod cgroup under cgroup2").display(),
                 ports.join(", "),
                 if s.mesh { "enabled" } else { "disabled" },
+                s.account.as_deref().unwrap_or("default"),
             );
             if let Some(mode) = s.agent_down {
                 let _ = writeln!(y, "  agentDown: {mode}");
@@ -511,6 +697,15 @@ impl Cluster {
         if !extra.contains(&"--reload-interval") {
             args.extend(["--reload-interval", "100ms"]);
         }
+        // Identity from the cluster's CA unless the test chose a source.
+        let identity = self.identity_flags(node);
+        if !extra
+            .iter()
+            .any(|a| ["--ca-address", "--ca-dir", "--cert-dir"].contains(a))
+        {
+            self.ensure_ca();
+            args.extend(identity.iter().map(String::as_str));
+        }
         args.extend_from_slice(extra);
         let agent = crate::bin("weft-agent");
         let agent = agent.display().to_string();
@@ -549,6 +744,7 @@ impl Drop for Cluster {
                 self.dir.display()
             );
         }
+        self.stop_ca();
         teardown(&self.cid, &self.cgroup_root, &self.netns);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);

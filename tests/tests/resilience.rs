@@ -502,11 +502,14 @@ fn a_blackholed_endpoint_costs_a_request_at_most_the_connect_timeout() {
         .build();
     let policy = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: mixed}\nspec:\n  targetRef: {kind: Service, name: mixed}\n  loadBalancer: RoundRobin\n---\n";
     c.write_config(&format!("{}{policy}", c.config_yaml()));
-    let a = c.start_agent("a", &["--connect-timeout", "500ms"]);
-    let _b = c.start_agent("b", &[]);
+    let a = c.start_agent("a", &[]);
+    // The dead pod's node applies the connect timeout: its agent delivers to the app.
+    let b = c.start_agent("b", &["--connect-timeout", "500ms"]);
     let _live = serve(&c, "live", &[]);
-    // The dead pod's replies to the client vanish: every connect to it (the tunnel's SYN
-    // arrives, its SYN-ACK is dropped) hangs until the connect timeout.
+    // Nothing listens in the dead pod, and its answers to the client (here: the RSTs to
+    // the client's address) vanish: every connect to it hangs until the connect timeout.
+    // Its SYNs are retransmitted meanwhile; each must reach the app's (empty) port, never
+    // the agent's own inbound listener.
     let client_ip = c.pod("client").ip.clone();
     c.pod("dead").exec(
         "ip",
@@ -522,5 +525,15 @@ fn a_blackholed_endpoint_costs_a_request_at_most_the_connect_timeout() {
         took < Duration::from_secs(8),
         "eight requests took {took:?}"
     );
-    assert!(a.stat("proxy", "upstream_connect_timeouts") >= 1);
+    assert!(b.stat("proxy", "upstream_connect_timeouts") >= 1);
+    assert_eq!(
+        a.stat("proxy", "upstream_connect_errors"),
+        b.stat("proxy", "upstream_connect_timeouts"),
+        "each timeout on the dead pod's node is one failed connect on the client's"
+    );
+    assert_eq!(
+        b.stat("proxy", "inbound_accepted"),
+        0,
+        "no delivery was captured"
+    );
 }

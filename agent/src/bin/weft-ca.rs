@@ -180,14 +180,18 @@ fn issue(dir: &Path, identity: &str, out: &Path, ttl: Duration) -> Result<String
     let dir = CaDir::new(dir);
     let ca = dir.load().map_err(|e| e.to_string())?;
     if id.trust_domain() != ca.trust_domain {
-        return Err(format!("{id} is not in this CA's trust domain {}", ca.trust_domain));
+        return Err(format!(
+            "{id} is not in this CA's trust domain {}",
+            ca.trust_domain
+        ));
     }
     let key = KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = ca.issue(&id, &key, ttl).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()));
     let write = |name: &str, text: &str, mode| {
-        weft_agent::identity::ca::write_atomic(&out.join(name), text, mode).map_err(|e| e.to_string())
+        weft_agent::identity::ca::write_atomic(&out.join(name), text, mode)
+            .map_err(|e| e.to_string())
     };
     // The key first: an agent reading the directory sees a new certificate only with its key.
     write("key.pem", &key.serialize_pem(), 0o600)?;
@@ -236,7 +240,8 @@ fn signing(dir: &CaDir) -> Result<Signing, String> {
     let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_string())?;
     let certified = tls::certified_key(vec![cert], der).map_err(|e| e.to_string())?;
     let roots = tls::roots(&ca.bundle).map_err(|e| e.to_string())?;
-    let tls = tls::server_config(roots, Arc::new(Fixed(certified)), &[]).map_err(|e| e.to_string())?;
+    let tls =
+        tls::server_config(roots, Arc::new(Fixed(certified)), &[]).map_err(|e| e.to_string())?;
     Ok(Signing {
         ca,
         tls,
@@ -260,10 +265,16 @@ impl Server {
         if stamp(&self.dir) != s.stamp {
             match signing(&self.dir) {
                 Ok(new) => {
-                    tracing::info!(root = new.ca.root, roots_trusted = new.ca.bundle.len(), "reloaded the CA");
+                    tracing::info!(
+                        root = new.ca.root,
+                        roots_trusted = new.ca.bundle.len(),
+                        "reloaded the CA"
+                    );
                     *s = new;
                 }
-                Err(e) => tracing::error!(error = %e, "reloading the CA failed; still signing as before"),
+                Err(e) => {
+                    tracing::error!(error = %e, "reloading the CA failed; still signing as before")
+                }
             }
         }
         s.tls.clone()
@@ -285,7 +296,9 @@ impl Server {
     }
 
     fn sign(&self, node: &SpiffeId, csr: &str) -> Result<String, (StatusCode, String)> {
-        let cfg = self.config().map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+        let cfg = self
+            .config()
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
         let s = self.signing.lock().unwrap_or_else(|p| p.into_inner());
         if cfg.trust_domain() != s.ca.trust_domain {
             return Err((
@@ -297,19 +310,23 @@ impl Server {
                 ),
             ));
         }
-        let (id, pem) = s
-            .ca
-            .sign(csr, node, self.ttl, |n, w| node_may_have(&cfg, n, w))
-            .map_err(|e| match e {
-                weft_agent::identity::ca::CaError::Refused(m) => (StatusCode::FORBIDDEN, m),
-                other => (StatusCode::BAD_REQUEST, other.to_string()),
-            })?;
+        let (id, pem) =
+            s.ca.sign(csr, node, self.ttl, |n, w| node_may_have(&cfg, n, w))
+                .map_err(|e| match e {
+                    weft_agent::identity::ca::CaError::Refused(m) => (StatusCode::FORBIDDEN, m),
+                    other => (StatusCode::BAD_REQUEST, other.to_string()),
+                })?;
         tracing::info!(node = %node, identity = %id, ttl_s = self.ttl.as_secs(), root = s.ca.root, "signed");
         Ok(pem)
     }
 }
 
-async fn serve(dir: PathBuf, config: PathBuf, listen: SocketAddr, ttl: Duration) -> Result<(), String> {
+async fn serve(
+    dir: PathBuf,
+    config: PathBuf,
+    listen: SocketAddr,
+    ttl: Duration,
+) -> Result<(), String> {
     let dir = CaDir::new(&dir);
     let server = Arc::new(Server {
         signing: Mutex::new(signing(&dir)?),
@@ -375,7 +392,12 @@ async fn handle(server: &Server, node: &SpiffeId, req: Request<Incoming>) -> (St
     let body = Limited::new(req.into_body(), 16 * 1024).collect();
     let csr = match tokio::time::timeout(Duration::from_secs(10), body).await {
         Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
-        _ => return (StatusCode::BAD_REQUEST, "no request body within 10 s (16 KiB at most)\n".into()),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "no request body within 10 s (16 KiB at most)\n".into(),
+            )
+        }
     };
     match server.sign(node, &csr) {
         Ok(pem) => (StatusCode::OK, pem),

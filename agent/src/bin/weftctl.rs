@@ -40,6 +40,10 @@ enum What {
     Stats,
     /// The service map as the kernel holds it.
     Maps,
+    /// Workload certificates held, their expiry, and the ones still missing.
+    Certs,
+    /// Tunnel connections accepted from other nodes' agents, with both identities.
+    Tunnels,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,8 @@ fn main() -> ExitCode {
         What::Workloads => "/workloads",
         What::Stats => "/stats",
         What::Maps => "/maps",
+        What::Certs => "/certificates",
+        What::Tunnels => "/tunnels",
     };
     let v = match weft_agent::admin::request(&socket, path) {
         Ok(v) => v,
@@ -246,6 +252,37 @@ fn print_table(what: What, v: &Value) {
                 })
                 .collect();
             table(&["ADDRESS", "PROTO", "ID", "ENDPOINTS"], &rows);
+        }
+        What::Certs => {
+            println!(
+                "trust domain {}, {} root(s) trusted, certificates from {}",
+                s(&v["trust_domain"]),
+                s(&v["roots"]),
+                s(&v["source"])
+            );
+            let mut rows: Vec<Vec<String>> = items(&v["certificates"])
+                .map(|c| vec![s(&c["identity"]), format!("{}s", s(&c["expires_in_s"]))])
+                .collect();
+            rows.extend(items(&v["pending"]).map(|p| vec![s(p), "(none yet)".into()]));
+            table(&["IDENTITY", "EXPIRES-IN"], &rows);
+        }
+        What::Tunnels => {
+            println!(
+                "{} pooled connection(s) to other nodes",
+                s(&v["pooled_connections"])
+            );
+            let rows: Vec<Vec<String>> = items(&v["accepted"])
+                .map(|t| {
+                    ["peer", "source", "destination", "streams"]
+                        .iter()
+                        .map(|k| s(&t[*k]))
+                        .collect()
+                })
+                .collect();
+            table(
+                &["PEER", "SOURCE-IDENTITY", "DESTINATION-IDENTITY", "STREAMS"],
+                &rows,
+            );
         }
     }
 }

@@ -464,8 +464,16 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     for (at, meta, ns, spec) in pending_workloads {
         let w = workload(&cfg, &at, meta, ns, spec)?;
         // Its identity names it in certificates and DNS names: both parts must be labels.
-        if let Err(e) = crate::identity::SpiffeId::workload(cfg.trust_domain(), &w.namespace, &w.service_account) {
-            return Err(ConfigError::field(&at, "spec.serviceAccount", format!("gives no valid workload identity: {e}")));
+        if let Err(e) = crate::identity::SpiffeId::workload(
+            cfg.trust_domain(),
+            &w.namespace,
+            &w.service_account,
+        ) {
+            return Err(ConfigError::field(
+                &at,
+                "spec.serviceAccount",
+                format!("gives no valid workload identity: {e}"),
+            ));
         }
         if let Some(other) = ips.insert(w.ip, w.id()) {
             return Err(ConfigError::field(

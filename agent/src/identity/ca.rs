@@ -103,7 +103,8 @@ fn pem_of(certs: &[CertificateDer<'_>]) -> String {
 pub fn leaf_params(id: &SpiffeId, ttl: Duration) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, id.to_string());
+    p.distinguished_name
+        .push(DnType::CommonName, id.to_string());
     p.subject_alt_names = vec![
         SanType::URI(id.to_string().try_into()?),
         SanType::DnsName(id.dns_name().try_into()?),
@@ -201,8 +202,10 @@ impl CaDir {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name
-            .push(DnType::CommonName, format!("weft root {n} ({trust_domain})"));
+        p.distinguished_name.push(
+            DnType::CommonName,
+            format!("weft root {n} ({trust_domain})"),
+        );
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = time::OffsetDateTime::now_utc();
@@ -256,7 +259,11 @@ impl CaDir {
             )));
         }
         self.write_bundle(&[current])?;
-        let old: Vec<u32> = self.roots()?.into_iter().filter(|r| *r != current).collect();
+        let old: Vec<u32> = self
+            .roots()?
+            .into_iter()
+            .filter(|r| *r != current)
+            .collect();
         for n in &old {
             let d = self.root_dir(*n);
             std::fs::remove_dir_all(&d).map_err(io_err(&d))?;
@@ -283,7 +290,8 @@ impl CaDir {
     /// identity, written to `out` (node-key.pem, node-cert.pem) with the trust bundle.
     pub fn issue_node(&self, node: &str, ttl: Duration, out: &Path) -> Result<SpiffeId, CaError> {
         let ca = self.load()?;
-        let id = SpiffeId::node(&ca.trust_domain, node).map_err(|e| CaError::Refused(e.to_string()))?;
+        let id =
+            SpiffeId::node(&ca.trust_domain, node).map_err(|e| CaError::Refused(e.to_string()))?;
         let key = KeyPair::generate()?;
         let cert = ca.issue(&id, &key, ttl)?;
         std::fs::create_dir_all(out).map_err(io_err(out))?;
@@ -336,7 +344,9 @@ impl Ca {
             _ => None,
         });
         let (Some(uri), None) = (uris.next(), uris.next()) else {
-            return Err(CaError::Request("it must name exactly one spiffe:// URI".into()));
+            return Err(CaError::Request(
+                "it must name exactly one spiffe:// URI".into(),
+            ));
         };
         let id = SpiffeId::parse(&uri).map_err(|e| CaError::Request(e.to_string()))?;
         if id.trust_domain() != self.trust_domain {
@@ -361,7 +371,9 @@ pub fn node_may_have(cfg: &Config, node: &SpiffeId, wanted: &SpiffeId) -> Result
         return if wanted == node {
             Ok(())
         } else {
-            Err(format!("node {node_name} asked for another node's identity {wanted}"))
+            Err(format!(
+                "node {node_name} asked for another node's identity {wanted}"
+            ))
         };
     }
     let Some((ns, sa)) = wanted.workload_parts() else {
@@ -440,7 +452,11 @@ mod tests {
         assert_eq!(read_certs(&ca_dir.bundle_path()).unwrap().len(), 1);
         assert_eq!(ca_dir.rotate(Duration::from_secs(3600)).unwrap(), 2);
         assert_eq!(read_certs(&ca_dir.bundle_path()).unwrap().len(), 2);
-        assert_eq!(ca_dir.load().unwrap().root, 1, "the old root signs during the grace");
+        assert_eq!(
+            ca_dir.load().unwrap().root,
+            1,
+            "the old root signs during the grace"
+        );
         assert!(matches!(ca_dir.retire(), Err(CaError::Refused(_))));
         assert_eq!(ca_dir.rotate(Duration::ZERO).unwrap(), 3);
         assert_eq!(read_certs(&ca_dir.bundle_path()).unwrap().len(), 3);

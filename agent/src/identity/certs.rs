@@ -19,9 +19,7 @@ use rustls::{
     RootCertStore,
 };
 
-use super::{
-    ca::read_certs, client::CaClient, not_after, not_before, tls, unix_now, SpiffeId,
-};
+use super::{ca::read_certs, client::CaClient, not_after, not_before, tls, unix_now, SpiffeId};
 
 /// One certificate held, with its validity (seconds since the epoch).
 #[derive(Clone, Debug)]
@@ -209,7 +207,10 @@ impl Identities {
 
     /// Every wanted identity has a certificate.
     pub fn complete(&self) -> bool {
-        self.wanted.load().iter().all(|id| self.store.get(id).is_some())
+        self.wanted
+            .load()
+            .iter()
+            .all(|id| self.store.get(id).is_some())
     }
 
     fn bundle_file(&self) -> Option<PathBuf> {
@@ -354,7 +355,8 @@ impl Identities {
                     .ok_or_else(|| CertError::Files(format!("{id} is not a workload")))?;
                 let d = dir.join(ns).join(sa);
                 let m = modified(&d.join("cert.pem"));
-                let chain = read_certs(&d.join("cert.pem")).map_err(|e| CertError::Files(e.to_string()))?;
+                let chain =
+                    read_certs(&d.join("cert.pem")).map_err(|e| CertError::Files(e.to_string()))?;
                 let got = super::id_of(&chain[0]).map_err(|e| CertError::Files(e.to_string()))?;
                 if &got != id {
                     return Err(CertError::Files(format!(
@@ -362,8 +364,9 @@ impl Identities {
                         d.join("cert.pem").display()
                     )));
                 }
-                let key = PrivateKeyDer::from_pem_file(d.join("key.pem"))
-                    .map_err(|e| CertError::Files(format!("{}: {e}", d.join("key.pem").display())))?;
+                let key = PrivateKeyDer::from_pem_file(d.join("key.pem")).map_err(|e| {
+                    CertError::Files(format!("{}: {e}", d.join("key.pem").display()))
+                })?;
                 let held = Held::new(tls::certified_key(chain, key)?);
                 if held.not_after <= unix_now() {
                     return Err(CertError::Files(format!(

@@ -82,8 +82,10 @@ impl CaClient {
                 format!("it is for {node}, not a node of trust domain {trust_domain}"),
             ));
         }
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| bad(&key_path, e.to_string()))?;
-        let held = Held::new(tls::certified_key(chain, key).map_err(|e| bad(&key_path, e.to_string()))?);
+        let key =
+            PrivateKeyDer::from_pem_file(&key_path).map_err(|e| bad(&key_path, e.to_string()))?;
+        let held =
+            Held::new(tls::certified_key(chain, key).map_err(|e| bad(&key_path, e.to_string()))?);
         Ok(Self {
             addr,
             ca: SpiffeId::ca(trust_domain).map_err(|e| bad(&cert_path, e.to_string()))?,
@@ -188,12 +190,14 @@ impl CaClient {
     /// Renew the node's own certificate with a new key, and keep both in their files.
     pub async fn renew_node(&self, store: &CertStore) -> Result<(), CaClientError> {
         let key = KeyPair::generate().map_err(|e| CaClientError::Answer(e.to_string()))?;
-        let csr = request_for(&self.node, &key).map_err(|e| CaClientError::Answer(e.to_string()))?;
+        let csr =
+            request_for(&self.node, &key).map_err(|e| CaClientError::Answer(e.to_string()))?;
         let chain = self.sign(store, &csr).await?;
         let der = PrivateKeyDer::try_from(key.serialize_der())
             .map_err(|e| CaClientError::Answer(e.to_string()))?;
         let held = Held::new(
-            tls::certified_key(chain.clone(), der).map_err(|e| CaClientError::Answer(e.to_string()))?,
+            tls::certified_key(chain.clone(), der)
+                .map_err(|e| CaClientError::Answer(e.to_string()))?,
         );
         let mut creds = self.creds.lock().unwrap_or_else(|p| p.into_inner());
         let cert_pem: String = chain
@@ -218,11 +222,7 @@ impl CaClient {
 struct NodeCert(Arc<CertifiedKey>);
 
 impl rustls::client::ResolvesClientCert for NodeCert {
-    fn resolve(
-        &self,
-        _: &[&[u8]],
-        _: &[rustls::SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         Some(self.0.clone())
     }
 

@@ -62,7 +62,11 @@ pub fn check_trust_domain(td: &str) -> Result<(), IdError> {
 }
 
 impl SpiffeId {
-    pub fn workload(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, IdError> {
+    pub fn workload(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdError> {
         check_trust_domain(trust_domain)?;
         Ok(Self {
             trust_domain: trust_domain.to_owned(),

@@ -119,9 +119,9 @@ pub async fn dial(
 ) -> Result<Stream, DialError> {
     let timeouts = &inputs.config.timeouts;
     let res = match reach {
-        Reach::Tunnel => tunnel::connect(src, dst, timeouts).await,
+        Reach::Tunnel => tunnel::connect(inputs, src_ip, dst).await,
         Reach::InPod => match inputs.pods.load().get(dst.ip()).cloned() {
-            Some(dst_pod) => deliver_uncounted(inputs, &*dst_pod, src_ip, dst)
+            Some(dst_pod) => deliver_uncounted(inputs, &*dst_pod.sockets, src_ip, dst)
                 .await
                 .map(Stream::Tcp),
             None => direct(src, dst, timeouts.connect).await,

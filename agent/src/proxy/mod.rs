@@ -1,5 +1,5 @@
-//! The shared proxy. One [`outbound::Outbound`], [`inbound::Inbound`] and
-//! [`tunnel::TunnelServer`] per enrolled pod, all reading the same [`ProxyInputs`].
+//! The shared proxy. One [`outbound::Outbound`] and [`inbound::Inbound`] per enrolled pod,
+//! one [`tunnel::server::TunnelServer`] per node, all reading the same [`ProxyInputs`].
 //!
 //! A connection's way through (docs/architecture.md has the picture):
 //! - [`listener`] accepts it inside a pod, admits it against the connection limits and
@@ -7,9 +7,10 @@
 //! - [`outbound`] finds where it wanted to go ([`capture::Capture`]), looks at its first
 //!   bytes ([`detect`]) and hands HTTP to [`http`], the rest to [`stream::forward`];
 //! - [`dial`] opens the upstream side as a pod of this node ([`socket::PodSockets`]):
-//!   delivered in the endpoint's pod, through the endpoint node's agent ([`tunnel`]), or
-//!   directly, always under the connect timeout, always as a [`stream::Stream`];
-//! - [`inbound`] and [`tunnel`] serve what arrives for a pod and deliver it to the app;
+//!   delivered in the endpoint's pod, through the endpoint node's agent ([`tunnel`], mTLS),
+//!   or directly, always under the connect timeout, always as a [`stream::Stream`];
+//! - [`inbound`] and [`tunnel::server`] serve what arrives for a pod and deliver it to the
+//!   app;
 //! - answers the proxy makes itself are [`error::ProxyError`]s.
 
 pub mod capture;
@@ -31,10 +32,10 @@ use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::{metrics::Metrics, state::NodeState};
+use crate::{identity::certs::CertStore, metrics::Metrics, state::NodeState};
 use capture::Capture;
-use conn::{ConnLimits, ConnTracker, Drain, Timeouts};
-use socket::PodSockets;
+use conn::{ConnLimits, ConnTracker, Drain, Pod, Timeouts};
+use tunnel::Tunnels;
 
 /// The proxy's settings (flags of `weft-agent run`; defaults in docs/operations.md).
 #[derive(Clone, Copy, Debug, Default)]
@@ -69,7 +70,7 @@ pub struct ProxyInputs {
     pub state: Arc<ArcSwap<NodeState>>,
     pub capture: Arc<dyn Capture>,
     /// Enrolled pods of this node, by IP (where deliveries to them are made).
-    pub pods: Arc<ArcSwap<HashMap<Ipv4Addr, Arc<dyn PodSockets>>>>,
+    pub pods: Arc<ArcSwap<HashMap<Ipv4Addr, Arc<Pod>>>>,
     pub metrics: Arc<Metrics>,
     /// Turns on when the agent stops accepting (handoff or shutdown).
     pub drain: Drain,
@@ -78,6 +79,8 @@ pub struct ProxyInputs {
     pub conns: Arc<ConnTracker>,
     pub mirrors: Arc<Semaphore>,
     pub sni_peeks: Arc<Semaphore>,
+    /// Node-to-node: certificates, pooled connections to peer agents, accepted ones.
+    pub tunnels: Arc<Tunnels>,
 }
 
 impl ProxyInputs {
@@ -86,6 +89,7 @@ impl ProxyInputs {
         capture: Arc<dyn Capture>,
         config: ProxyConfig,
         drain: Drain,
+        certs: Arc<CertStore>,
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
         Self {
@@ -97,6 +101,7 @@ impl ProxyInputs {
             drain,
             mirrors: Arc::new(Semaphore::new(config.tasks.mirrors)),
             sni_peeks: Arc::new(Semaphore::new(config.tasks.sni_peeks)),
+            tunnels: Arc::new(Tunnels::new(certs)),
             config: Arc::new(config),
         }
     }

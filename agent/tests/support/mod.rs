@@ -33,6 +33,11 @@ use tokio::{
 };
 use weft_agent::{
     config,
+    identity::{
+        ca::CaDir,
+        certs::{Identities, Source},
+        SpiffeId,
+    },
     metrics::Metrics,
     proxy::{
         capture::Capture,
@@ -41,7 +46,7 @@ use weft_agent::{
         listener::PodListener,
         outbound::Outbound,
         socket::PodSockets,
-        tunnel::TunnelServer,
+        tunnel::server::TunnelServer,
         ProxyConfig, ProxyInputs,
     },
     state::NodeState,
@@ -186,7 +191,9 @@ impl MeshBuilder {
         let net = subnet();
         let ip = |i: usize| Ipv4Addr::new(127, net[0], net[1], i as u8);
         let mut yaml = String::new();
+        let mut node_ips = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
+            node_ips.insert(n.clone(), ip(1 + i));
             yaml.push_str(&format!(
                 "apiVersion: weft.dev/v1alpha1\nkind: Node\nmetadata: {{name: {n}}}\nspec: {{address: {}}}\n---\n",
                 ip(1 + i)
@@ -224,8 +231,21 @@ impl MeshBuilder {
             f(&mut cfg);
         }
         let capture = Arc::new(TableCapture::default());
+        // The mesh's CA: each node's "agent" signs its own workloads' certificates.
+        let ca = std::env::temp_dir().join(format!(
+            "weft-mesh-ca-{}-{}-{}",
+            std::process::id(),
+            net[0],
+            net[1]
+        ));
+        let _ = std::fs::remove_dir_all(&ca);
+        CaDir::new(&ca)
+            .init("cluster.local")
+            .expect("making the mesh's CA");
         let mut mesh = Mesh {
             capture,
+            ca,
+            node_ips,
             pods,
             specs: self.pods.clone(),
             nodes: HashMap::new(),
@@ -244,10 +264,14 @@ pub struct NodeProxy {
     pub inputs: ProxyInputs,
     pub drain: DrainTrigger,
     pub pods: HashMap<String, Arc<Pod>>,
+    pub identities: Arc<Identities>,
 }
 
 pub struct Mesh {
     pub capture: Arc<TableCapture>,
+    /// The mesh's CA directory (removed with the mesh).
+    pub ca: std::path::PathBuf,
+    node_ips: HashMap<String, Ipv4Addr>,
     pub pods: HashMap<String, Arc<TestPod>>,
     specs: Vec<PodSpec>,
     pub nodes: HashMap<String, NodeProxy>,
@@ -260,6 +284,7 @@ impl Drop for Mesh {
         for t in &self.tasks {
             t.abort();
         }
+        let _ = std::fs::remove_dir_all(&self.ca);
     }
 }
 
@@ -285,12 +310,38 @@ impl Mesh {
     async fn start_node(&mut self, node: &str, cfg: &config::Config, pc: ProxyConfig) {
         let state = Arc::new(ArcSwap::from_pointee(NodeState::build(node, cfg, 1, None)));
         let (trigger, drain) = Drain::new();
-        let inputs = ProxyInputs::new(state, self.capture.clone(), pc, drain);
-        let mut local: HashMap<Ipv4Addr, Arc<dyn PodSockets>> = HashMap::new();
+        let identities = Arc::new(Identities::new(
+            Source::Local {
+                dir: self.ca.clone(),
+                node: SpiffeId::node("cluster.local", node).expect("a node identity"),
+                ttl: Duration::from_secs(3600),
+            },
+            None,
+        ));
+        identities.want(state.load().local_identities());
+        identities.refresh().await;
+        assert!(
+            identities.complete(),
+            "certificates for node {node}: {:?}",
+            identities.pending()
+        );
+        let inputs = ProxyInputs::new(
+            state,
+            self.capture.clone(),
+            pc,
+            drain,
+            identities.store.clone(),
+        );
+        let tunnel = TcpListener::bind(SocketAddrV4::new(self.node_ips[node], 15008))
+            .await
+            .unwrap_or_else(|e| panic!("binding node {node}'s tunnel listener: {e}"));
+        self.tasks.push(tokio::spawn(
+            TunnelServer::new(tunnel, inputs.clone()).run(),
+        ));
+        let mut local: HashMap<Ipv4Addr, Arc<Pod>> = HashMap::new();
         let mut pods = HashMap::new();
         for spec in self.specs.iter().filter(|p| p.node == node && p.meshed) {
             let tp = self.pods[&spec.name].clone();
-            local.insert(tp.ip, tp.clone() as Arc<dyn PodSockets>);
             let pod = Arc::new(Pod {
                 sockets: tp.clone(),
                 ip: tp.ip,
@@ -309,14 +360,11 @@ impl Mesh {
                 listener,
                 pod: pod.clone(),
             };
-            let ports = spec.ports.clone();
             self.tasks
                 .push(tokio::spawn(Outbound::new(l(listen(15001).await)).run()));
             self.tasks
                 .push(tokio::spawn(Inbound::new(l(listen(15006).await)).run()));
-            self.tasks.push(tokio::spawn(
-                TunnelServer::new(l(listen(15008).await), ports).run(),
-            ));
+            local.insert(tp.ip, pod.clone());
             pods.insert(spec.name.clone(), pod);
         }
         inputs.pods.store(Arc::new(local));
@@ -326,12 +374,18 @@ impl Mesh {
                 inputs,
                 drain: trigger,
                 pods,
+                identities,
             },
         );
     }
 
     pub fn ip(&self, pod: &str) -> Ipv4Addr {
         self.pods[pod].ip
+    }
+
+    /// A node's address (its tunnel listens on port 15008 there).
+    pub fn node_ip(&self, node: &str) -> Ipv4Addr {
+        self.node_ips[node]
     }
 
     pub fn metrics(&self, node: &str) -> &Metrics {
