@@ -117,6 +117,10 @@ const DEB_PACKAGES: &[&str] = &[
     "bpftool",
     "wrk",
     "nghttp2-client",
+    // A foreign HBONE client (hyper-h2 on Python's ssl) and captures of the node link.
+    "python3-h2",
+    "tshark",
+    "openssl",
 ];
 
 /// bpf-linker's version, pinned: it must link against the same LLVM major as the nightly
@@ -388,7 +392,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "http1_framing",
     "client_hello",
     "protocol_detection",
-    "tunnel_header",
+    "tunnel_identity",
     "config_loader",
 ];
 

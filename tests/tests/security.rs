@@ -1,0 +1,579 @@
+//! Zero trust between pods, end to end: the node-to-node tunnel is TLS 1.3 with both
+//! workload identities proven, it refuses every peer without the right certificate, the
+//! CA signs only for workloads on the asking node, and certificates and the trust root
+//! rotate under load without a failed request. The peers here are someone else's code:
+//! Python's ssl with hyper-h2 (tests/peers/hbone_client.py), curl, openssl and tshark.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use weft_e2e::{bin, require_root, Cluster, PodSpec, ServiceSpec};
+
+const SECS5: Duration = Duration::from_secs(5);
+
+fn identity(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+}
+
+/// The name a client asks for to reach workload identity `sa` (its certificate's DNS name).
+fn server_name(sa: &str) -> String {
+    format!("{sa}.default.sa.cluster.local")
+}
+
+fn weft_ca(args: &[&str]) -> String {
+    let out = Command::new(bin("weft-ca"))
+        .args(args)
+        .output()
+        .expect("weft-ca");
+    assert!(
+        out.status.success(),
+        "weft-ca {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Credentials for `id` from the CA in `ca`, in `dir/name` (cert.pem, key.pem).
+fn issue(ca: &Path, id: &str, dir: &Path, name: &str, ttl: &str) -> PathBuf {
+    let out = dir.join(name);
+    weft_ca(&[
+        "issue",
+        "--dir",
+        &ca.display().to_string(),
+        "--identity",
+        id,
+        "--out",
+        &out.display().to_string(),
+        "--ttl",
+        ttl,
+    ]);
+    out
+}
+
+/// The tunnel as a foreign client sees it, from node `from`'s netns.
+struct Hbone<'a> {
+    c: &'a Cluster,
+    from: &'a str,
+    connect: String,
+}
+
+impl Hbone<'_> {
+    /// Ask for `target` as `source`, proving `creds` (`(cert, key)`), naming `sni`.
+    fn ask(
+        &self,
+        creds: Option<(PathBuf, PathBuf)>,
+        sni: &str,
+        target: &str,
+        source: &str,
+    ) -> serde_json::Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/hbone_client.py");
+        let bundle = self.c.ca_dir().join("bundle.pem").display().to_string();
+        let mut args = vec![
+            script.display().to_string(),
+            "--connect".into(),
+            self.connect.clone(),
+            "--sni".into(),
+            sni.into(),
+            "--ca".into(),
+            bundle,
+            "--target".into(),
+            target.into(),
+            "--source".into(),
+            source.into(),
+            "--send".into(),
+            "GET / HTTP/1.1\\r\\nhost: web\\r\\nconnection: close\\r\\n\\r\\n".into(),
+        ];
+        if let Some((cert, key)) = creds {
+            args.extend([
+                "--cert".into(),
+                cert.display().to_string(),
+                "--key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self
+            .c
+            .node(self.from)
+            .run("/usr/bin/python3", &args, Duration::from_secs(15));
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "hbone_client printed {text:?} ({e}); stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
+fn pair(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    Some((dir.join("cert.pem"), dir.join("key.pem")))
+}
+
+#[test]
+fn node_to_node_traffic_is_tls13_and_carries_no_plaintext() {
+    if !require_root("node_to_node_traffic_is_tls13_and_carries_no_plaintext") {
+        return;
+    }
+    let c = Cluster::builder("mtls-wire")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").account("client"))
+        .pod(
+            PodSpec::new("web", "b")
+                .label("app", "web")
+                .port(8080)
+                .account("web"),
+        )
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .build();
+    let _web = c.pod("web").spawn(
+        &c.dir,
+        &bin("weft-testpod"),
+        &["http-server", "8080", "web"],
+    );
+    c.pod("web").wait_listening(8080, SECS5);
+    let _a = c.start_agent("a", &[]);
+    let b = c.start_agent("b", &[]);
+
+    // Capture node a's link to the other nodes while a request crosses it.
+    let pcap = c.dir.join("link.pcapng");
+    let pcap_s = pcap.display().to_string();
+    let mut cap = c.node("a").spawn(
+        &c.dir,
+        Path::new("/usr/bin/tshark"),
+        &[
+            "-i",
+            "eth0",
+            "-f",
+            "tcp port 15008",
+            "-w",
+            &pcap_s,
+            "-a",
+            "duration:30",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cap.output().contains("Capturing on") {
+        assert!(
+            Instant::now() < deadline,
+            "tshark did not start: {}",
+            cap.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It says so a moment before packets reach it.
+    std::thread::sleep(Duration::from_secs(1));
+    let canary = "weft-canary-5e1f09";
+    let out = c.pod("client").run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("x-canary: {canary}"),
+            &format!("http://10.96.0.10/{canary}"),
+        ],
+        Duration::from_secs(8),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"server\":\"web\""));
+    std::thread::sleep(Duration::from_millis(500));
+    cap.signal(libc::SIGINT);
+    assert!(
+        cap.wait_exit(Duration::from_secs(10)).is_some(),
+        "tshark stops"
+    );
+
+    // The receiving agent knows who called: the client's identity, proven by its certificate.
+    let tunnels = b.admin("/tunnels").expect("tunnels");
+    let accepted = tunnels["accepted"].as_array().expect("accepted");
+    assert!(
+        accepted
+            .iter()
+            .any(|t| t["source"] == identity("client") && t["destination"] == identity("web")),
+        "{tunnels}"
+    );
+
+    // On the wire: a TLS 1.3 handshake, encrypted records, and not one plaintext byte.
+    let tshark = |filter: &str, field: &str| -> String {
+        let out = Command::new("tshark")
+            .args(["-r", &pcap_s, "-Y", filter, "-T", "fields", "-e", field])
+            .output()
+            .expect("tshark");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let versions = tshark(
+        "tls.handshake.type == 2",
+        "tls.handshake.extensions.supported_version",
+    );
+    assert!(
+        versions.lines().any(|v| v.contains("0x0304")),
+        "a TLS 1.3 ServerHello: {versions:?}"
+    );
+    // TLS 1.3 records all say "application data" (opaque type 23) on the wire.
+    let records = tshark("tls.record.opaque_type == 23", "frame.number");
+    assert!(
+        records.lines().count() >= 2,
+        "encrypted records: {records:?}"
+    );
+    let raw = std::fs::read(&pcap).expect("the capture");
+    for plain in [canary.as_bytes(), b"HTTP/1.1", b"x-canary"] {
+        assert!(
+            !raw.windows(plain.len()).any(|w| w == plain),
+            "{:?} crossed the link in plaintext",
+            String::from_utf8_lossy(plain)
+        );
+    }
+}
+
+#[test]
+fn the_tunnel_refuses_every_peer_without_the_right_certificate() {
+    if !require_root("the_tunnel_refuses_every_peer_without_the_right_certificate") {
+        return;
+    }
+    let c = Cluster::builder("mtls-peers")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").account("client"))
+        .pod(PodSpec::new("other", "a").account("other"))
+        .pod(
+            PodSpec::new("web", "b")
+                .label("app", "web")
+                .port(8080)
+                .account("web"),
+        )
+        .build();
+    let _web = c.pod("web").spawn(
+        &c.dir,
+        &bin("weft-testpod"),
+        &["http-server", "8080", "web"],
+    );
+    c.pod("web").wait_listening(8080, SECS5);
+    let _a = c.start_agent("a", &[]);
+    let b = c.start_agent("b", &[]);
+    let ca = c.ca_dir();
+    let creds = c.dir.join("creds");
+    let good = issue(&ca, &identity("client"), &creds, "good", "1h");
+    let wrong = issue(&ca, &identity("other"), &creds, "wrong", "1h");
+    let expired = issue(&ca, &identity("client"), &creds, "expired", "1s");
+    let other_ca = c.dir.join("other-ca");
+    weft_ca(&[
+        "init",
+        "--dir",
+        &other_ca.display().to_string(),
+        "--trust-domain",
+        "other.example",
+    ]);
+    let foreign = issue(
+        &other_ca,
+        "spiffe://other.example/ns/default/sa/client",
+        &creds,
+        "foreign",
+        "1h",
+    );
+    let node_a = c.node_credentials("a");
+    let node_creds = Some((node_a.join("node-cert.pem"), node_a.join("node-key.pem")));
+    std::thread::sleep(Duration::from_secs(2)); // `expired` has expired
+
+    let client_ip = c.pod("client").ip.clone();
+    let web = format!("{}:8080", c.pod("web").ip);
+    let h = Hbone {
+        c: &c,
+        from: "a",
+        connect: "192.168.250.2:15008".into(),
+    };
+
+    // The control: the right certificate, from the right node, for the right pod.
+    let ok = h.ask(pair(&good), &server_name("web"), &web, &client_ip);
+    assert_eq!(ok["status"], 200, "{ok}");
+    assert_eq!(ok["tls_version"], "TLSv1.3", "{ok}");
+    assert_eq!(ok["alpn"], "h2", "{ok}");
+    let body = ok["body"].as_str().unwrap_or_default();
+    assert!(body.contains("\"server\":\"web\""), "{ok}");
+    assert!(
+        body.contains(&format!("\"peer\":\"{client_ip}:")),
+        "the app sees the client pod as the source: {ok}"
+    );
+
+    // No certificate, an expired one, one from another trust domain, a node's: refused
+    // in the handshake.
+    // (TLS 1.3 clients learn of a refused certificate only when they next read: either way
+    // no HTTP/2 answer comes.)
+    for (what, creds) in [
+        ("no certificate", None),
+        ("an expired certificate", pair(&expired)),
+        ("another trust domain's certificate", pair(&foreign)),
+        ("a node's certificate", node_creds),
+    ] {
+        let v = h.ask(creds, &server_name("web"), &web, &client_ip);
+        assert!(v["status"].is_null(), "{what}: {v}");
+    }
+    // A valid certificate of the wrong identity: the source pod is not who it claims.
+    let v = h.ask(pair(&wrong), &server_name("web"), &web, &client_ip);
+    assert_eq!(v["status"], 403, "{v}");
+    assert_eq!(v["reason"], "source-identity-mismatch", "{v}");
+    // Asking node b for an identity it does not run: no certificate to present.
+    let v = h.ask(pair(&good), &server_name("client"), &web, &client_ip);
+    assert!(v["status"].is_null() && v["stage"] == "tls", "{v}");
+    // The right identity, but a pod that is not that identity: refused per stream.
+    let v = h.ask(
+        pair(&good),
+        &server_name("web"),
+        &format!("{client_ip}:8080"),
+        &client_ip,
+    );
+    assert_eq!(v["status"], 403, "{v}");
+    assert_eq!(v["reason"], "destination-identity-mismatch", "{v}");
+
+    // Plaintext to the tunnel port gets no HTTP answer.
+    let out = c.node("a").run(
+        "curl",
+        &[
+            "-sS",
+            "-i",
+            "--max-time",
+            "5",
+            "http://192.168.250.2:15008/",
+        ],
+        Duration::from_secs(8),
+    );
+    assert!(!out.status.success(), "plaintext was answered");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("HTTP/"));
+
+    assert!(b.stat("proxy", "tunnel_handshake_failures") >= 6);
+    assert!(b.stat("proxy", "tunnel_rejected") >= 2);
+}
+
+#[test]
+fn the_ca_signs_only_for_workloads_on_the_asking_node() {
+    if !require_root("the_ca_signs_only_for_workloads_on_the_asking_node") {
+        return;
+    }
+    let c = Cluster::builder("ca-policy")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").account("client"))
+        .pod(PodSpec::new("web", "b").account("web"))
+        .build();
+    c.ensure_ca();
+    let bundle = c.ca_dir().join("bundle.pem").display().to_string();
+    let node_a = c.node_credentials("a");
+    // A key and a certificate request for `uri`, made by openssl.
+    let csr = |name: &str, uri: &str| -> String {
+        let key = c.dir.join(format!("{name}.key")).display().to_string();
+        let csr = c.dir.join(format!("{name}.csr")).display().to_string();
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-subj",
+                "/CN=weft-test",
+                "-addext",
+            ])
+            .arg(format!("subjectAltName=URI:{uri}"))
+            .args(["-out", &csr])
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        csr
+    };
+    // curl from node a's netns, proving node a's identity (or none).
+    let ask = |csr: &str, with_node_cert: bool| -> (String, String, bool) {
+        let data = format!("@{csr}");
+        let cert = node_a.join("node-cert.pem").display().to_string();
+        let key = node_a.join("node-key.pem").display().to_string();
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            &bundle,
+            "--resolve",
+            "ca.cluster.local:15012:192.168.250.254",
+            "--data-binary",
+            &data,
+        ];
+        if with_node_cert {
+            args.extend(["--cert", &cert, "--key", &key]);
+        }
+        args.push("https://ca.cluster.local:15012/v1/sign");
+        let out = c.node("a").run("curl", &args, Duration::from_secs(8));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        (code.to_owned(), body.to_owned(), out.status.success())
+    };
+
+    let (code, body, _) = ask(&csr("mine", &identity("client")), true);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.starts_with("-----BEGIN CERTIFICATE-----"), "{body}");
+    let pem = c.dir.join("mine.pem");
+    std::fs::write(&pem, &body).unwrap();
+    let pem_s = pem.display().to_string();
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile", &bundle, &pem_s])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in", &pem_s])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&identity("client")));
+
+    let (code, body, _) = ask(&csr("theirs", &identity("web")), true);
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("runs on"), "the refusal says why: {body}");
+    let node_b = format!("spiffe://cluster.local/weft/node/{}", c.node("b").full);
+    let (code, body, _) = ask(&csr("node-b", &node_b), true);
+    assert_eq!(code, "403", "{body}");
+    let (_, _, ok) = ask(&csr("anon", &identity("client")), false);
+    assert!(!ok, "no answer without a node certificate");
+}
+
+#[test]
+fn certificates_and_the_trust_root_rotate_under_load_without_a_failed_request() {
+    if !require_root("certificates_and_the_trust_root_rotate_under_load_without_a_failed_request") {
+        return;
+    }
+    let c = Cluster::builder("rotation")
+        .node("a")
+        .node("b")
+        .cert_ttl("60s")
+        .pod(PodSpec::new("client", "a").account("client"))
+        .pod(
+            PodSpec::new("web", "b")
+                .label("app", "web")
+                .port(8080)
+                .port(9000)
+                .account("web"),
+        )
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080)
+                .tcp(9000, 9000),
+        )
+        .build();
+    let tp = bin("weft-testpod");
+    let _web = c
+        .pod("web")
+        .spawn(&c.dir, &tp, &["http-server", "8080", "web"]);
+    let _echo = c.pod("web").spawn(&c.dir, &tp, &["echo-server", "9000"]);
+    c.pod("web").wait_listening(8080, SECS5);
+    c.pod("web").wait_listening(9000, SECS5);
+    let a = c.start_agent("a", &[]);
+    let b = c.start_agent("b", &[]);
+    let ca = c.ca_dir().display().to_string();
+
+    // 100 s of requests back to back (the proxy keeps its upstream connections), of new
+    // connections back to back (each a new tunnel stream), and one connection held all
+    // along.
+    let run_ms = "100000";
+    let mut held = c.pod("client").spawn(
+        &c.dir,
+        &tp,
+        &["hold-echo", "10.96.0.10:9000", run_ms, "200"],
+    );
+    let mut stream = c
+        .pod("client")
+        .spawn(&c.dir, &tp, &["http-loop", "10.96.0.10:80", run_ms]);
+    let mut conns =
+        c.pod("client")
+            .spawn(&c.dir, &tp, &["connect-echo", "10.96.0.10:9000", run_ms]);
+    let t0 = Instant::now();
+    let at = |s: u64| {
+        let until = t0 + Duration::from_secs(s);
+        if let Some(d) = until.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+    };
+    // A new root, trusted at once and signing after 3 s; certificates live 60 s and are
+    // renewed at 30 s, so by 45 s everything in use was signed by the new root.
+    at(5);
+    weft_ca(&["rotate", "--dir", &ca, "--grace", "3s"]);
+    at(50);
+    weft_ca(&["retire", "--dir", &ca]);
+    let held_exit = held
+        .wait_exit(Duration::from_secs(80))
+        .expect("hold-echo ends");
+    let stream_exit = stream
+        .wait_exit(Duration::from_secs(80))
+        .expect("http-loop ends");
+    assert!(
+        stream_exit.success(),
+        "the request stream: {}",
+        stream.output()
+    );
+    let line = stream.output();
+    let ok: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ok="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ok > 1000, "a steady stream of requests: {line}");
+    assert!(
+        held_exit.success(),
+        "the held connection: {}",
+        held.output()
+    );
+    let held_out: serde_json::Value =
+        serde_json::from_str(held.output().trim().lines().last().unwrap_or("{}")).unwrap();
+    assert_eq!(held_out["failed"], 0, "{held_out}");
+    conns
+        .wait_exit(Duration::from_secs(80))
+        .expect("connect-echo ends");
+    let conns_out: serde_json::Value =
+        serde_json::from_str(conns.output().trim().lines().last().unwrap_or("{}")).unwrap();
+    assert_eq!(conns_out["errors"], 0, "{conns_out}");
+    assert!(
+        conns_out["count"].as_u64().unwrap_or(0) > 1000,
+        "{conns_out}"
+    );
+
+    // It really rotated: several certificates and tunnel connections per node, and only
+    // the new root is trusted now.
+    for agent in [&a, &b] {
+        let certs = agent.admin("/certificates").unwrap();
+        assert_eq!(certs["roots"], 1, "{certs}");
+        let log = agent.proc.output();
+        assert!(
+            log.matches("certificate issued").count() >= 3,
+            "renewals: {}",
+            log.matches("certificate issued").count()
+        );
+    }
+    // Each tunnel connection retires before its certificates expire: several were made.
+    let opened = a.stat("proxy", "tunnel_connections_opened");
+    assert!(opened >= 2, "tunnel connections opened: {opened}");
+}
