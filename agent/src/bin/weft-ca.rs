@@ -335,7 +335,19 @@ async fn serve(
         ttl,
         cfg: Mutex::new((None, None)),
     });
-    server.config()?;
+    let td = server.config()?.trust_domain().to_owned();
+    let ours = server
+        .signing
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .ca
+        .trust_domain
+        .clone();
+    if td != ours {
+        return Err(format!(
+            "the configuration's trust domain is {td} (its Mesh document), this CA's is {ours}: agents would not trust what it signs"
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("binding {listen}: {e}"))?;
