@@ -70,6 +70,12 @@ metrics! {
     tunnel_connections_opened: Counter,
     /// mTLS connections from peer agents accepted (handshake done).
     tunnel_connections_accepted: Counter,
+    /// Requests and connections an AuthorizationPolicy denied (HTTP: 403 policy-denied; TCP and tunnel streams: refused).
+    policy_denied: Counter,
+    /// Requests and connections a dryRun policy would have denied (allowed, logged).
+    policy_would_deny: Counter,
+    /// Requests and connections an AUDIT policy matched (logged).
+    policy_audited: Counter,
     /// Connections refused because their pod held its maximum (--max-connections-per-pod).
     connections_refused_pod_limit: Counter,
     /// Connections refused because the node held its maximum (--max-connections).

@@ -108,6 +108,8 @@ pub struct NodeState {
     pub identities: HashMap<Ipv4Addr, SpiffeId>,
     /// Every node's address, by name (where its agent's tunnel listens).
     pub node_addresses: HashMap<String, Ipv4Addr>,
+    /// The authorization policies selecting each meshed workload (those with any), by IP.
+    pub authz: HashMap<Ipv4Addr, crate::config::authz::Policies>,
 }
 
 impl NodeState {
@@ -268,6 +270,17 @@ impl NodeState {
             .values()
             .map(|n| (n.name.clone(), n.address))
             .collect();
+        let policies: Vec<Arc<crate::config::authz::AuthorizationPolicy>> =
+            cfg.authorization.iter().cloned().map(Arc::new).collect();
+        let authz = cfg
+            .workloads
+            .iter()
+            .filter(|w| w.meshed)
+            .filter_map(|w| {
+                let selecting: Vec<_> = policies.iter().filter(|p| p.selects(w)).cloned().collect();
+                (!selecting.is_empty()).then_some((w.ip, crate::config::authz::Policies(selecting)))
+            })
+            .collect();
         Self {
             node: node.to_owned(),
             generation,
@@ -279,7 +292,21 @@ impl NodeState {
             trust_domain,
             identities,
             node_addresses,
+            authz,
         }
+    }
+
+    /// The authorization decision for a connection or request to the meshed workload at
+    /// `dst` (allowed when no policy selects it, or it is not meshed).
+    pub fn authorize(
+        &self,
+        dst: Ipv4Addr,
+        req: &crate::config::authz::Request<'_>,
+    ) -> crate::config::authz::Decision {
+        self.authz
+            .get(&dst)
+            .map(|p| p.decide(req))
+            .unwrap_or_default()
     }
 
     /// This node's own address, when it is declared.

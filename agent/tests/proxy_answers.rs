@@ -72,6 +72,16 @@ spec:
     - matches: [{path: {type: PathPrefix, value: /retry}}]
       retry: {codes: [503], attempts: 1}
       backendRefs: [{name: web, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /forbidden}}]
+      backendRefs: [{name: web, port: 80}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-forbidden}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{to: [{paths: [{prefix: /forbidden}]}]}]
 "#;
 
 async fn start() -> (Mesh, support::Server, support::Server) {
@@ -124,6 +134,7 @@ async fn routes_policies_and_faults_answer_with_their_reason() {
         ("/slow-request", 504, Reason::RequestTimeout),
         ("/teapot", 418, Reason::FaultInjected),
         ("/moved/x?y=1", 301, Reason::Redirect),
+        ("/forbidden/x", 403, Reason::PolicyDenied),
     ] {
         let a = get(path).await;
         assert_eq!(
@@ -143,6 +154,7 @@ async fn routes_policies_and_faults_answer_with_their_reason() {
     assert_eq!(a.headers["retry-after"], "1");
     assert_eq!(count(&m, |x| &x.http_rate_limited), 1);
     assert_eq!(count(&m, |x| &x.http_faults), 1);
+    assert_eq!(count(&m, |x| &x.policy_denied), 1);
     assert_eq!(
         web.count(),
         2,

@@ -27,6 +27,8 @@ pub struct PodSpec {
     pub agent_down: Option<&'static str>,
     /// Its service account (its identity): `default` unless set.
     pub account: Option<String>,
+    /// Its namespace: `default` unless set (Services are all in `default`).
+    pub namespace: Option<String>,
 }
 
 impl PodSpec {
@@ -39,7 +41,13 @@ impl PodSpec {
             mesh: true,
             agent_down: None,
             account: None,
+            namespace: None,
         }
+    }
+    /// In namespace `ns` (a client: Services select pods of `default` only).
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.namespace = Some(ns.into());
+        self
     }
     /// Run as service account `sa` (identity spiffe://cluster.local/ns/default/sa/<sa>).
     pub fn account(mut self, sa: &str) -> Self {
@@ -598,8 +606,9 @@ impl Cluster {
             let ports: Vec<String> = s.ports.iter().map(|p| format!("{{port: {p}}}")).collect();
             let _ = write!(
                 y,
-                "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, labels: {{{}}}}}\nspec:\n  node: {}\n  ip: {}\n  netns: {}\n  cgroup: {}\n  ports: [{}]\n  mesh: {}\n  serviceAccount: {}\n",
+                "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}, labels: {{{}}}}}\nspec:\n  node: {}\n  ip: {}\n  netns: {}\n  cgroup: {}\n  ports: [{}]\n  mesh: {}\n  serviceAccount: {}\n",
                 s.name,
+                s.namespace.as_deref().unwrap_or("default"),
                 labels.join(", "),
                 p.node_full,
                 p.ip,

@@ -331,6 +331,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     let mut pending_workloads = Vec::new();
     let mut pending_routes = Vec::new();
     let mut pending_policies = Vec::new();
+    let mut pending_authz = Vec::new();
     let mut pending_tls = Vec::new();
     // HTTPRouteFilters by (namespace, name), for the routes that reference them.
     let mut route_filters: BTreeMap<(String, String), policy::RouteFilter> = BTreeMap::new();
@@ -416,6 +417,10 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 let spec: policy::PolicySpec = typed(&at, "spec", spec)?;
                 pending_policies.push((at, meta, ns, spec));
             }
+            (WEFT_API, "AuthorizationPolicy") => {
+                let spec: super::authz::AuthzSpec = typed(&at, "spec", spec)?;
+                pending_authz.push((at, meta, ns, spec));
+            }
             (WEFT_API, "HTTPRouteFilter") => {
                 let spec: policy::FilterSpec = typed(&at, "spec", spec)?;
                 let f = policy::convert_filter(spec)
@@ -440,7 +445,15 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                     "must be gateway.networking.k8s.io/v1",
                 ));
             }
-            (_, "Mesh" | "Node" | "Workload" | "TrafficPolicy" | "HTTPRouteFilter") => {
+            (
+                _,
+                "Mesh"
+                | "Node"
+                | "Workload"
+                | "TrafficPolicy"
+                | "HTTPRouteFilter"
+                | "AuthorizationPolicy",
+            ) => {
                 return Err(ConfigError::field(
                     &at,
                     "apiVersion",
@@ -454,7 +467,7 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
                 return Err(ConfigError::field(
                     &at,
                     "kind",
-                    format!("unknown kind {kind:?}; expected Mesh, Node, Namespace, Workload, Service, HTTPRoute, TLSRoute, TrafficPolicy or HTTPRouteFilter"),
+                    format!("unknown kind {kind:?}; expected Mesh, Node, Namespace, Workload, Service, HTTPRoute, TLSRoute, TrafficPolicy, HTTPRouteFilter or AuthorizationPolicy"),
                 ));
             }
         }
@@ -530,6 +543,13 @@ fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
             ));
         }
         cfg.policies.push(p);
+    }
+    // Authorization policies after the Mesh document: principals are of its trust domain.
+    for (at, meta, ns, spec) in pending_authz {
+        let td = cfg.trust_domain().to_owned();
+        let p = super::authz::convert(meta.name, ns, &td, spec)
+            .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
+        cfg.authorization.push(p);
     }
     Ok(cfg)
 }

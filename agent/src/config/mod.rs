@@ -2,6 +2,7 @@
 //! Parsing and validation never bind a port or touch the kernel, so `weft-agent validate`
 //! and the reload path share them.
 
+pub mod authz;
 mod load;
 mod model;
 pub mod policy;

@@ -16,6 +16,7 @@ pub struct Config {
     pub policies: Vec<super::policy::ServicePolicy>,
     /// From the `Mesh` document; [`Config::trust_domain`] gives the default.
     pub trust_domain: Option<String>,
+    pub authorization: Vec<super::authz::AuthorizationPolicy>,
 }
 
 impl Config {

@@ -369,3 +369,38 @@ fn a_workload_must_name_a_valid_identity() {
         "{e}"
     );
 }
+
+#[test]
+fn authorization_policy_errors_name_the_field() {
+    let doc = |spec: &str| {
+        format!("apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {spec}\n")
+    };
+    let e = err(&doc("{action: PERMIT}"));
+    assert!(
+        e.contains("AuthorizationPolicy shop/p") && e.contains("field `spec.action`"),
+        "{e}"
+    );
+    let e = err(&doc(
+        "{rules: [{from: [{principals: [\"spiffe://other.domain/ns/a/sa/b\"]}]}]}",
+    ));
+    assert!(
+        e.contains("field `spec.rules[0].from[0].principals[0]`"),
+        "{e}"
+    );
+    let e = err(&doc("{rules: [{to: [{paths: [{exact: x}]}]}]}"));
+    assert!(e.contains("field `spec.rules[0].to[0].paths[0]`"), "{e}");
+    let e = err(&doc("{rules: [{to: [{methods: [get]}]}]}"));
+    assert!(e.contains("field `spec.rules[0].to[0].methods[0]`"), "{e}");
+    let e = err(&doc("{rules: [{to: [{verbs: [GET]}]}]}"));
+    assert!(e.contains("unknown field `verbs`"), "{e}");
+    let ok = parse(&doc(
+        "{selector: {matchLabels: {app: web}}, action: DENY, dryRun: true, rules: [{from: [{namespaces: [shop], principals: [\"*\"]}], to: [{ports: [8080], methods: [GET], paths: [{prefix: /api/}], headers: [{name: X-User, value: alice}]}]}]}",
+    ))
+    .unwrap();
+    let p = &ok.authorization[0];
+    assert_eq!((p.action, p.dry_run), (authz::Action::Deny, true));
+    assert_eq!(
+        p.rules[0].to[0].headers,
+        vec![("x-user".into(), "alice".into())]
+    );
+}

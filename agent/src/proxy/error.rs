@@ -68,6 +68,7 @@ reasons! {
     RateLimited = (StatusCode::TOO_MANY_REQUESTS, "rate-limited", Policy),
     FaultInjected = (StatusCode::SERVICE_UNAVAILABLE, "fault-injected", Policy),
     Redirect = (StatusCode::FOUND, "redirect", Policy),
+    PolicyDenied = (StatusCode::FORBIDDEN, "policy-denied", Policy),
     ConflictingFraming = (StatusCode::BAD_REQUEST, "conflicting-framing", Client),
     BadRequestBody = (StatusCode::BAD_REQUEST, "bad-request-body", Client),
     RequestBodyTimeout = (StatusCode::REQUEST_TIMEOUT, "request-body-timeout", Client),
@@ -80,6 +81,7 @@ impl Reason {
             Self::CircuitOpenRequests | Self::CircuitOpenConnections => &m.http_circuit_open,
             Self::RateLimited => &m.http_rate_limited,
             Self::FaultInjected => &m.http_faults,
+            Self::PolicyDenied => &m.policy_denied,
             Self::ConflictingFraming | Self::BadRequestBody | Self::RequestBodyTimeout => {
                 &m.http_client_errors
             }

@@ -33,6 +33,12 @@ async fn handle(ctx: ConnCtx, conn: TcpStream) {
             return;
         }
     };
+    // From outside the mesh: plaintext, no identity, no HTTP judged.
+    let http = crate::config::authz::Http::Opaque;
+    if !super::authz::allowed(ctx.inputs(), *peer.ip(), None, orig, http, "inbound") {
+        Metrics::inc(&m.policy_denied);
+        return;
+    }
     match dial::deliver(ctx.inputs(), &*pod.sockets, *peer.ip(), orig).await {
         Ok(app) => {
             forward(m, conn, app, ctx.timeouts().idle).await;

@@ -13,6 +13,7 @@
 //!   app;
 //! - answers the proxy makes itself are [`error::ProxyError`]s.
 
+pub mod authz;
 pub mod capture;
 pub mod conn;
 pub mod detect;

@@ -16,7 +16,7 @@ use super::{
     stream::forward,
 };
 use crate::{
-    config::{AppProtocol, Protocol},
+    config::{authz::Http, AppProtocol, Protocol},
     metrics::Metrics,
     state::{Endpoint, NodeState, ServiceEntry},
 };
@@ -126,6 +126,21 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
     if candidates.is_empty() {
         Metrics::inc(&m.outbound_no_endpoint);
         tracing::info!(service = %svc.name, "no endpoint; closing the connection");
+        return;
+    }
+    let source = inputs.state.load().identities.get(&pod.ip).cloned();
+    let (candidates, denied): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(ep, _)| {
+        super::authz::allowed(
+            inputs,
+            pod.ip,
+            source.as_ref(),
+            ep.addr,
+            Http::Opaque,
+            "tcp",
+        )
+    });
+    if candidates.is_empty() && !denied.is_empty() {
+        Metrics::inc(&m.policy_denied);
         return;
     }
     for (ep, reach) in candidates {

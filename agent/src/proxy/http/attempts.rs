@@ -17,9 +17,10 @@ use super::{
     DEFAULT_BACKOFF,
 };
 use crate::{
-    config::route::Retry,
+    config::{authz::Http, route::Retry},
     metrics::Metrics,
     proxy::{
+        authz,
         conn::ConnCtx,
         error::{ProxyError, Reason},
     },
@@ -80,6 +81,28 @@ impl Attempts<'_> {
                 n_tried += 1;
             }
             let ep = &svc.endpoints[i];
+            let (source, destination) = {
+                let state = self.ctx.inputs().state.load();
+                (
+                    state.identities.get(&self.ctx.pod.ip).cloned(),
+                    state.identities.get(ep.addr.ip()).cloned(),
+                )
+            };
+            let http = Http::Known {
+                method: self.parts.method.as_str(),
+                path: self.path.as_str(),
+                headers: &self.parts.headers,
+            };
+            if !authz::allowed(
+                self.ctx.inputs(),
+                self.ctx.pod.ip,
+                source.as_ref(),
+                ep.addr,
+                http,
+                "http",
+            ) {
+                return Err(Reason::PolicyDenied.into());
+            }
             let replayable = body.replayable();
             let Some(b) = body.take() else {
                 return Err(Reason::UpstreamError.into());
@@ -95,6 +118,7 @@ impl Attempts<'_> {
             *req.uri_mut() = uri;
             *req.version_mut() = self.parts.version;
             *req.headers_mut() = self.parts.headers.clone();
+            authz::set_client_identity(req.headers_mut(), source.as_ref(), destination.as_ref());
             let in_flight = ep.stats.start();
             let sent = self.client.request(req);
             let outcome = match self.backend_timeout {

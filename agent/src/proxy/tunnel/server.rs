@@ -392,6 +392,16 @@ async fn stream(peer: &Peer, mut req: Request<Incoming>) -> Response<Empty<Bytes
         );
     }
     drop(state);
+    let http = crate::config::authz::Http::JudgedBySender;
+    if !crate::proxy::authz::allowed(inputs, src, Some(&peer.source), target, http, "tunnel") {
+        Metrics::inc(&inputs.metrics.policy_denied);
+        return refuse(
+            peer,
+            StatusCode::FORBIDDEN,
+            "policy-denied",
+            format!("an AuthorizationPolicy denies {} to {target}", peer.source),
+        );
+    }
     let Some(pod) = inputs.pods.load().get(target.ip()).cloned() else {
         return refuse(
             peer,
