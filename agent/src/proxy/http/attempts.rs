@@ -201,7 +201,13 @@ impl Attempts<'_> {
     /// What an attempt's result says about whose fault a failure was.
     fn judge(&self, r: Result<Response<Incoming>, hyper_util::client::legacy::Error>) -> Outcome {
         match r {
-            Ok(resp) => Outcome::Answered(resp),
+            // The client's body broke while the endpoint was answering (one that answers
+            // without reading the body can be that quick): the client's request was not
+            // what the endpoint answered, so the client hears about its own fault.
+            Ok(resp) => match self.fault.reason() {
+                Some(r) => Outcome::ClientFault(r),
+                None => Outcome::Answered(resp),
+            },
             Err(e) if e.is_connect() => Outcome::ConnectFailed(e),
             Err(e) => match self.fault.reason() {
                 Some(r) => Outcome::ClientFault(r),
