@@ -60,6 +60,10 @@ metrics! {
     outbound_no_endpoint: Counter,
     /// Connections the inbound listener accepted for a pod.
     inbound_accepted: Counter,
+    /// Plaintext connections from outside the mesh delivered to a PERMISSIVE pod.
+    inbound_plaintext: Counter,
+    /// Plaintext connections from outside the mesh refused by a STRICT pod.
+    inbound_plaintext_refused: Counter,
     /// Tunnelled connections (CONNECT streams) accepted from another node's agent.
     tunnel_accepted: Counter,
     /// Tunnel streams refused: not a CONNECT, a source address that is not the peer's identity on the peer's node, or a destination that is not a pod of this node with the identity the peer asked for.

@@ -1,7 +1,8 @@
 //! sk_lookup, attached to each enrolled pod's network namespace: a TCP connection that
-//! arrives from the network for one of the pod's declared ports is handed to the agent's
-//! inbound listener in that namespace, before the app sees it. The agent's own deliveries to
-//! the app, announced in `DELIVERIES`, are let through.
+//! arrives for the pod's IP, on any port (`INBOUND_PORTS` has the declared ports and port
+//! 0, the wildcard), is handed to the agent's inbound listener in that namespace, before
+//! the app sees it. The agent's own deliveries to the app, announced in `DELIVERIES`, are
+//! let through.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
@@ -24,8 +25,12 @@ pub fn steer(ctx: &SkLookupContext) -> u32 {
         port: l.local_port as u16,
         _pad: 0,
     };
+    let any_port = InboundKey { port: 0, ..key };
     // SAFETY: INBOUND_PORTS values are plain data written whole by the agent.
-    let Some(port) = (unsafe { INBOUND_PORTS.get(&key) }).copied() else {
+    let Some(port) = (unsafe { INBOUND_PORTS.get(&key) })
+        .or_else(|| unsafe { INBOUND_PORTS.get(&any_port) })
+        .copied()
+    else {
         return SK_PASS;
     };
     let delivery = DeliveryKey {

@@ -29,6 +29,8 @@ pub struct PodSpec {
     pub account: Option<String>,
     /// Its namespace: `default` unless set (Services are all in `default`).
     pub namespace: Option<String>,
+    /// `spec.mtls` (`strict` or `permissive`), unless the default.
+    pub mtls: Option<&'static str>,
 }
 
 impl PodSpec {
@@ -42,7 +44,13 @@ impl PodSpec {
             agent_down: None,
             account: None,
             namespace: None,
+            mtls: None,
         }
+    }
+    /// STRICT: refuses plaintext from outside the mesh.
+    pub fn strict(mut self) -> Self {
+        self.mtls = Some("strict");
+        self
     }
     /// In namespace `ns` (a client: Services select pods of `default` only).
     pub fn namespace(mut self, ns: &str) -> Self {
@@ -620,6 +628,9 @@ impl Cluster {
             );
             if let Some(mode) = s.agent_down {
                 let _ = writeln!(y, "  agentDown: {mode}");
+            }
+            if let Some(mode) = s.mtls {
+                let _ = writeln!(y, "  mtls: {mode}");
             }
             y.push_str("---\n");
         }

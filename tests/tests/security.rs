@@ -790,3 +790,88 @@ spec:
     assert_eq!(v["status"], 200, "{v}");
     assert_eq!(b.stat("proxy", "policy_denied"), 2);
 }
+
+/// `curl http://ADDR/` from `pod`: the body when the app answered, None when not.
+fn fetch(c: &Cluster, pod: &str, addr: &str) -> Option<String> {
+    let out = c.pod(pod).run(
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{addr}/")],
+        Duration::from_secs(8),
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn strict_refuses_and_permissive_admits_clients_outside_the_mesh_on_every_port() {
+    if !require_root("strict_refuses_and_permissive_admits_clients_outside_the_mesh_on_every_port")
+    {
+        return;
+    }
+    let c = Cluster::builder("sec-strict")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("outsider", "a").unmeshed())
+        .pod(
+            PodSpec::new("strict", "b")
+                .label("app", "strict")
+                .port(8080)
+                .strict(),
+        )
+        .pod(PodSpec::new("lax", "b").label("app", "lax").port(8080))
+        .service(
+            ServiceSpec::new("strict", "10.96.4.1")
+                .select("app", "strict")
+                .tcp(80, 8080),
+        )
+        .service(
+            ServiceSpec::new("lax", "10.96.4.2")
+                .select("app", "lax")
+                .tcp(80, 8080),
+        )
+        .build();
+    c.write_config(&c.config_yaml());
+    let _a = c.start_agent("a", &[]);
+    let b = c.start_agent("b", &[]);
+    let tp = bin("weft-testpod");
+    let mut servers = vec![];
+    for pod in ["strict", "lax"] {
+        // 8080 is declared; 7070 is not.
+        for port in ["8080", "7070"] {
+            servers.push(c.pod(pod).spawn(&c.dir, &tp, &["http-server", port, pod]));
+        }
+        c.pod(pod).wait_listening(8080, SECS5);
+        c.pod(pod).wait_listening(7070, SECS5);
+    }
+    let (strict, lax, outsider) = (&c.pod("strict").ip, &c.pod("lax").ip, &c.pod("outsider").ip);
+
+    // Outside the mesh, straight to the pods' addresses.
+    assert_eq!(
+        fetch(&c, "outsider", &format!("{strict}:8080")),
+        None,
+        "STRICT, declared port"
+    );
+    assert_eq!(
+        fetch(&c, "outsider", &format!("{strict}:7070")),
+        None,
+        "STRICT, undeclared port"
+    );
+    assert_eq!(b.stat("proxy", "inbound_plaintext_refused"), 2);
+    for port in [8080, 7070] {
+        let body = fetch(&c, "outsider", &format!("{lax}:{port}")).expect("PERMISSIVE admits");
+        assert!(
+            body.contains(&format!("\"peer\":\"{outsider}:")),
+            "the app sees the real client: {body}"
+        );
+    }
+    // The undeclared port went through the agent too.
+    assert_eq!(b.stat("proxy", "inbound_plaintext"), 2);
+    assert_eq!(b.stat("proxy", "inbound_accepted"), 4);
+
+    // Inside the mesh, through the agents: STRICT serves it.
+    let body = fetch(&c, "client", "10.96.4.1:80").expect("a meshed client reaches STRICT");
+    assert!(body.contains("\"server\":\"strict\""), "{body}");
+    assert_eq!(b.stat("proxy", "inbound_accepted"), 4, "came by the tunnel");
+}

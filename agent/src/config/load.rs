@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_norway::Value;
 
 use super::model::{
-    AgentDown, AppProtocol, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort,
-    Workload, WorkloadPort,
+    AgentDown, AppProtocol, Config, Mtls, Namespace, Node, Protocol, Service, ServicePort,
+    TargetPort, Workload, WorkloadPort,
 };
 use super::{policy, route};
 
@@ -264,6 +264,8 @@ struct WorkloadSpec {
     mesh: Option<MeshMode>,
     #[serde(default)]
     agent_down: Option<AgentDown>,
+    #[serde(default)]
+    mtls: Option<Mtls>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -324,6 +326,7 @@ const WEFT_API: &str = "weft.dev/v1alpha1";
 /// Namespace labels that set mesh defaults for the workloads in it.
 pub const LABEL_MESH: &str = "weft.dev/mesh";
 pub const LABEL_AGENT_DOWN: &str = "weft.dev/agent-down";
+pub const LABEL_MTLS: &str = "weft.dev/mtls";
 
 fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
     let mut cfg = Config::default();
@@ -609,7 +612,23 @@ fn namespace_from_labels(at: &Location, meta: &Metadata) -> Result<Namespace, Co
             ));
         }
     };
-    Ok(Namespace { mesh, agent_down })
+    let mtls = match meta.labels.get(LABEL_MTLS).map(String::as_str) {
+        None => None,
+        Some("strict") => Some(Mtls::Strict),
+        Some("permissive") => Some(Mtls::Permissive),
+        Some(v) => {
+            return Err(ConfigError::field(
+                at,
+                format!("metadata.labels.{LABEL_MTLS}"),
+                format!("{v:?}: expected strict or permissive"),
+            ));
+        }
+    };
+    Ok(Namespace {
+        mesh,
+        agent_down,
+        mtls,
+    })
 }
 
 fn workload(
@@ -688,6 +707,7 @@ fn workload(
             .agent_down
             .or(ns_defaults.agent_down)
             .unwrap_or_default(),
+        mtls: spec.mtls.or(ns_defaults.mtls).unwrap_or_default(),
     })
 }
 

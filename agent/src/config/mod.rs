@@ -11,10 +11,11 @@ pub mod watch;
 
 pub use load::{
     load_path, load_sources, load_str, ConfigError, Location, Source, LABEL_AGENT_DOWN, LABEL_MESH,
+    LABEL_MTLS,
 };
 pub use model::{
-    AgentDown, AppProtocol, Config, Namespace, Node, Protocol, Service, ServicePort, TargetPort,
-    Workload, WorkloadPort,
+    AgentDown, AppProtocol, Config, Mtls, Namespace, Node, Protocol, Service, ServicePort,
+    TargetPort, Workload, WorkloadPort,
 };
 
 #[cfg(test)]

@@ -42,6 +42,20 @@ pub struct Node {
 pub struct Namespace {
     pub mesh: Option<bool>,
     pub agent_down: Option<AgentDown>,
+    pub mtls: Option<Mtls>,
+}
+
+/// What a meshed workload accepts from clients outside the mesh (plaintext, no identity),
+/// on any port: every inbound connection goes through its agent either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mtls {
+    /// Accepted and counted (`inbound_plaintext`), subject to authorization policy. The
+    /// default, so a workload can join the mesh before all of its clients have.
+    #[default]
+    Permissive,
+    /// Refused (`inbound_plaintext_refused`): only meshed workloads, through their agents.
+    Strict,
 }
 
 /// What happens to a meshed workload's traffic while no agent runs on its node.
@@ -71,6 +85,7 @@ pub struct Workload {
     /// Resolved from the workload, its namespace, then the default (meshed).
     pub meshed: bool,
     pub agent_down: AgentDown,
+    pub mtls: Mtls,
 }
 
 impl Workload {

@@ -404,3 +404,19 @@ fn authorization_policy_errors_name_the_field() {
         vec![("x-user".into(), "alice".into())]
     );
 }
+
+#[test]
+fn mtls_comes_from_the_workload_then_its_namespace() {
+    let cfg = parse(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: pay, labels: {weft.dev/mtls: strict}}\n---\napiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: a, namespace: pay}\nspec: {node: a, ip: 10.0.0.1}\n---\napiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: b, namespace: pay}\nspec: {node: a, ip: 10.0.0.2, mtls: permissive}\n---\napiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: c}\nspec: {node: a, ip: 10.0.0.3}\n",
+    )
+    .unwrap();
+    let by_name = |n: &str| cfg.workloads.iter().find(|w| w.name == n).unwrap().mtls;
+    assert_eq!(
+        (by_name("a"), by_name("b"), by_name("c")),
+        (Mtls::Strict, Mtls::Permissive, Mtls::Permissive)
+    );
+    let e =
+        err("apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {weft.dev/mtls: on}}\n");
+    assert!(e.contains("metadata.labels.weft.dev/mtls"), "{e}");
+}

@@ -520,7 +520,14 @@ impl Datapath {
         self.inbound_lsn
             .insert(ip, inbound_listener.as_raw_fd(), 0)
             .map_err(map_err(maps::INBOUND_LSN))?;
-        let ports: Vec<u16> = w.ports.iter().map(|p| p.port).collect();
+        // Every port of the pod's IP: its declared ports, and port 0, the wildcard
+        // sk_lookup falls back to, so no port is reachable around the agent.
+        let ports: Vec<u16> = w
+            .ports
+            .iter()
+            .map(|p| p.port)
+            .chain(std::iter::once(0))
+            .collect();
         for port in &ports {
             let key = InboundKey {
                 ip,

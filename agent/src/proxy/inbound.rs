@@ -1,13 +1,16 @@
-//! Inbound: the listener inside a pod that sk_lookup steers the pod's declared ports to.
-//! The connection's local address is the original destination (the pod's IP and port);
-//! it is delivered to the app with the real client as source.
+//! Inbound: the listener inside a pod that sk_lookup steers every TCP connection for the
+//! pod's IP to, on any port, except the agent's own deliveries. What arrives here came
+//! from outside the mesh (meshed clients come through their agent and the tunnel), so it
+//! is plaintext with no identity: a STRICT pod refuses it, a PERMISSIVE one delivers it
+//! (authorization policy permitting). The connection's local address is the original
+//! destination (the pod's IP and port); it is delivered with the real client as source.
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
 use super::{conn::ConnCtx, dial, listener::PodListener, stream::forward};
-use crate::metrics::Metrics;
+use crate::{config::Mtls, metrics::Metrics};
 
 /// The inbound listener (127.0.0.1:15006) inside one pod.
 pub struct Inbound(PodListener);
@@ -33,6 +36,24 @@ async fn handle(ctx: ConnCtx, conn: TcpStream) {
             return;
         }
     };
+    // The pod calling itself at its own address is not from outside.
+    if peer.ip() != &pod.ip {
+        let mode = ctx
+            .inputs()
+            .state
+            .load()
+            .local
+            .get(&pod.ip)
+            .map(|w| w.mtls)
+            .unwrap_or_default();
+        if mode == Mtls::Strict {
+            Metrics::inc(&m.inbound_plaintext_refused);
+            tracing::info!(%peer, %orig, "STRICT: plaintext connection from outside the mesh refused");
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
+        Metrics::inc(&m.inbound_plaintext);
+    }
     // From outside the mesh: plaintext, no identity, no HTTP judged.
     let http = crate::config::authz::Http::Opaque;
     if !super::authz::allowed(ctx.inputs(), *peer.ip(), None, orig, http, "inbound") {
