@@ -164,10 +164,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     dp.take_ownership()?;
     let while_down = report_while_down(&mut dp);
     tracing::info!(cgroup = %cgroup.display(), pins = %dp.pin_root().display(), attachment = ?dp.attachment, "datapath ready");
-    dp.sync_services(&state.load())
-        .context("writing the service maps")?;
 
-    // 7. Proxy inputs, and every meshed pod of this node enrolled.
+    // 7. Proxy inputs, and every meshed pod of this node enrolled; then the services.
+    //    In this order a fresh attachment (an upgrade that changed the pin layout) knows
+    //    every meshed pod before its connect4 sees any service, and the other version's
+    //    programs are removed only after both.
     let (drain_trigger, drain) = Drain::new();
     let inputs = ProxyInputs::new(
         state.clone(),
@@ -209,6 +210,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     };
     pods.reconcile(&mut dp, &state.load(), &mut inherited);
     dp.remove_leftovers(&state.load().local.keys().copied().collect());
+    dp.sync_services(&state.load())
+        .context("writing the service maps")?;
+    dp.remove_other_versions();
 
     let status = Arc::new(ArcSwap::from_pointee(Status {
         ready: true,
@@ -525,6 +529,29 @@ impl Pods {
             .filter(|(_, w)| w.meshed)
             .map(|(ip, w)| (*ip, w))
             .collect();
+        // A changed declaration of the same pod (same address and netns: labels, ports,
+        // posture) is applied in place, so the pod is never unmeshed in between and keeps
+        // its listeners and connections.
+        for (ip, e) in self.enrolled.iter_mut() {
+            let Some(w) = wanted.get(ip) else { continue };
+            if **w == e.workload || w.netns != e.workload.netns {
+                continue;
+            }
+            let inbound = e
+                .listeners
+                .iter()
+                .find(|(k, _)| *k == handoff::ListenerKind::Inbound)
+                .map(|(_, fd)| fd);
+            match dp.enroll(w, &e.netns, inbound) {
+                Ok(()) => {
+                    tracing::info!(workload = %w.id(), "declaration changed; updated in place");
+                    e.workload = (*w).clone();
+                }
+                Err(err) => {
+                    tracing::warn!(workload = %w.id(), error = %err, "updating in place failed; enrolling again")
+                }
+            }
+        }
         let gone: Vec<Ipv4Addr> = self
             .enrolled
             .iter()

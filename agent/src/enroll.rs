@@ -76,6 +76,31 @@ pub fn enroll(
     inputs: &ProxyInputs,
     inherited: &mut Inherited,
 ) -> Result<Enrolled, EnrollError> {
+    let mut opened = None;
+    let res = enroll_inner(dp, w, host, inputs, inherited, &mut opened);
+    if let (Err(e), Some(netns)) = (&res, opened) {
+        // The pod exists but is not served: fence it, so its posture holds (fail-closed:
+        // refused both ways) instead of it being unmeshed until an enrolment succeeds.
+        match dp.enroll(w, &netns, None::<&std::net::TcpListener>) {
+            Ok(()) => {
+                tracing::warn!(workload = %w.id(), error = %e, "enrolment failed; the pod is fenced (its agentDown posture applies) until it succeeds")
+            }
+            Err(f) => {
+                tracing::error!(workload = %w.id(), error = %f, "enrolment failed and the pod could not be fenced either")
+            }
+        }
+    }
+    res
+}
+
+fn enroll_inner(
+    dp: &mut Datapath,
+    w: &Workload,
+    host: &Arc<HostNetns>,
+    inputs: &ProxyInputs,
+    inherited: &mut Inherited,
+    opened: &mut Option<Arc<PodNetns>>,
+) -> Result<Enrolled, EnrollError> {
     let id = w.id();
     let io = |action: &'static str| {
         let workload = id.clone();
@@ -90,6 +115,7 @@ pub fn enroll(
         .as_ref()
         .ok_or_else(|| EnrollError::NoNetns(id.clone()))?;
     let netns = Arc::new(PodNetns::open(path, host.clone()).map_err(io("opening its netns"))?);
+    *opened = Some(netns.clone());
     prepare_routing(&netns).map_err(|message| EnrollError::Routing {
         workload: id.clone(),
         netns: path.display().to_string(),
@@ -110,7 +136,7 @@ pub fn enroll(
         ListenerKind::Inbound,
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, INBOUND_PORT),
     )?;
-    dp.enroll(w, &netns, &inbound)
+    dp.enroll(w, &netns, Some(&inbound))
         .map_err(|source| EnrollError::Datapath {
             workload: id.clone(),
             source: Box::new(source),

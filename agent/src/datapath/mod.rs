@@ -456,8 +456,17 @@ impl Datapath {
             root,
             attachment,
         };
-        remove_other_versions(&node_dir);
         Ok((dp, capture))
+    }
+
+    /// Remove pinned objects of other ABI versions, detaching their programs. Call once this
+    /// version has every pod enrolled and the services written: until then the other
+    /// version's programs keep the pods captured (or fenced), so an upgrade that changes
+    /// the pin layout never leaves a meshed pod unmeshed.
+    pub fn remove_other_versions(&self) {
+        if let Some(node_dir) = self.root.parent() {
+            remove_other_versions(node_dir);
+        }
     }
 
     pub fn pin_root(&self) -> &Path {
@@ -505,11 +514,16 @@ impl Datapath {
 
     /// Enrol a meshed pod: how connect4 treats it, which inbound ports sk_lookup steers,
     /// where the agent's inbound listener is, and the sk_lookup program on its netns.
+    ///
+    /// Without a listener the pod is *fenced*: known as meshed, with its inbound ports
+    /// steered, but to no listener, so its posture applies as if no agent ran (fail-closed:
+    /// its connects to services and every connection to it are refused). For a pod whose
+    /// enrolment failed: it must not be left unmeshed meanwhile.
     pub fn enroll(
         &mut self,
         w: &Workload,
         netns: &PodNetns,
-        inbound_listener: &impl AsRawFd,
+        inbound_listener: Option<&impl AsRawFd>,
     ) -> Result<(), DatapathError> {
         let cookie = netns.cookie();
         let mut flags = workload_flags::MESHED;
@@ -517,9 +531,15 @@ impl Datapath {
             flags |= workload_flags::FAIL_OPEN;
         }
         let ip = raw_ip(w.ip);
-        self.inbound_lsn
-            .insert(ip, inbound_listener.as_raw_fd(), 0)
-            .map_err(map_err(maps::INBOUND_LSN))?;
+        match inbound_listener {
+            Some(l) => self
+                .inbound_lsn
+                .insert(ip, l.as_raw_fd(), 0)
+                .map_err(map_err(maps::INBOUND_LSN))?,
+            None => {
+                let _ = self.inbound_lsn.remove(&ip);
+            }
+        }
         // Every port of the pod's IP: its declared ports, and port 0, the wildcard
         // sk_lookup falls back to, so no port is reachable around the agent.
         let ports: Vec<u16> = w
