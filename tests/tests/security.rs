@@ -10,9 +10,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weft_e2e::{bin, require_root, Cluster, PodSpec, ServiceSpec};
+use weft_e2e::{bin, require_root, Cluster, ClusterBuilder, PodSpec, ServiceSpec};
 
 const SECS5: Duration = Duration::from_secs(5);
+
+/// Nodes a and b, and `client` (identity `client`) on a: the start of most tests here.
+fn client_on_a(test: &str) -> ClusterBuilder {
+    Cluster::builder(test)
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").account("client"))
+}
+
+/// `web` on b: identity `web`, label `app: web`, port 8080.
+fn web_on_b() -> PodSpec {
+    PodSpec::new("web", "b")
+        .label("app", "web")
+        .port(8080)
+        .account("web")
+}
 
 fn identity(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
@@ -119,16 +135,8 @@ fn node_to_node_traffic_is_tls13_and_carries_no_plaintext() {
     if !require_root("node_to_node_traffic_is_tls13_and_carries_no_plaintext") {
         return;
     }
-    let c = Cluster::builder("mtls-wire")
-        .node("a")
-        .node("b")
-        .pod(PodSpec::new("client", "a").account("client"))
-        .pod(
-            PodSpec::new("web", "b")
-                .label("app", "web")
-                .port(8080)
-                .account("web"),
-        )
+    let c = client_on_a("mtls-wire")
+        .pod(web_on_b())
         .service(
             ServiceSpec::new("web", "10.96.0.10")
                 .select("app", "web")
@@ -245,17 +253,9 @@ fn the_tunnel_refuses_every_peer_without_the_right_certificate() {
     if !require_root("the_tunnel_refuses_every_peer_without_the_right_certificate") {
         return;
     }
-    let c = Cluster::builder("mtls-peers")
-        .node("a")
-        .node("b")
-        .pod(PodSpec::new("client", "a").account("client"))
+    let c = client_on_a("mtls-peers")
         .pod(PodSpec::new("other", "a").account("other"))
-        .pod(
-            PodSpec::new("web", "b")
-                .label("app", "web")
-                .port(8080)
-                .account("web"),
-        )
+        .pod(web_on_b())
         .build();
     let _web = c.pod("web").spawn(
         &c.dir,
@@ -363,10 +363,7 @@ fn the_ca_signs_only_for_workloads_on_the_asking_node() {
     if !require_root("the_ca_signs_only_for_workloads_on_the_asking_node") {
         return;
     }
-    let c = Cluster::builder("ca-policy")
-        .node("a")
-        .node("b")
-        .pod(PodSpec::new("client", "a").account("client"))
+    let c = client_on_a("ca-policy")
         .pod(PodSpec::new("web", "b").account("web"))
         .build();
     c.ensure_ca();
@@ -466,18 +463,9 @@ fn certificates_and_the_trust_root_rotate_under_load_without_a_failed_request() 
     if !require_root("certificates_and_the_trust_root_rotate_under_load_without_a_failed_request") {
         return;
     }
-    let c = Cluster::builder("rotation")
-        .node("a")
-        .node("b")
+    let c = client_on_a("rotation")
         .cert_ttl("60s")
-        .pod(PodSpec::new("client", "a").account("client"))
-        .pod(
-            PodSpec::new("web", "b")
-                .label("app", "web")
-                .port(8080)
-                .port(9000)
-                .account("web"),
-        )
+        .pod(web_on_b().port(9000))
         .service(
             ServiceSpec::new("web", "10.96.0.10")
                 .select("app", "web")
@@ -624,10 +612,7 @@ fn authorization_policies_allow_deny_and_audit_by_principal_namespace_port_metho
     ) {
         return;
     }
-    let c = Cluster::builder("sec-authz")
-        .node("a")
-        .node("b")
-        .pod(PodSpec::new("client", "a").account("client"))
+    let c = client_on_a("sec-authz")
         .pod(PodSpec::new("admin", "a").account("admin"))
         .pod(
             PodSpec::new("intruder", "a")
@@ -635,13 +620,7 @@ fn authorization_policies_allow_deny_and_audit_by_principal_namespace_port_metho
                 .account("client"),
         )
         .pod(PodSpec::new("neighbour", "b").account("client"))
-        .pod(
-            PodSpec::new("web", "b")
-                .account("web")
-                .label("app", "web")
-                .port(8080)
-                .port(9090),
-        )
+        .pod(web_on_b().port(9090))
         .service(
             ServiceSpec::new("web", "10.96.3.1")
                 .select("app", "web")

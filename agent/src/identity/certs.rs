@@ -408,3 +408,68 @@ pub fn certs_of_pem(pem: &str) -> Vec<CertificateDer<'static>> {
         .filter_map(Result::ok)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::{write_atomic, CaDir};
+
+    /// What `weft-ca issue` writes, in the layout `--cert-dir` reads.
+    fn issue_files(ca: &CaDir, id: &SpiffeId, dir: &Path, ttl: Duration) {
+        let ca = ca.load().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = ca.issue(id, &key, ttl).unwrap();
+        let (ns, sa) = id.workload_parts().unwrap();
+        let out = dir.join(ns).join(sa);
+        std::fs::create_dir_all(&out).unwrap();
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()));
+        write_atomic(&out.join("key.pem"), &key.serialize_pem(), 0o600).unwrap();
+        write_atomic(&out.join("cert.pem"), &pem, 0o644).unwrap();
+        write_atomic(&dir.join("bundle.pem"), &ca.bundle_pem(), 0o644).unwrap();
+    }
+
+    #[tokio::test]
+    async fn certificates_from_files_are_read_checked_and_reread_when_they_change() {
+        let tmp = std::env::temp_dir().join(format!("weft-certdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let ca = CaDir::new(&tmp.join("ca"));
+        ca.init("cluster.local").unwrap();
+        let files = tmp.join("files");
+        let web = SpiffeId::workload("cluster.local", "shop", "web").unwrap();
+        let db = SpiffeId::workload("cluster.local", "shop", "db").unwrap();
+        issue_files(&ca, &web, &files, Duration::from_secs(3600));
+        // db's directory holds web's certificate: refused, not held under db's name.
+        issue_files(&ca, &web, &tmp.join("wrong"), Duration::from_secs(3600));
+        std::fs::create_dir_all(files.join("shop/db")).unwrap();
+        for f in ["cert.pem", "key.pem"] {
+            std::fs::copy(
+                tmp.join("wrong/shop/web").join(f),
+                files.join("shop/db").join(f),
+            )
+            .unwrap();
+        }
+
+        let ids = Identities::new(Source::Files(files.clone()), None);
+        ids.want([web.clone(), db.clone()].into_iter().collect());
+        ids.refresh().await;
+        assert!(ids.store.roots().is_some(), "the bundle was read");
+        let first = ids.store.held(&web).expect("web's certificate");
+        assert!(first.not_after - unix_now() > 3000);
+        assert!(
+            ids.store.held(&db).is_none(),
+            "a certificate of another identity"
+        );
+        assert!(!ids.complete());
+
+        // cert-manager renews the file: the agent takes the new one on its next pass.
+        std::thread::sleep(Duration::from_millis(20));
+        issue_files(&ca, &web, &files, Duration::from_secs(600));
+        ids.refresh().await;
+        let second = ids.store.held(&web).unwrap();
+        assert!(
+            second.not_after < first.not_after,
+            "the renewed file was read"
+        );
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}
