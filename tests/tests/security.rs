@@ -713,6 +713,7 @@ spec:
     );
     // AUDIT: logged and counted, not enforced.
     let audited = a.stat("proxy", "policy_audited");
+    assert_eq!(audited, 0, "no request so far matched the AUDIT rule");
     assert_eq!(
         call(&c, "client", "GET", "http://10.96.3.1/api/audited/1").0,
         200
