@@ -588,47 +588,49 @@ fn check_name(at: &Location, field: &str, name: &str) -> Result<(), ConfigError>
 }
 
 fn namespace_from_labels(at: &Location, meta: &Metadata) -> Result<Namespace, ConfigError> {
-    let mesh = match meta.labels.get(LABEL_MESH).map(String::as_str) {
-        None => None,
-        Some("enabled") => Some(true),
-        Some("disabled") => Some(false),
-        Some(v) => {
-            return Err(ConfigError::field(
-                at,
-                format!("metadata.labels.{LABEL_MESH}"),
-                format!("{v:?}: expected enabled or disabled"),
-            ));
-        }
-    };
-    let agent_down = match meta.labels.get(LABEL_AGENT_DOWN).map(String::as_str) {
-        None => None,
-        Some("fail-closed") => Some(AgentDown::FailClosed),
-        Some("fail-open") => Some(AgentDown::FailOpen),
-        Some(v) => {
-            return Err(ConfigError::field(
-                at,
-                format!("metadata.labels.{LABEL_AGENT_DOWN}"),
-                format!("{v:?}: expected fail-closed or fail-open"),
-            ));
-        }
-    };
-    let mtls = match meta.labels.get(LABEL_MTLS).map(String::as_str) {
-        None => None,
-        Some("strict") => Some(Mtls::Strict),
-        Some("permissive") => Some(Mtls::Permissive),
-        Some(v) => {
-            return Err(ConfigError::field(
-                at,
-                format!("metadata.labels.{LABEL_MTLS}"),
-                format!("{v:?}: expected strict or permissive"),
-            ));
-        }
-    };
     Ok(Namespace {
-        mesh,
-        agent_down,
-        mtls,
+        mesh: label_choice(
+            at,
+            meta,
+            LABEL_MESH,
+            [("enabled", true), ("disabled", false)],
+        )?,
+        agent_down: label_choice(
+            at,
+            meta,
+            LABEL_AGENT_DOWN,
+            [
+                ("fail-closed", AgentDown::FailClosed),
+                ("fail-open", AgentDown::FailOpen),
+            ],
+        )?,
+        mtls: label_choice(
+            at,
+            meta,
+            LABEL_MTLS,
+            [("strict", Mtls::Strict), ("permissive", Mtls::Permissive)],
+        )?,
     })
+}
+
+/// A label that takes one of two values: which one, if it is set.
+fn label_choice<T: Copy>(
+    at: &Location,
+    meta: &Metadata,
+    label: &str,
+    choices: [(&str, T); 2],
+) -> Result<Option<T>, ConfigError> {
+    let Some(v) = meta.labels.get(label) else {
+        return Ok(None);
+    };
+    match choices.iter().find(|(name, _)| name == v) {
+        Some((_, t)) => Ok(Some(*t)),
+        None => Err(ConfigError::field(
+            at,
+            format!("metadata.labels.{label}"),
+            format!("{v:?}: expected {} or {}", choices[0].0, choices[1].0),
+        )),
+    }
 }
 
 fn workload(
