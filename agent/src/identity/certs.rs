@@ -180,7 +180,20 @@ pub struct Identities {
     /// Last error per identity (`None`: the bundle or the node's own certificate), so a
     /// failure is logged once.
     failed: std::sync::Mutex<HashMap<Option<SpiffeId>, String>>,
+    /// CA source: identities whose last request failed, with when to ask again and how
+    /// many times in a row it failed (so a CA that is down is not asked every second by
+    /// every node for every identity).
+    retry: std::sync::Mutex<HashMap<SpiffeId, (i64, u32)>>,
 }
+
+/// Seconds to wait before asking the CA again after `failures` failures in a row: 1, 2,
+/// 4, ... up to a minute.
+pub fn backoff_secs(failures: u32) -> i64 {
+    1i64 << failures.saturating_sub(1).min(6)
+}
+
+/// At most this long between two requests for an identity whose requests fail.
+pub const MAX_BACKOFF_SECS: i64 = 60;
 
 fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
@@ -196,6 +209,7 @@ impl Identities {
             wanted: ArcSwap::from_pointee(BTreeSet::new()),
             files_seen: std::sync::Mutex::new(HashMap::new()),
             failed: std::sync::Mutex::new(HashMap::new()),
+            retry: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -272,14 +286,30 @@ impl Identities {
             }
         }
         let now = unix_now();
+        let remote = matches!(self.source, Source::Ca(_));
         for id in self.wanted.load().iter() {
             if self.store.held(id).is_some_and(|h| !h.due(now)) && !self.file_changed(id) {
+                continue;
+            }
+            let waiting =
+                |r: &HashMap<SpiffeId, (i64, u32)>| r.get(id).is_some_and(|(at, _)| *at > now);
+            if remote && waiting(&self.retry.lock().unwrap_or_else(|p| p.into_inner())) {
                 continue;
             }
             let r = self.obtain(id).await.map(|held| {
                 self.store.insert(id.clone(), held);
                 "certificate issued"
             });
+            {
+                let mut retry = self.retry.lock().unwrap_or_else(|p| p.into_inner());
+                if r.is_ok() {
+                    retry.remove(id);
+                } else if remote {
+                    let failures = retry.get(id).map_or(0, |(_, n)| *n) + 1;
+                    let wait = backoff_secs(failures).min(MAX_BACKOFF_SECS);
+                    retry.insert(id.clone(), (now + wait, failures));
+                }
+            }
             self.report(Some(id), r);
         }
     }
@@ -412,6 +442,15 @@ pub fn certs_of_pem(pem: &str) -> Vec<CertificateDer<'static>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_ca_is_asked_less_and_less_often() {
+        let waits: Vec<i64> = (1..=9)
+            .map(|n| backoff_secs(n).min(MAX_BACKOFF_SECS))
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff_secs(u32::MAX).min(MAX_BACKOFF_SECS), 60);
+    }
     use crate::identity::ca::{write_atomic, CaDir};
 
     /// What `weft-ca issue` writes, in the layout `--cert-dir` reads.
