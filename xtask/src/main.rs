@@ -453,7 +453,18 @@ fn demo() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root (`sudo -E cargo xtask demo`)");
     }
-    build(false)?;
+    // The story, not the build: cargo's output (the eBPF build reports every step as a
+    // warning line) is shown only if the build fails.
+    println!("demo: building weft (a few minutes the first time; quiet unless it fails)");
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    let desc = format!("{c:?}");
+    let out = c.output().with_context(|| format!("running {desc}"))?;
+    if !out.status.success() {
+        std::io::Write::write_all(&mut std::io::stderr(), &out.stderr)?;
+        std::io::Write::write_all(&mut std::io::stdout(), &out.stdout)?;
+        bail!("{desc} failed ({})", out.status);
+    }
     let mut c = cargo();
     c.args(["run", "--quiet", "-p", "weft-e2e", "--bin", "weft-demo"]);
     run(c)
