@@ -62,6 +62,8 @@ fn read(path: &Path) -> Result<String, CaError> {
 pub fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
+    // A stale temporary file would keep its own mode: start from a new one.
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -190,6 +192,12 @@ impl CaDir {
             });
         }
         std::fs::create_dir_all(&self.path).map_err(io_err(&self.path))?;
+        // Root keys live below: only the CA's own user may enter.
+        std::fs::set_permissions(
+            &self.path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(io_err(&self.path))?;
         write_atomic(&self.path.join("trust-domain"), trust_domain, 0o644)?;
         self.make_root(1, trust_domain)?;
         write_atomic(&self.path.join("current"), "1", 0o644)?;
@@ -418,6 +426,12 @@ mod tests {
         let dir = tmp("sign");
         let ca_dir = CaDir::new(&dir);
         ca_dir.init("cluster.local").unwrap();
+        let mode = |p: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+                & 0o777
+        };
+        assert_eq!(mode(&dir), 0o700, "the CA directory");
+        assert_eq!(mode(&dir.join("roots/1/key.pem")), 0o600, "a root key");
         let ca = ca_dir.load().unwrap();
         let node = SpiffeId::node("cluster.local", "a").unwrap();
         let want = SpiffeId::workload("cluster.local", "shop", "web").unwrap();
