@@ -427,8 +427,59 @@ fn the_ca_signs_only_for_workloads_on_the_asking_node() {
         (code.to_owned(), body.to_owned(), out.status.success())
     };
 
+    // Hostile clients first: 200 connections that never start TLS, and one from node a that
+    // completes TLS and never sends a request. The CA still answers a node, and closes each
+    // idle connection at its read timeout (5 s).
+    let idle = r#"
+import socket, ssl, sys, time
+cert, key, bundle = sys.argv[1:4]
+socks = [socket.create_connection(("192.168.250.254", 15012), timeout=2) for _ in range(200)]
+ctx = ssl.create_default_context(cafile=bundle)
+ctx.load_cert_chain(cert, key)
+socks.append(ctx.wrap_socket(socket.create_connection(("192.168.250.254", 15012), timeout=2), server_hostname="ca.cluster.local"))
+print("open", len(socks), flush=True)
+t0, closed = time.time(), 0
+for s in socks:
+    s.settimeout(max(0.1, 12 - (time.time() - t0)))
+    try:
+        closed += s.recv(1) == b""
+    except OSError:
+        pass
+print("closed", closed, "after", round(time.time() - t0), flush=True)
+"#;
+    let node_cert = node_a.join("node-cert.pem").display().to_string();
+    let node_key = node_a.join("node-key.pem").display().to_string();
+    let hostile = c.node("a").spawn(
+        &c.dir,
+        Path::new("/usr/bin/python3"),
+        &["-c", idle, &node_cert, &node_key, &bundle],
+    );
+    let deadline = Instant::now() + SECS5;
+    while !hostile.output().contains("open 201") {
+        assert!(
+            Instant::now() < deadline,
+            "idle connections: {}",
+            hostile.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let (code, body, _) = ask(&csr("mine", &identity("client")), true);
     assert_eq!(code, "200", "{body}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !hostile.output().contains("closed") {
+        assert!(
+            Instant::now() < deadline,
+            "idle connections: {}",
+            hostile.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        hostile.output().contains("closed 201 after"),
+        "the CA closed every idle connection: {}",
+        hostile.output()
+    );
     assert!(body.starts_with("-----BEGIN CERTIFICATE-----"), "{body}");
     let pem = c.dir.join("mine.pem");
     std::fs::write(&pem, &body).unwrap();

@@ -352,6 +352,7 @@ async fn serve(
         .await
         .map_err(|e| format!("binding {listen}: {e}"))?;
     tracing::info!(%listen, ttl_s = ttl.as_secs(), "signing");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -361,20 +362,37 @@ async fn serve(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once; the connections held end within CONNECTION_TIMEOUT.
+            tracing::debug!(%peer, "connection limit reached; refusing");
+            continue;
+        };
         let server = server.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(server, tcp).await {
-                tracing::info!(%peer, error = %e, "connection refused");
+            let _slot = slot;
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection(server, tcp)).await {
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "connection refused"),
+                Err(_) => {
+                    tracing::info!(%peer, "connection closed: longer than {CONNECTION_TIMEOUT:?}")
+                }
+                Ok(Ok(())) => {}
             }
         });
     }
 }
 
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 4096;
+/// A client's TLS handshake, and then its request head, must each arrive within this.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lasts longer (one request each: agents do not keep them).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn connection(server: Arc<Server>, tcp: tokio::net::TcpStream) -> Result<(), String> {
     let acceptor = tokio_rustls::TlsAcceptor::from(server.tls());
-    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+    let tls = tokio::time::timeout(READ_TIMEOUT, acceptor.accept(tcp))
         .await
-        .map_err(|_| "no TLS handshake within 10 s".to_owned())?
+        .map_err(|_| format!("no TLS handshake within {READ_TIMEOUT:?}"))?
         .map_err(|e| format!("TLS: {e}"))?;
     let node = tls::peer_id(tls.get_ref().1)
         .filter(|id| id.node_name().is_some())
@@ -392,6 +410,9 @@ async fn connection(server: Arc<Server>, tcp: tokio::net::TcpStream) -> Result<(
         }
     });
     hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .keep_alive(false)
         .serve_connection(TokioIo::new(tls), svc)
         .await
         .map_err(|e| e.to_string())
