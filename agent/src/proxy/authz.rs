@@ -14,11 +14,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::ProxyInputs;
 use crate::{
     config::authz::{Http, Request},
     identity::SpiffeId,
     metrics::Metrics,
+    state::NodeState,
 };
 
 /// The header the client's agent sets on every HTTP request to a meshed workload, in the
@@ -29,14 +29,14 @@ pub const CLIENT_CERT_HEADER: HeaderName = HeaderName::from_static("x-forwarded-
 /// Whether `source` may reach `dst` with this request; logs and counts what the policies
 /// say besides. A denial is counted by the caller (an HTTP answer counts its reason).
 pub fn allowed(
-    inputs: &ProxyInputs,
+    state: &NodeState,
+    m: &Metrics,
     src_ip: Ipv4Addr,
     source: Option<&SpiffeId>,
     dst: SocketAddrV4,
     http: Http<'_>,
     path: &'static str,
 ) -> bool {
-    let state = inputs.state.load();
     let d = state.authorize(
         *dst.ip(),
         &Request {
@@ -45,7 +45,10 @@ pub fn allowed(
             http,
         },
     );
-    let m = &inputs.metrics;
+    if d.denied.is_none() && d.would_deny.is_none() && d.audited.is_empty() {
+        // Nothing to log: the common case costs no formatting.
+        return true;
+    }
     let src = source.map_or_else(|| format!("plaintext from {src_ip}"), ToString::to_string);
     let dst_id = state
         .identities
@@ -70,17 +73,20 @@ pub fn allowed(
     true
 }
 
-/// Replace any client-supplied identity header with the source's proven identity, when
-/// both ends are meshed workloads.
-pub fn set_client_identity(
-    headers: &mut HeaderMap,
+/// The identity header's value for a request from `source` to `destination`, when both are
+/// meshed workloads.
+pub fn client_identity(
     source: Option<&SpiffeId>,
     destination: Option<&SpiffeId>,
-) {
+) -> Option<HeaderValue> {
+    let (s, d) = (source?, destination?);
+    HeaderValue::from_str(&format!("By={d};URI={s}")).ok()
+}
+
+/// Replace any client-supplied identity header with `value` (none: removed).
+pub fn set_client_identity(headers: &mut HeaderMap, value: Option<&HeaderValue>) {
     headers.remove(&CLIENT_CERT_HEADER);
-    if let (Some(s), Some(d)) = (source, destination) {
-        if let Ok(v) = HeaderValue::from_str(&format!("By={d};URI={s}")) {
-            headers.insert(CLIENT_CERT_HEADER, v);
-        }
+    if let Some(v) = value {
+        headers.insert(CLIENT_CERT_HEADER, v.clone());
     }
 }

@@ -36,29 +36,25 @@ async fn handle(ctx: ConnCtx, conn: TcpStream) {
             return;
         }
     };
-    // The pod calling itself at its own address is not from outside.
-    if peer.ip() != &pod.ip {
-        let mode = ctx
-            .inputs()
-            .state
-            .load()
-            .local
-            .get(&pod.ip)
-            .map(|w| w.mtls)
-            .unwrap_or_default();
-        if mode == Mtls::Strict {
-            Metrics::inc(&m.inbound_plaintext_refused);
-            tracing::info!(%peer, %orig, "STRICT: plaintext connection from outside the mesh refused");
-            let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
+    {
+        let state = ctx.inputs().state.load();
+        // The pod calling itself at its own address is not from outside.
+        if peer.ip() != &pod.ip {
+            let mode = state.local.get(&pod.ip).map(|w| w.mtls).unwrap_or_default();
+            if mode == Mtls::Strict {
+                Metrics::inc(&m.inbound_plaintext_refused);
+                tracing::info!(%peer, %orig, "STRICT: plaintext connection from outside the mesh refused");
+                super::listener::reset(&conn);
+                return;
+            }
+            Metrics::inc(&m.inbound_plaintext);
+        }
+        // From outside the mesh: plaintext, no identity, no HTTP judged.
+        let http = crate::config::authz::Http::Opaque;
+        if !super::authz::allowed(&state, m, *peer.ip(), None, orig, http, "inbound") {
+            Metrics::inc(&m.policy_denied);
             return;
         }
-        Metrics::inc(&m.inbound_plaintext);
-    }
-    // From outside the mesh: plaintext, no identity, no HTTP judged.
-    let http = crate::config::authz::Http::Opaque;
-    if !super::authz::allowed(ctx.inputs(), *peer.ip(), None, orig, http, "inbound") {
-        Metrics::inc(&m.policy_denied);
-        return;
     }
     match dial::deliver(ctx.inputs(), &*pod.sockets, *peer.ip(), orig).await {
         Ok(app) => {

@@ -4,14 +4,14 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::conn::{ConnCtx, Pod};
+use super::conn::{ConnCtx, Drain, Pod};
 use crate::metrics::Metrics;
 
 /// A listener inside one pod, and the pod.
@@ -33,20 +33,9 @@ impl PodListener {
         let inputs = &pod.inputs;
         let drain = inputs.drain.clone();
         let mut backoff = Backoff::new(&inputs.metrics.accept_errors);
-        loop {
-            let accepted = tokio::select! {
-                res = listener.accept() => res,
-                () = drain.signaled() => break,
-            };
-            let (conn, peer) = match accepted {
-                Ok((conn, SocketAddr::V4(peer))) => (conn, peer),
-                Ok(_) => continue,
-                Err(e) => {
-                    backoff.failed(&e, "a pod listener").await;
-                    continue;
-                }
-            };
-            backoff.succeeded();
+        while let Some((conn, peer)) =
+            next_connection(&listener, &drain, &mut backoff, "a pod listener").await
+        {
             match inputs.conns.admit(&pod.conns, pod.ip) {
                 Ok(permit) => {
                     let _ = conn.set_nodelay(true);
@@ -60,13 +49,41 @@ impl PodListener {
                 Err(_) => {
                     // Its capture record (outbound connections have one) is not needed.
                     let _ = inputs.capture.orig_dst(pod.sockets.netns_cookie(), peer);
-                    // A reset tells the client at once; a plain close would look like an
-                    // answer with nothing in it.
-                    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                    reset(&conn);
                 }
             }
         }
     }
+}
+
+/// The next IPv4 connection `listener` accepts, or `None` once draining begins. Accept
+/// errors are counted and backed off, never given up on.
+pub async fn next_connection(
+    listener: &TcpListener,
+    drain: &Drain,
+    backoff: &mut Backoff<'_>,
+    what: &str,
+) -> Option<(TcpStream, SocketAddrV4)> {
+    loop {
+        let accepted = tokio::select! {
+            res = listener.accept() => res,
+            () = drain.signaled() => return None,
+        };
+        match accepted {
+            Ok((conn, SocketAddr::V4(peer))) => {
+                backoff.succeeded();
+                return Some((conn, peer));
+            }
+            Ok(_) => {}
+            Err(e) => backoff.failed(&e, what).await,
+        }
+    }
+}
+
+/// Refuse a connection with a reset when it is dropped: it tells the client at once, where
+/// a plain close would look like an answer with nothing in it.
+pub fn reset(conn: &TcpStream) {
+    let _ = socket2::SockRef::from(conn).set_linger(Some(Duration::ZERO));
 }
 
 /// What an accept loop does when accepting fails: count it, say so now and then, and wait

@@ -117,30 +117,28 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
     };
     // Try up to three endpoints: a connect failure (endpoint gone, its node's agent down)
     // moves on to the next one instead of failing the client.
-    let candidates: Vec<(Endpoint, Reach)> = {
+    // Endpoints an AuthorizationPolicy denies this pod are left out.
+    let (candidates, denied) = {
         let state = inputs.state.load();
-        svc.candidates(MAX_CONNECT_ATTEMPTS)
-            .map(|e| (e.clone(), Reach::of(&state, *e.addr.ip())))
-            .collect()
+        let source = state.identities.get(&pod.ip);
+        let mut denied = 0;
+        let mut allowed: Vec<(Endpoint, Reach)> = Vec::new();
+        for e in svc.candidates(MAX_CONNECT_ATTEMPTS) {
+            if super::authz::allowed(&state, m, pod.ip, source, e.addr, Http::Opaque, "tcp") {
+                allowed.push((e.clone(), Reach::of(&state, *e.addr.ip())));
+            } else {
+                denied += 1;
+            }
+        }
+        (allowed, denied)
     };
     if candidates.is_empty() {
-        Metrics::inc(&m.outbound_no_endpoint);
-        tracing::info!(service = %svc.name, "no endpoint; closing the connection");
-        return;
-    }
-    let source = inputs.state.load().identities.get(&pod.ip).cloned();
-    let (candidates, denied): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(ep, _)| {
-        super::authz::allowed(
-            inputs,
-            pod.ip,
-            source.as_ref(),
-            ep.addr,
-            Http::Opaque,
-            "tcp",
-        )
-    });
-    if candidates.is_empty() && !denied.is_empty() {
-        Metrics::inc(&m.policy_denied);
+        if denied > 0 {
+            Metrics::inc(&m.policy_denied);
+        } else {
+            Metrics::inc(&m.outbound_no_endpoint);
+            tracing::info!(service = %svc.name, "no endpoint; closing the connection");
+        }
         return;
     }
     for (ep, reach) in candidates {

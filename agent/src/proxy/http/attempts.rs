@@ -81,28 +81,19 @@ impl Attempts<'_> {
                 n_tried += 1;
             }
             let ep = &svc.endpoints[i];
-            let (source, destination) = {
+            let client_identity = {
                 let state = self.ctx.inputs().state.load();
-                (
-                    state.identities.get(&self.ctx.pod.ip).cloned(),
-                    state.identities.get(ep.addr.ip()).cloned(),
-                )
+                let source = state.identities.get(&self.ctx.pod.ip);
+                let http = Http::Known {
+                    method: self.parts.method.as_str(),
+                    path: self.path.as_str(),
+                    headers: &self.parts.headers,
+                };
+                if !authz::allowed(&state, m, self.ctx.pod.ip, source, ep.addr, http, "http") {
+                    return Err(Reason::PolicyDenied.into());
+                }
+                authz::client_identity(source, state.identities.get(ep.addr.ip()))
             };
-            let http = Http::Known {
-                method: self.parts.method.as_str(),
-                path: self.path.as_str(),
-                headers: &self.parts.headers,
-            };
-            if !authz::allowed(
-                self.ctx.inputs(),
-                self.ctx.pod.ip,
-                source.as_ref(),
-                ep.addr,
-                http,
-                "http",
-            ) {
-                return Err(Reason::PolicyDenied.into());
-            }
             let replayable = body.replayable();
             let Some(b) = body.take() else {
                 return Err(Reason::UpstreamError.into());
@@ -118,7 +109,7 @@ impl Attempts<'_> {
             *req.uri_mut() = uri;
             *req.version_mut() = self.parts.version;
             *req.headers_mut() = self.parts.headers.clone();
-            authz::set_client_identity(req.headers_mut(), source.as_ref(), destination.as_ref());
+            authz::set_client_identity(req.headers_mut(), client_identity.as_ref());
             let in_flight = ep.stats.start();
             let sent = self.client.request(req);
             let outcome = match self.backend_timeout {

@@ -41,7 +41,7 @@ use crate::{
         conn::{Permit, PodConns},
         dial,
         error::REASON_HEADER,
-        listener::Backoff,
+        listener::{next_connection, reset, Backoff},
         stream::forward,
         ProxyInputs,
     },
@@ -156,22 +156,11 @@ impl TunnelServer {
                 SocketAddr::V6(_) => None,
             })
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        loop {
-            let accepted = tokio::select! {
-                res = listener.accept() => res,
-                () = drain.signaled() => break,
-            };
-            let (tcp, peer) = match accepted {
-                Ok((tcp, SocketAddr::V4(peer))) => (tcp, peer),
-                Ok(_) => continue,
-                Err(e) => {
-                    backoff.failed(&e, "the tunnel listener").await;
-                    continue;
-                }
-            };
-            backoff.succeeded();
+        while let Some((tcp, peer)) =
+            next_connection(&listener, &drain, &mut backoff, "the tunnel listener").await
+        {
             let Ok(permit) = inputs.conns.admit(&shared.conns, own) else {
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+                reset(&tcp);
                 continue;
             };
             let Some(cfg) = shared.config(&inputs) else {
@@ -391,10 +380,13 @@ async fn stream(peer: &Peer, mut req: Request<Incoming>) -> Response<Empty<Bytes
             ),
         );
     }
-    drop(state);
     let http = crate::config::authz::Http::JudgedBySender;
-    if !crate::proxy::authz::allowed(inputs, src, Some(&peer.source), target, http, "tunnel") {
-        Metrics::inc(&inputs.metrics.policy_denied);
+    let m = &inputs.metrics;
+    let allowed =
+        crate::proxy::authz::allowed(&state, m, src, Some(&peer.source), target, http, "tunnel");
+    drop(state);
+    if !allowed {
+        Metrics::inc(&m.policy_denied);
         return refuse(
             peer,
             StatusCode::FORBIDDEN,
