@@ -599,6 +599,19 @@ impl Cluster {
     }
 
     /// The configuration documents describing this cluster.
+    /// Start `weft-testpod http-server PORT POD OPTS...` in `pod` (it answers as `pod`)
+    /// and wait until it listens.
+    pub fn serve_http(&self, pod: &str, port: u16, opts: &[&str]) -> Spawned {
+        let port_s = port.to_string();
+        let mut args = vec!["http-server", port_s.as_str(), pod];
+        args.extend(opts);
+        let s = self
+            .pod(pod)
+            .spawn(&self.dir, &crate::bin("weft-testpod"), &args);
+        self.pod(pod).wait_listening(port, Duration::from_secs(5));
+        s
+    }
+
     pub fn config_yaml(&self) -> String {
         let mut y = String::new();
         for n in &self.nodes {

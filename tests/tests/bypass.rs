@@ -33,14 +33,6 @@ fn cluster(test: &str, meshed: &[&str]) -> Cluster {
     .build()
 }
 
-fn serve(c: &Cluster, pod: &str) -> Spawned {
-    let s = c
-        .pod(pod)
-        .spawn(&c.dir, &bin("weft-testpod"), &["http-server", "8080", pod]);
-    c.pod(pod).wait_listening(8080, SECS5);
-    s
-}
-
 /// Something else holding the agent's inbound port inside `pod`: the agent's enrolment of
 /// it fails (it cannot bind 127.0.0.1:15006) until it is gone.
 fn squat(c: &Cluster, pod: &str) -> Spawned {
@@ -114,9 +106,9 @@ fn a_pod_whose_enrolment_fails_is_fenced_from_declaration_and_across_restarts() 
         return;
     }
     let c = cluster("bypass-fence", &["victim", "late"]);
-    let _web = serve(&c, "web");
-    let victim_app = serve(&c, "victim");
-    let late_app = serve(&c, "late");
+    let _web = c.serve_http("web", 8080, &[]);
+    let victim_app = c.serve_http("victim", 8080, &[]);
+    let late_app = c.serve_http("late", 8080, &[]);
     // At first `late` is not declared at all.
     let all = c.config_yaml();
     let without_late: String = all

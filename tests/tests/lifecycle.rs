@@ -536,12 +536,7 @@ fn only_the_agent_itself_can_take_over_the_listeners() {
                 .tcp(80, 8080),
         )
         .build();
-    let _srv = c.pod("web").spawn(
-        &c.dir,
-        &bin("weft-testpod"),
-        &["http-server", "8080", "web"],
-    );
-    c.pod("web").wait_listening(8080, SECS5);
+    let _srv = c.serve_http("web", 8080, &[]);
     let agent = c.start_agent("a", &[]);
     let run_dir = agent.admin.parent().unwrap().to_owned();
     let mode = std::os::unix::fs::PermissionsExt::mode(

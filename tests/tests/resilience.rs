@@ -38,11 +38,7 @@ fn addr(i: usize) -> String {
 
 /// Start `http-server` in `pod` with options (`delay=MS`, `fail=N/M`, `status=CODE`).
 fn serve(c: &Cluster, pod: &str, opts: &[&str]) -> Spawned {
-    let mut args = vec!["http-server", "8080", pod];
-    args.extend(opts);
-    let s = c.pod(pod).spawn(&c.dir, &bin("weft-testpod"), &args);
-    c.pod(pod).wait_listening(8080, SECS5);
-    s
+    c.serve_http(pod, 8080, opts)
 }
 
 /// Requests the server has received so far.

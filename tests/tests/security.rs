@@ -143,12 +143,7 @@ fn node_to_node_traffic_is_tls13_and_carries_no_plaintext() {
                 .tcp(80, 8080),
         )
         .build();
-    let _web = c.pod("web").spawn(
-        &c.dir,
-        &bin("weft-testpod"),
-        &["http-server", "8080", "web"],
-    );
-    c.pod("web").wait_listening(8080, SECS5);
+    let _web = c.serve_http("web", 8080, &[]);
     let _a = c.start_agent("a", &[]);
     let b = c.start_agent("b", &[]);
 
@@ -257,12 +252,7 @@ fn the_tunnel_refuses_every_peer_without_the_right_certificate() {
         .pod(PodSpec::new("other", "a").account("other"))
         .pod(web_on_b())
         .build();
-    let _web = c.pod("web").spawn(
-        &c.dir,
-        &bin("weft-testpod"),
-        &["http-server", "8080", "web"],
-    );
-    c.pod("web").wait_listening(8080, SECS5);
+    let _web = c.serve_http("web", 8080, &[]);
     let _a = c.start_agent("a", &[]);
     let b = c.start_agent("b", &[]);
     let ca = c.ca_dir();
@@ -525,11 +515,8 @@ fn certificates_and_the_trust_root_rotate_under_load_without_a_failed_request() 
         )
         .build();
     let tp = bin("weft-testpod");
-    let _web = c
-        .pod("web")
-        .spawn(&c.dir, &tp, &["http-server", "8080", "web"]);
+    let _web = c.serve_http("web", 8080, &[]);
     let _echo = c.pod("web").spawn(&c.dir, &tp, &["echo-server", "9000"]);
-    c.pod("web").wait_listening(8080, SECS5);
     c.pod("web").wait_listening(9000, SECS5);
     let a = c.start_agent("a", &[]);
     let b = c.start_agent("b", &[]);
@@ -866,15 +853,12 @@ fn strict_refuses_and_permissive_admits_clients_outside_the_mesh_on_every_port()
     c.write_config(&c.config_yaml());
     let _a = c.start_agent("a", &[]);
     let b = c.start_agent("b", &[]);
-    let tp = bin("weft-testpod");
     let mut servers = vec![];
     for pod in ["strict", "lax"] {
         // 8080 is declared; 7070 is not.
-        for port in ["8080", "7070"] {
-            servers.push(c.pod(pod).spawn(&c.dir, &tp, &["http-server", port, pod]));
+        for port in [8080, 7070] {
+            servers.push(c.serve_http(pod, port, &[]));
         }
-        c.pod(pod).wait_listening(8080, SECS5);
-        c.pod(pod).wait_listening(7070, SECS5);
     }
     let (strict, lax, outsider) = (&c.pod("strict").ip, &c.pod("lax").ip, &c.pod("outsider").ip);
 
