@@ -37,6 +37,7 @@ use crate::{
         ProxyConfig, ProxyInputs,
     },
     state::NodeState,
+    telemetry::access_log::AccessLog,
 };
 
 #[derive(Clone, Debug)]
@@ -64,6 +65,12 @@ pub struct AgentOptions {
     pub identity: IdentitySource,
     /// How long to wait at start for the first certificates before serving without them.
     pub identity_wait: Duration,
+    /// The Prometheus scrape port, if any.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// Where access log lines go, if anywhere.
+    pub access_log: Option<crate::telemetry::access_log::Target>,
+    /// The share of successful requests logged.
+    pub access_log_sample: f64,
 }
 
 /// Where the agent gets its workloads' certificates (flags of `weft-agent run`).
@@ -170,13 +177,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     //    every meshed pod before its connect4 sees any service, and the other version's
     //    programs are removed only after both.
     let (drain_trigger, drain) = Drain::new();
-    let inputs = ProxyInputs::new(
+    let mut inputs = ProxyInputs::new(
         state.clone(),
         Arc::new(capture),
         proxy_config,
         drain,
         identities.store.clone(),
     );
+    if let Some(target) = &opts.access_log {
+        let log = AccessLog::start(target, opts.access_log_sample, inputs.metrics.clone())
+            .with_context(|| format!("opening the access log {target:?}"))?;
+        inputs = inputs.with_access_log(log);
+    }
     let metrics = inputs.metrics.clone();
     tokio::spawn(identities.clone().run());
     let host = HostNetns::current().context("opening the agent's own network namespace")?;
@@ -230,6 +242,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             max_connections: limits.per_node,
             max_connections_per_pod: limits.per_pod,
         },
+        config_source: opts.config.display().to_string(),
         ..Status::default()
     }));
     tracing::info!(
@@ -239,15 +252,28 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     );
     let datapath = Arc::new(Mutex::new(dp));
 
-    // 8. Admin API and the handoff socket for a successor.
+    // 8. Admin API, the scrape port, and the handoff socket for a successor.
     let admin_state = AdminState {
         status: status.clone(),
         state: state.clone(),
         metrics: metrics.clone(),
+        telemetry: inputs.telemetry.clone(),
         datapath: datapath.clone(),
         identities: identities.clone(),
         tunnels: inputs.tunnels.clone(),
+        conns: inputs.conns.clone(),
     };
+    if let Some(addr) = opts.metrics_address {
+        // SO_REUSEPORT: during a handoff both agents hold the port until the old one exits.
+        let listener = crate::netns::listen_addr(addr, 128)
+            .with_context(|| format!("binding the metrics address {addr} (--metrics-address)"))?;
+        tokio::spawn(admin::serve_metrics(
+            tokio::net::TcpListener::from_std(listener)
+                .context("registering the metrics listener")?,
+            admin_state.clone(),
+            opts.proxy.timeouts.header_read,
+        ));
+    }
     let admin_path = opts.run_dir.join("admin.sock");
     let admin_listener =
         admin::bind(&admin_path).with_context(|| format!("binding {}", admin_path.display()))?;
@@ -311,7 +337,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         }
                         Err(e) => {
                             tracing::error!(error = %format!("{e:#}"), "configuration change refused; the last good configuration stays in force");
-                            status.rcu(|s| Status { last_config_error: Some(format!("{e:#}")), ..(**s).clone() });
+                            status.rcu(|s| Status { last_config_error: Some(format!("{e:#}")), config_reload_errors: s.config_reload_errors + 1, ..(**s).clone() });
                         }
                     }
                 }

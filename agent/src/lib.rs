@@ -13,4 +13,5 @@ pub mod netns;
 pub mod peer;
 pub mod proxy;
 pub mod state;
+pub mod telemetry;
 pub mod traffic;

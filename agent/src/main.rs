@@ -154,6 +154,36 @@ struct RunArgs {
     /// How long to wait at start for every local workload's certificate.
     #[arg(long, default_value = "10s", value_parser = duration)]
     identity_wait: Duration,
+    /// Where Prometheus scrapes the agent (`/metrics`, `/ready`, `/live` over HTTP), or
+    /// `off`. The rest of the admin API is only on the Unix socket.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    metrics_address: MetricsAddress,
+    /// Access log: one JSON line per HTTP request and TCP connection, to `stdout` (or
+    /// `-`) or appended to a file.
+    #[arg(long)]
+    access_log: Option<weft_agent::telemetry::access_log::Target>,
+    /// The share of successful requests the access log keeps, 0 to 1 (failures are always
+    /// kept).
+    #[arg(long, default_value_t = 1.0)]
+    access_log_sample: f64,
+}
+
+/// `--metrics-address`: where to listen, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddress(Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for MetricsAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" | "none" => Ok(Self(None)),
+            a => a
+                .parse()
+                .map(|a| Self(Some(a)))
+                .map_err(|e| format!("{a:?}: {e}; give ADDRESS:PORT or `off`")),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -273,6 +303,9 @@ fn run(args: RunArgs) -> ExitCode {
             _ => app::IdentitySource::None,
         },
         identity_wait: args.identity_wait,
+        metrics_address: args.metrics_address.0,
+        access_log: args.access_log,
+        access_log_sample: args.access_log_sample,
     };
     match rt.block_on(app::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

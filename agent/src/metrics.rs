@@ -128,6 +128,8 @@ metrics! {
     bytes_client_to_server: Counter,
     /// Bytes forwarded from servers to clients over forwarded TCP connections.
     bytes_server_to_client: Counter,
+    /// Access log records dropped because the writer fell behind (its queue was full).
+    access_log_dropped: Counter,
 }
 
 impl Metrics {

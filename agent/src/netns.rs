@@ -111,10 +111,19 @@ impl PodNetns {
 /// A non-blocking listening TCP socket in the calling thread's netns. SO_REUSEPORT lets a
 /// restarting agent bind beside the old one while it drains.
 pub fn listen(addr: SocketAddrV4, backlog: i32) -> io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    listen_addr(SocketAddr::V4(addr), backlog)
+}
+
+/// [`listen`] for an IPv4 or IPv6 address.
+pub fn listen_addr(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
-    s.bind(&SocketAddr::V4(addr).into())?;
+    s.bind(&addr.into())?;
     s.listen(backlog)?;
     s.set_nonblocking(true)?;
     Ok(s.into())

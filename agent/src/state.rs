@@ -31,7 +31,7 @@ pub struct ServiceAddr {
 #[derive(Debug)]
 pub struct ServiceEntry {
     /// `namespace/name`.
-    pub name: String,
+    pub name: Arc<str>,
     pub namespace: String,
     pub addr: ServiceAddr,
     pub endpoints: Vec<Endpoint>,
@@ -57,6 +57,17 @@ impl Pool for ServiceEntry {
     }
 }
 
+impl Endpoint {
+    /// How telemetry names the workload behind it.
+    pub fn peer(&self) -> crate::telemetry::Peer {
+        crate::telemetry::Peer {
+            pod: Some(self.workload.clone()),
+            workload: Some(self.app.clone()),
+            identity: self.identity.clone(),
+        }
+    }
+}
+
 impl ServiceEntry {
     /// Up to `n` distinct endpoints to try for one connection: the next one in round-robin
     /// order first, then the ones after it. The cursor moves by one per connection.
@@ -77,14 +88,26 @@ pub struct Endpoint {
     /// `addr` as a URI authority, made once for every request sent to it.
     #[serde(skip)]
     pub authority: Authority,
-    /// `namespace/name` of the workload behind it.
+    /// `namespace/name` of the workload (pod) behind it.
     pub workload: Arc<str>,
+    /// Its name in metrics (`telemetry::canonical_name`), shared by the pods of one app.
+    pub app: Arc<str>,
+    /// Its SPIFFE ID when it is meshed.
+    pub identity: Option<Arc<str>>,
     pub node: Arc<str>,
     /// Whether the workload is in the mesh (reached through its node's agent).
     pub meshed: bool,
     /// Latency, load and failures seen by this node; kept across reloads.
     #[serde(flatten)]
     pub stats: Arc<EndpointStats>,
+}
+
+/// The names of one workload, made once per configuration.
+struct Names {
+    pod: Arc<str>,
+    node: Arc<str>,
+    app: Arc<str>,
+    identity: Option<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -118,11 +141,32 @@ impl NodeState {
     pub fn build(node: &str, cfg: &Config, generation: u64, prev: Option<&NodeState>) -> Self {
         // Names shared by every endpoint of a workload, and an index of workloads by
         // (namespace, label, value) so a selector visits only the workloads it can match.
-        let names: Vec<(Arc<str>, Arc<str>)> = cfg
-            .workloads
-            .iter()
-            .map(|w| (Arc::from(w.id()), Arc::from(w.node.as_str())))
-            .collect();
+        let trust_domain = cfg.trust_domain().to_owned();
+        let names: Vec<Names> = {
+            // Shared strings: pods of one app share its name, of one account its identity.
+            let mut interned: HashMap<String, Arc<str>> = HashMap::new();
+            let mut intern = |s: String| {
+                interned
+                    .entry(s)
+                    .or_insert_with_key(|k| Arc::from(k.as_str()))
+                    .clone()
+            };
+            cfg.workloads
+                .iter()
+                .map(|w| Names {
+                    pod: Arc::from(w.id()),
+                    node: intern(w.node.clone()),
+                    app: intern(crate::telemetry::canonical_name(w)),
+                    identity: w
+                        .meshed
+                        .then(|| {
+                            SpiffeId::workload(&trust_domain, &w.namespace, &w.service_account).ok()
+                        })
+                        .flatten()
+                        .map(|id| intern(id.to_string())),
+                })
+                .collect()
+        };
         let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
         for (i, w) in cfg.workloads.iter().enumerate() {
             for (k, v) in &w.labels {
@@ -212,8 +256,10 @@ impl NodeState {
                             addr,
                             authority: Authority::try_from(addr.to_string())
                                 .expect("an IPv4 address and port is an authority"),
-                            workload: names[i].0.clone(),
-                            node: names[i].1.clone(),
+                            workload: names[i].pod.clone(),
+                            app: names[i].app.clone(),
+                            identity: names[i].identity.clone(),
+                            node: names[i].node.clone(),
                             meshed: w.meshed,
                             stats,
                         })
@@ -226,7 +272,7 @@ impl NodeState {
                 let routes = RoutePlan::compile(&attached(&cfg.routes, svc, port.port), &resolve);
                 let tls_routes = attached(&cfg.tls_routes, svc, port.port);
                 let entry = Arc::new(ServiceEntry {
-                    name: svc.id(),
+                    name: Arc::from(svc.id()),
                     namespace: svc.namespace.clone(),
                     addr,
                     endpoints,
@@ -254,7 +300,6 @@ impl NodeState {
             .filter(|w| w.node == node)
             .map(|w| (w.ip, w.clone()))
             .collect();
-        let trust_domain = cfg.trust_domain().to_owned();
         // The loader checked that every workload has a valid identity.
         let identities = cfg
             .workloads
@@ -307,6 +352,18 @@ impl NodeState {
             .get(&dst)
             .map(|p| p.decide(req))
             .unwrap_or_default()
+    }
+
+    /// How telemetry names the workload at `ip` (nothing known when it is not a workload).
+    pub fn peer(&self, ip: Ipv4Addr) -> crate::telemetry::Peer {
+        let Some(w) = self.workloads.get(&ip) else {
+            return crate::telemetry::Peer::default();
+        };
+        crate::telemetry::Peer {
+            pod: Some(Arc::from(w.id())),
+            workload: Some(Arc::from(crate::telemetry::canonical_name(w))),
+            identity: self.identities.get(&ip).map(|i| Arc::from(i.to_string())),
+        }
     }
 
     /// This node's own address, when it is declared.

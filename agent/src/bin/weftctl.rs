@@ -1,19 +1,29 @@
-//! weftctl: inspect a node's agent through its admin socket. Tables for people, `-o json`
-//! for scripts.
+//! weftctl: inspect a node's agent through its admin API (HTTP on the agent's Unix
+//! socket). Tables for people, `-o json` or `-o yaml` for scripts.
+//!
+//! Exit codes: 0 done; 1 the agent answered with an error; 2 the command line is wrong;
+//! 3 the agent cannot be reached.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::BufRead as _, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory as _, Parser, ValueEnum};
+use comfy_table::{presets, Table};
 use serde_json::Value;
+use weft_agent::admin::client::{self, ClientError};
 
 #[derive(Parser)]
-#[command(name = "weftctl", version, about = "Inspect a weft node agent")]
+#[command(
+    name = "weftctl",
+    version,
+    about = "Inspect a weft node agent",
+    after_help = "Exit codes: 0 done, 1 the agent answered with an error, 2 usage error, 3 the agent cannot be reached."
+)]
 struct Cli {
     /// The node whose agent to ask (its admin socket is /run/weft/<node>/admin.sock).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "WEFT_NODE")]
     node: Option<String>,
     /// The admin socket, instead of --node.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "WEFT_ADMIN_SOCKET")]
     admin_socket: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
@@ -22,64 +32,234 @@ struct Cli {
     what: What,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
     Json,
+    Yaml,
 }
 
-#[derive(clap::Subcommand, Clone, Copy)]
+#[derive(clap::Subcommand, Clone)]
 enum What {
-    /// Readiness, configuration generation, last refused change, enrolled pods.
+    /// Is the agent ready, what configuration is in force, what did it refuse.
     Status,
-    /// Services and their endpoints, as the proxy sees them.
-    Services,
-    /// This node's workloads and whether they are enrolled.
+    /// The agent's version (and weftctl's).
+    Version,
+    /// This node's workloads: address, identity, whether the agent captures for them.
     Workloads,
+    /// Services: address, protocol, routes, endpoints.
+    Services,
+    /// Every endpoint with its health as this node sees it: latency, failures, ejection.
+    Endpoints,
     /// eBPF and proxy counters.
     Stats,
-    /// The service map as the kernel holds it.
-    Maps,
+    /// The service map as the kernel holds it, and its capacity.
+    Bpf,
     /// Workload certificates held, their expiry, and the ones still missing.
     Certs,
     /// Tunnel connections accepted from other nodes' agents, with both identities.
     Tunnels,
+    /// The agent's Prometheus metrics, as Prometheus scrapes them.
+    Metrics,
+    /// Requests and connections as they happen (Ctrl-C ends).
+    Tap(TapArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
+
+#[derive(clap::Args, Clone)]
+struct TapArgs {
+    /// Only requests from or to this pod (`namespace/name`) or workload.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Only requests to this service (`namespace/name` or its name).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only requests whose path starts with this.
+    #[arg(long)]
+    path: Option<String>,
+    /// Only responses with this status (`503`) or class (`5xx`).
+    #[arg(long)]
+    status: Option<String>,
+    /// Stop after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    seconds: u64,
+    /// Stop after this many records.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+const EXIT_AGENT_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let What::Completions { shell } = cli.what {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "weftctl",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let socket = match (&cli.admin_socket, &cli.node) {
         (Some(p), _) => p.clone(),
         (None, Some(n)) => PathBuf::from("/run/weft").join(n).join("admin.sock"),
         (None, None) => {
-            eprintln!("weftctl: say which agent: --node NAME or --admin-socket PATH");
-            return ExitCode::from(2);
+            eprintln!(
+                "weftctl: say which agent: --node NAME or --admin-socket PATH (or WEFT_NODE)"
+            );
+            return ExitCode::from(EXIT_USAGE);
         }
     };
-    let path = match cli.what {
+    match run(&cli, &socket) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weftctl: {e}");
+            ExitCode::from(match e {
+                ClientError::Connect { .. } => EXIT_UNREACHABLE,
+                _ => EXIT_AGENT_ERROR,
+            })
+        }
+    }
+}
+
+fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
+    let path = match &cli.what {
         What::Status => "/status",
-        What::Services => "/services",
+        What::Version => "/version",
         What::Workloads => "/workloads",
+        What::Services | What::Endpoints => "/services",
         What::Stats => "/stats",
-        What::Maps => "/maps",
+        What::Bpf => "/maps",
         What::Certs => "/certificates",
         What::Tunnels => "/tunnels",
-    };
-    let v = match weft_agent::admin::request(&socket, path) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!(
-                "weftctl: cannot reach the agent at {}: {e} (is weft-agent running on this node?)",
-                socket.display()
-            );
-            return ExitCode::FAILURE;
+        What::Metrics => {
+            let a = client::get(socket, "/metrics", Some(std::time::Duration::from_secs(10)))?;
+            print!("{}", a.text()?);
+            return Ok(ExitCode::SUCCESS);
         }
+        What::Tap(t) => return tap(cli.output, socket, t),
+        What::Completions { .. } => unreachable!("answered before the agent is asked"),
     };
+    let (status, v) = client::get_json(socket, path)?;
+    if status >= 400 {
+        eprintln!(
+            "weftctl: the agent answered {status}: {}",
+            v["error"].as_str().unwrap_or("(no reason given)")
+        );
+        return Ok(ExitCode::from(EXIT_AGENT_ERROR));
+    }
     match cli.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-        Output::Table => print_table(cli.what, &v),
+        Output::Yaml => print!("{}", serde_norway::to_string(&v).unwrap_or_default()),
+        Output::Table => print_table(&cli.what, &v),
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follow `/tap`: each record as a line (table), or as it came (json, yaml documents).
+fn tap(output: Output, socket: &std::path::Path, t: &TapArgs) -> Result<ExitCode, ClientError> {
+    let mut query = vec![format!("seconds={}", t.seconds)];
+    for (k, v) in [
+        ("workload", &t.workload),
+        ("service", &t.service),
+        ("path", &t.path),
+        ("status", &t.status),
+    ] {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", encode(v)));
+        }
+    }
+    let a = client::get(socket, &format!("/tap?{}", query.join("&")), None)?;
+    if a.status >= 400 {
+        let v = a.json()?;
+        eprintln!(
+            "weftctl: the agent answered: {}",
+            v["error"].as_str().unwrap_or("(no reason given)")
+        );
+        return Ok(ExitCode::from(EXIT_AGENT_ERROR));
+    }
+    let mut seen = 0;
+    for line in a.body.lines() {
+        let Ok(line) = line else { break };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        match output {
+            Output::Json => println!("{line}"),
+            Output::Yaml => print!("---\n{}", serde_norway::to_string(&v).unwrap_or_default()),
+            Output::Table => println!("{}", tap_line(&v)),
+        }
+        if v["kind"] != "skipped" {
+            seen += 1;
+            if t.count.is_some_and(|c| seen >= c) {
+                break;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One tap record as a line a person reads.
+fn tap_line(v: &Value) -> String {
+    let peer = |p: &Value| s(&p["pod"]);
+    match v["kind"].as_str() {
+        Some("http") => {
+            let reason = v["reason"]
+                .as_str()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            let retries = match v["retries"].as_u64() {
+                Some(n) if n > 0 => format!(" retries={n}"),
+                _ => String::new(),
+            };
+            format!(
+                "{} {} -> {} {} {} {} {}{} {:.1}ms endpoint={}{}",
+                s(&v["start"]),
+                peer(&v["source"]),
+                s(&v["service"]),
+                s(&v["method"]),
+                s(&v["path"]),
+                s(&v["protocol"]),
+                s(&v["status"]),
+                reason,
+                v["duration_ms"].as_f64().unwrap_or(0.0),
+                s(&v["endpoint"]),
+                retries,
+            )
+        }
+        Some("tcp") => format!(
+            "{} {} -> {} tcp {} sent={} received={} {:.1}ms endpoint={}",
+            s(&v["start"]),
+            peer(&v["source"]),
+            s(&v["service"]),
+            s(&v["outcome"]),
+            s(&v["sent_bytes"]),
+            s(&v["received_bytes"]),
+            v["duration_ms"].as_f64().unwrap_or(0.0),
+            s(&v["endpoint"]),
+        ),
+        Some("skipped") => format!(
+            "... {} records skipped (this terminal fell behind)",
+            s(&v["records"])
+        ),
+        _ => v.to_string(),
+    }
+}
+
+/// Percent-encode what a query value must not hold raw.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn s(v: &Value) -> String {
@@ -90,93 +270,86 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// Print rows under a header, each column as wide as its widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (w, cell) in width.iter_mut().zip(r) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&width)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-}
-
 fn items(v: &Value) -> impl Iterator<Item = &Value> {
     v.as_array().into_iter().flatten()
 }
 
-fn print_table(what: What, v: &Value) {
+/// A table sized to its content, with a header row and no borders.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING).set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    // comfy-table pads every line to the table's width; trailing blanks help no one.
+    for line in t.to_string().lines() {
+        println!("{}", line.trim_end());
+    }
+}
+
+fn yes(v: &Value) -> String {
+    match v.as_bool() {
+        Some(true) => "yes".into(),
+        Some(false) => "no".into(),
+        None => s(v),
+    }
+}
+
+fn print_table(what: &What, v: &Value) {
     match what {
-        What::Status => {
-            let mut rows: Vec<Vec<String>> = [
-                "node",
-                "pid",
-                "ready",
-                "draining",
-                "config_generation",
-                "last_config_error",
-                "attachment",
-                "startup_ms",
-                "inherited_listeners",
-            ]
-            .iter()
-            .map(|k| vec![(*k).to_owned(), s(&v[*k])])
-            .collect();
-            let enrolled: Vec<String> = items(&v["enrolled"]).map(s).collect();
-            rows.push(vec!["enrolled".into(), enrolled.join(", ")]);
-            for (k, n) in v["while_agent_down"].as_object().into_iter().flatten() {
-                rows.push(vec![format!("while_agent_down.{k}"), s(n)]);
-            }
-            for (k, n) in v["limits"].as_object().into_iter().flatten() {
-                rows.push(vec![format!("limits.{k}"), s(n)]);
-            }
-            table(&["FIELD", "VALUE"], &rows);
-        }
+        What::Status => print_status(v),
+        What::Version => println!(
+            "weft-agent {} (datapath ABI v{}), weftctl {}",
+            s(&v["version"]),
+            s(&v["abi"]),
+            env!("CARGO_PKG_VERSION")
+        ),
         What::Services => {
+            let rows = items(&v["services"])
+                .map(|svc| {
+                    let eps: Vec<&Value> = items(&svc["endpoints"]).collect();
+                    let healthy = eps.iter().filter(|e| e["ejected"] != true).count();
+                    let routes: Vec<String> = items(&svc["routes"]).map(s).collect();
+                    vec![
+                        s(&svc["name"]),
+                        s(&svc["address"]),
+                        s(&svc["protocol"]),
+                        format!("{healthy}/{}", eps.len()),
+                        if routes.is_empty() {
+                            "-".into()
+                        } else {
+                            routes.join(",")
+                        },
+                    ]
+                })
+                .collect();
+            table(
+                &["SERVICE", "ADDRESS", "PROTO", "ENDPOINTS-READY", "ROUTES"],
+                rows,
+            );
+        }
+        What::Endpoints => {
             let mut rows = vec![];
             for svc in items(&v["services"]) {
-                let eps: Vec<&Value> = items(&svc["endpoints"]).collect();
-                let head = |i: usize| -> [String; 3] {
-                    if i == 0 {
-                        [s(&svc["name"]), s(&svc["address"]), s(&svc["protocol"])]
-                    } else {
-                        Default::default()
-                    }
-                };
-                if eps.is_empty() {
-                    let [n, a, p] = head(0);
-                    rows.push(vec![n, a, p, "(no endpoint)".into()]);
-                }
-                for (i, e) in eps.iter().enumerate() {
-                    let [n, a, p] = head(i);
+                for e in items(&svc["endpoints"]) {
                     let ejected = if e["ejected"] == true {
-                        format!("yes ({} ms)", s(&e["ejected_for_ms"]))
+                        format!("yes ({} ms left)", s(&e["ejected_for_ms"]))
                     } else {
                         "no".into()
                     };
                     rows.push(vec![
-                        n,
-                        a,
-                        p,
+                        s(&svc["name"]),
                         s(&e["addr"]),
-                        s(&e["node"]),
                         s(&e["workload"]),
+                        s(&e["node"]),
+                        yes(&e["meshed"]),
                         s(&e["in_flight"]),
                         e["latency_ms"]
                             .as_f64()
                             .map_or("-".into(), |l| format!("{l:.2}")),
-                        s(&e["samples"]),
                         s(&e["failures_in_a_row"]),
                         ejected,
                         s(&e["ejections"]),
@@ -186,35 +359,31 @@ fn print_table(what: What, v: &Value) {
             table(
                 &[
                     "SERVICE",
-                    "ADDRESS",
-                    "PROTO",
                     "ENDPOINT",
-                    "NODE",
                     "WORKLOAD",
+                    "NODE",
+                    "MESHED",
                     "IN-FLIGHT",
                     "LATENCY-MS",
-                    "SAMPLES",
-                    "FAILS",
+                    "FAILS-IN-A-ROW",
                     "EJECTED",
                     "EJECTIONS",
                 ],
-                &rows,
+                rows,
             );
         }
         What::Workloads => {
-            let rows: Vec<Vec<String>> = items(&v["workloads"])
+            let rows = items(&v["workloads"])
                 .map(|w| {
-                    [
-                        "name",
-                        "ip",
-                        "meshed",
-                        "agent_down",
-                        "enrolled",
-                        "service_account",
+                    vec![
+                        s(&w["name"]),
+                        s(&w["ip"]),
+                        yes(&w["meshed"]),
+                        yes(&w["enrolled"]),
+                        s(&w["mtls"]),
+                        s(&w["agent_down"]),
+                        s(&w["identity"]),
                     ]
-                    .iter()
-                    .map(|k| s(&w[*k]))
-                    .collect()
                 })
                 .collect();
             table(
@@ -222,11 +391,12 @@ fn print_table(what: What, v: &Value) {
                     "WORKLOAD",
                     "IP",
                     "MESHED",
-                    "AGENT-DOWN",
                     "ENROLLED",
-                    "SERVICE-ACCOUNT",
+                    "MTLS",
+                    "AGENT-DOWN",
+                    "IDENTITY",
                 ],
-                &rows,
+                rows,
             );
         }
         What::Stats => {
@@ -236,11 +406,16 @@ fn print_table(what: What, v: &Value) {
                     rows.push(vec![section.to_owned(), k.clone(), s(val)]);
                 }
             }
-            table(&["SOURCE", "COUNTER", "VALUE"], &rows);
+            table(&["SOURCE", "COUNTER", "VALUE"], rows);
         }
-        What::Maps => {
-            println!("pinned under {}", s(&v["pin_root"]));
-            let rows: Vec<Vec<String>> = items(&v["services"])
+        What::Bpf => {
+            println!(
+                "pinned under {}; capacity {} services, {} endpoints",
+                s(&v["pin_root"]),
+                s(&v["capacity"]["services"]),
+                s(&v["capacity"]["endpoints"])
+            );
+            let rows = items(&v["services"])
                 .map(|svc| {
                     let eps: Vec<String> = items(&svc["endpoints"]).map(s).collect();
                     vec![
@@ -251,7 +426,7 @@ fn print_table(what: What, v: &Value) {
                     ]
                 })
                 .collect();
-            table(&["ADDRESS", "PROTO", "ID", "ENDPOINTS"], &rows);
+            table(&["ADDRESS", "PROTO", "ID", "ENDPOINTS"], rows);
         }
         What::Certs => {
             println!(
@@ -264,14 +439,14 @@ fn print_table(what: What, v: &Value) {
                 .map(|c| vec![s(&c["identity"]), format!("{}s", s(&c["expires_in_s"]))])
                 .collect();
             rows.extend(items(&v["pending"]).map(|p| vec![s(p), "(none yet)".into()]));
-            table(&["IDENTITY", "EXPIRES-IN"], &rows);
+            table(&["IDENTITY", "EXPIRES-IN"], rows);
         }
         What::Tunnels => {
             println!(
                 "{} pooled connection(s) to other nodes",
                 s(&v["pooled_connections"])
             );
-            let rows: Vec<Vec<String>> = items(&v["accepted"])
+            let rows = items(&v["accepted"])
                 .map(|t| {
                     ["peer", "source", "destination", "streams"]
                         .iter()
@@ -281,8 +456,71 @@ fn print_table(what: What, v: &Value) {
                 .collect();
             table(
                 &["PEER", "SOURCE-IDENTITY", "DESTINATION-IDENTITY", "STREAMS"],
-                &rows,
+                rows,
             );
         }
+        What::Metrics | What::Tap(_) | What::Completions { .. } => {}
+    }
+}
+
+/// `weftctl status`: sentences, one topic per line.
+fn print_status(v: &Value) {
+    let ready = if v["ready"] == true {
+        "ready"
+    } else if v["draining"] == true {
+        "draining (handing over or stopping)"
+    } else {
+        "NOT READY"
+    };
+    println!("Node {}: {ready}", s(&v["node"]));
+    println!(
+        "  Agent: pid {}, ready {} ms after start, {} listener(s) taken over from the previous agent",
+        s(&v["pid"]),
+        s(&v["startup_ms"]),
+        s(&v["inherited_listeners"])
+    );
+    println!(
+        "  Configuration: generation {} from {}",
+        s(&v["config_generation"]),
+        s(&v["config_source"])
+    );
+    match v["last_config_error"].as_str() {
+        Some(e) => {
+            println!("  Last change REFUSED (the previous configuration stays in force): {e}")
+        }
+        None => println!(
+            "  Every change accepted ({} refused since start)",
+            s(&v["config_reload_errors"])
+        ),
+    }
+    println!("  Datapath: {}", s(&v["attachment"]));
+    let enrolled: Vec<String> = items(&v["enrolled"]).map(s).collect();
+    println!(
+        "  Capturing for {} pod(s): {}",
+        enrolled.len(),
+        if enrolled.is_empty() {
+            "-".into()
+        } else {
+            enrolled.join(", ")
+        }
+    );
+    let l = &v["limits"];
+    println!(
+        "  Limits: {} connections per node, {} per pod, {} open files",
+        s(&l["max_connections"]),
+        s(&l["max_connections_per_pod"]),
+        s(&l["open_files"])
+    );
+    let down: Vec<String> = v["while_agent_down"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+        .map(|(k, n)| format!("{k} {}", s(n)))
+        .collect();
+    if down.is_empty() {
+        println!("  While no agent ran: nothing bypassed or refused");
+    } else {
+        println!("  While no agent ran: {}", down.join(", "));
     }
 }

@@ -667,6 +667,11 @@ impl Datapath {
         out
     }
 
+    /// The sizes of `SERVICES` and `ENDPOINTS` this agent writes within.
+    pub fn capacity(&self) -> services::Capacity {
+        self.capacity
+    }
+
     /// The service map as the kernel sees it (for `weftctl maps`).
     pub fn dump_services(&self) -> Vec<(SocketAddrV4, u8, u32, Vec<SocketAddrV4>)> {
         let mut out = Vec::new();

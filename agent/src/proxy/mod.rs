@@ -33,7 +33,7 @@ use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::{identity::certs::CertStore, metrics::Metrics, state::NodeState};
+use crate::{identity::certs::CertStore, metrics::Metrics, state::NodeState, telemetry::Telemetry};
 use capture::Capture;
 use conn::{ConnLimits, ConnTracker, Drain, Pod, Timeouts};
 use tunnel::Tunnels;
@@ -82,6 +82,8 @@ pub struct ProxyInputs {
     pub sni_peeks: Arc<Semaphore>,
     /// Node-to-node: certificates, pooled connections to peer agents, accepted ones.
     pub tunnels: Arc<Tunnels>,
+    /// Where every request and connection is recorded: metrics, access log, tap.
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl ProxyInputs {
@@ -98,12 +100,19 @@ impl ProxyInputs {
             capture,
             pods: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             conns: Arc::new(ConnTracker::new(config.limits, metrics.clone())),
-            metrics,
             drain,
             mirrors: Arc::new(Semaphore::new(config.tasks.mirrors)),
             sni_peeks: Arc::new(Semaphore::new(config.tasks.sni_peeks)),
             tunnels: Arc::new(Tunnels::new(certs)),
+            telemetry: Arc::new(Telemetry::new(metrics.clone())),
+            metrics,
             config: Arc::new(config),
         }
+    }
+
+    /// The same inputs with an access log.
+    pub fn with_access_log(mut self, log: crate::telemetry::access_log::AccessLog) -> Self {
+        self.telemetry = Arc::new(Telemetry::new(self.metrics.clone()).with_access_log(log));
+        self
     }
 }

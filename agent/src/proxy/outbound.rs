@@ -2,7 +2,10 @@
 //! service connects. Recovers the original destination, tells HTTP from the rest, and
 //! serves HTTP per request or forwards the bytes to an endpoint.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tokio::net::TcpStream;
 
@@ -13,12 +16,13 @@ use super::{
     http::{self, Clients},
     listener::PodListener,
     sni::{name_matches, peek_server_name},
-    stream::forward,
+    stream::{forward, Forwarded},
 };
 use crate::{
     config::{authz::Http, AppProtocol, Protocol},
     metrics::Metrics,
     state::{Endpoint, NodeState, ServiceEntry},
+    telemetry::{ms_since, TcpRecord},
 };
 
 /// How long to wait for a client's first bytes before treating the connection as opaque
@@ -48,6 +52,7 @@ impl Outbound {
 }
 
 async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
+    let started = (Instant::now(), SystemTime::now());
     let (pod, peer) = (&ctx.pod, ctx.peer);
     let inputs = ctx.inputs();
     let m = ctx.metrics();
@@ -132,26 +137,45 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
         }
         (allowed, denied)
     };
+    let record = |ep: Option<&Endpoint>, outcome: &'static str, f: Option<&Forwarded>| {
+        inputs.telemetry.tcp(TcpRecord {
+            start: started.1,
+            source: inputs.state.load().peer(pod.ip),
+            destination: ep.map(Endpoint::peer).unwrap_or_default(),
+            service: Some(svc.name.clone()),
+            endpoint: ep.map(|e| e.addr),
+            duration_ms: ms_since(started.0),
+            sent_bytes: f.map_or(0, |f| f.sent),
+            received_bytes: f.map_or(0, |f| f.received),
+            outcome,
+        });
+    };
     if candidates.is_empty() {
         if denied > 0 {
             Metrics::inc(&m.policy_denied);
+            record(None, "denied", None);
         } else {
             Metrics::inc(&m.outbound_no_endpoint);
             tracing::info!(service = %svc.name, "no endpoint; closing the connection");
+            record(None, "no-endpoint", None);
         }
         return;
     }
-    for (ep, reach) in candidates {
-        match dial(inputs, &*pod.sockets, pod.ip, ep.addr, reach).await {
+    let mut last = None;
+    for (ep, reach) in &candidates {
+        match dial(inputs, &*pod.sockets, pod.ip, ep.addr, *reach).await {
             Ok(upstream) => {
-                forward(m, conn, upstream, ctx.timeouts().idle).await;
+                let f = forward(m, conn, upstream, ctx.timeouts().idle).await;
+                record(Some(ep), f.ended.as_str(), Some(&f));
                 return;
             }
             Err(e) => {
                 tracing::warn!(endpoint = %ep.addr, workload = %ep.workload, error = %e, "connecting to the endpoint failed");
+                last = Some(ep);
             }
         }
     }
+    record(last, "connect-failed", None);
 }
 
 /// The backend Service for a TLS connection asking for `name`: among the service's

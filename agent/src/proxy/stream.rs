@@ -131,6 +131,27 @@ pub enum Ended {
     Error(io::ErrorKind),
 }
 
+impl Ended {
+    /// How telemetry names it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Idle => "idle-timeout",
+            Self::Error(_) => "error",
+        }
+    }
+}
+
+/// What one forwarded connection carried, and how it ended.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Forwarded {
+    pub ended: Ended,
+    /// Bytes from the client to the server.
+    pub sent: u64,
+    /// Bytes from the server to the client.
+    pub received: u64,
+}
+
 /// Copy both directions until both are done, passing each half-close on, or until neither
 /// side has sent anything for `idle`. Bytes are added to the metrics either way.
 pub async fn forward(
@@ -138,7 +159,7 @@ pub async fn forward(
     client: impl AsyncRead + AsyncWrite + Unpin,
     server: impl AsyncRead + AsyncWrite + Unpin,
     idle: Duration,
-) -> Ended {
+) -> Forwarded {
     let clock = Clock::start();
     let mut client = Touch {
         inner: client,
@@ -172,7 +193,11 @@ pub async fn forward(
     }
     let _ = client.inner.shutdown().await;
     let _ = server.inner.shutdown().await;
-    ended
+    Forwarded {
+        ended,
+        sent: client.bytes,
+        received: server.bytes,
+    }
 }
 
 /// When something last happened on a connection, for idle timeouts. Cheap to touch from
@@ -263,8 +288,8 @@ mod tests {
         let (server_side, mut srv) = duplex(1024);
         let fwd = tokio::spawn(async move {
             let m = Metrics::default();
-            let e = forward(&m, client_side, server_side, Duration::from_secs(5)).await;
-            (e, m.bytes_client_to_server.load(Relaxed))
+            let f = forward(&m, client_side, server_side, Duration::from_secs(5)).await;
+            (f.ended, f.sent, m.bytes_client_to_server.load(Relaxed))
         });
         app.write_all(b"ping").await.unwrap();
         app.shutdown().await.unwrap();
@@ -276,7 +301,7 @@ mod tests {
         let mut back = vec![];
         app.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
-        assert_eq!(fwd.await.unwrap(), (Ended::Done, 4));
+        assert_eq!(fwd.await.unwrap(), (Ended::Done, 4, 4));
     }
 
     #[tokio::test(start_paused = true)]
@@ -285,8 +310,8 @@ mod tests {
         let (_app, client_side) = duplex(64);
         let (server_side, _srv) = duplex(64);
         let t0 = tokio::time::Instant::now();
-        let e = forward(&m, client_side, server_side, Duration::from_secs(30)).await;
-        assert_eq!(e, Ended::Idle);
+        let f = forward(&m, client_side, server_side, Duration::from_secs(30)).await;
+        assert_eq!(f.ended, Ended::Idle);
         assert!(t0.elapsed() >= Duration::from_secs(30));
         assert_eq!(m.tcp_idle_timeouts.load(Relaxed), 1);
     }

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use super::{
     body::{Body, ClientFault, RequestBody},
     client::PodConnector,
+    record::Exchange,
     DEFAULT_BACKOFF,
 };
 use crate::{
@@ -58,6 +59,7 @@ impl Attempts<'_> {
     pub async fn run(
         &self,
         mut body: RequestBody,
+        ex: &mut Exchange,
     ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
         let m = self.ctx.metrics();
         let svc = self.backend;
@@ -81,6 +83,7 @@ impl Attempts<'_> {
                 n_tried += 1;
             }
             let ep = &svc.endpoints[i];
+            ex.attempt(ep);
             let client_identity = {
                 let state = self.ctx.inputs().state.load();
                 let source = state.identities.get(&self.ctx.pod.ip);
@@ -133,9 +136,15 @@ impl Attempts<'_> {
             } else {
                 rtt.max(traffic::EndpointStats::FAILURE_RTT_NS)
             };
+            ex.upstream_ms = Some(done.saturating_sub(now) as f64 / 1e6);
             ep.stats.observe_rtt(rtt, done);
             if let Some(t) = traffic::report(svc, i, ok, policy.outlier.as_ref(), done) {
                 Metrics::inc(&m.http_ejections);
+                self.ctx
+                    .inputs()
+                    .telemetry
+                    .families
+                    .ejected(&svc.name, &ep.app);
                 tracing::warn!(service = %svc.name, endpoint = %ep.addr, workload = %ep.workload, seconds = t.as_secs_f64(), "endpoint ejected after failures in a row");
             }
             let retry_on = |status: u16| {
@@ -163,6 +172,7 @@ impl Attempts<'_> {
             if wants_retry {
                 if svc.traffic.withdraw(&policy.retry_budget) {
                     retries += 1;
+                    ex.retries = retries;
                     Metrics::inc(&m.http_retries);
                     let backoff = self
                         .retry

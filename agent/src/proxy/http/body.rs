@@ -7,7 +7,7 @@ use std::{
     future::Future as _,
     pin::Pin,
     sync::{
-        atomic::{AtomicU8, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicU8, Ordering::Relaxed},
         Arc,
     },
     task::{Context, Poll},
@@ -28,11 +28,17 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// unknown-length bodies stream through once.
 pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
 
-/// What went wrong with a client's body, if anything (shared between the body, which is
-/// moved into the upstream request, and the request's handler). A request without a body
-/// has nothing to share and allocates nothing.
+/// What went wrong with a client's body, if anything, and how many bytes of it arrived
+/// (shared between the body, which is moved into the upstream request, and the request's
+/// handler). A request without a body has nothing to share and allocates nothing.
 #[derive(Clone, Debug, Default)]
-pub struct ClientFault(Option<Arc<AtomicU8>>);
+pub struct ClientFault(Option<Arc<Watched>>);
+
+#[derive(Debug, Default)]
+pub struct Watched {
+    fault: AtomicU8,
+    bytes: AtomicU64,
+}
 
 impl ClientFault {
     const BROKEN: u8 = 1;
@@ -40,18 +46,23 @@ impl ClientFault {
 
     /// For a request that has a body.
     pub fn watch() -> Self {
-        Self(Some(Arc::new(AtomicU8::new(0))))
+        Self(Some(Arc::default()))
     }
 
     fn set(&self, v: u8) {
         if let Some(f) = &self.0 {
-            let _ = f.compare_exchange(0, v, Relaxed, Relaxed);
+            let _ = f.fault.compare_exchange(0, v, Relaxed, Relaxed);
         }
+    }
+
+    /// Bytes of the body read from the client so far.
+    pub fn bytes(&self) -> u64 {
+        self.0.as_ref().map_or(0, |w| w.bytes.load(Relaxed))
     }
 
     /// The answer the client's fault calls for, if its body failed.
     pub fn reason(&self) -> Option<Reason> {
-        match self.0.as_ref()?.load(Relaxed) {
+        match self.0.as_ref()?.fault.load(Relaxed) {
             Self::BROKEN => Some(Reason::BadRequestBody),
             Self::STALLED => Some(Reason::RequestBodyTimeout),
             _ => None,
@@ -100,6 +111,11 @@ impl hyper::body::Body for ClientBody {
             }
             Poll::Ready(other) => {
                 this.timer = None;
+                if let (Some(Ok(frame)), Some(w)) = (&other, &this.fault.0) {
+                    if let Some(d) = frame.data_ref() {
+                        w.bytes.fetch_add(d.len() as u64, Relaxed);
+                    }
+                }
                 Poll::Ready(other.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {

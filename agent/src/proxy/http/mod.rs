@@ -21,6 +21,7 @@ pub mod body;
 mod client;
 pub mod framing;
 pub mod plan;
+mod record;
 pub mod routing;
 
 use std::{
@@ -52,6 +53,7 @@ use self::{
     attempts::Attempts,
     body::{Body, ClientBody, ClientFault, RequestBody, Tracked},
     plan::Rule,
+    record::{Exchange, Recorded},
 };
 use super::{
     conn::ConnCtx,
@@ -116,6 +118,8 @@ struct HttpConn {
     framing: Option<Arc<framing::Control>>,
     /// HTTP/1.1: requests seen so far on the connection.
     seen: AtomicU64,
+    /// The client pod, as telemetry names it.
+    source: crate::telemetry::Peer,
 }
 
 /// Serve one captured client connection as HTTP, for service `svc`.
@@ -136,7 +140,6 @@ pub async fn serve(
         (io, Some(control))
     };
     let st = Arc::new(HttpConn {
-        ctx,
         clients,
         svc,
         h2,
@@ -144,6 +147,8 @@ pub async fn serve(
         clock: Clock::start(),
         framing,
         seen: AtomicU64::new(0),
+        source: ctx.inputs().state.load().peer(ctx.pod.ip),
+        ctx,
     });
     let svc_fn = {
         let st = st.clone();
@@ -319,9 +324,13 @@ impl HttpConn {
             conn: self,
             answered: false,
         };
-        let mut resp = match self.proxy(req).await {
+        let mut ex = Exchange::start(&req, &self.source, &self.svc.name);
+        let mut resp = match self.proxy(req, &mut ex).await {
             Ok(r) => r,
-            Err(e) => e.respond(self.metrics()),
+            Err(e) => {
+                ex.reason = Some(e.reason.as_str());
+                e.respond(self.metrics())
+            }
         };
         if !self.h2 {
             // The client hears HTTP/1.1 whatever the upstream spoke; while draining it
@@ -333,10 +342,16 @@ impl HttpConn {
             }
         }
         progress.answered = true;
-        resp
+        let status = resp.status().as_u16();
+        let telemetry = self.ctx.inputs().telemetry.clone();
+        resp.map(|b| body::boxed(Recorded::new(b, ex, status, telemetry)))
     }
 
-    async fn proxy(&self, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        ex: &mut Exchange,
+    ) -> Result<Response<Body>, ProxyError> {
         if let Some(f) = &self.framing {
             // Requests arrive in order on an HTTP/1.1 connection.
             if f.conflicting(self.seen.fetch_add(1, Relaxed)) {
@@ -344,8 +359,11 @@ impl HttpConn {
             }
         }
         let routed = self.route(&req)?;
+        ex.service = routed.backend.name.clone();
+        ex.route = routed.rule.map(|r| r.route.clone());
         self.admit(&routed).await?;
         let prepared = self.prepare(req, &routed).await?;
+        ex.body = prepared.fault.clone();
         let backend = &routed.backend;
         let slot = backend
             .traffic
@@ -371,7 +389,7 @@ impl HttpConn {
             path: &prepared.path,
             fault: &prepared.fault,
         };
-        let run = attempts.run(prepared.body);
+        let run = attempts.run(prepared.body, ex);
         let (resp, in_flight) = match rule.and_then(|r| r.request_timeout) {
             Some(t) => tokio::time::timeout(t, run)
                 .await

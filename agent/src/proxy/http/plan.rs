@@ -340,6 +340,13 @@ impl RoutePlan {
         self.rules.is_empty()
     }
 
+    /// The HTTPRoutes the rules come from, each once, in order.
+    pub fn route_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.rules.iter().map(|r| &*r.route).collect();
+        names.dedup();
+        names
+    }
+
     /// The rule a request matches: the most specific match wins; ties go to the route
     /// that sorts first by name, then the earlier rule.
     pub fn select(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Selected<'_>> {

@@ -1,0 +1,453 @@
+//! The admin API's paths and their answers. Everything is JSON except `/metrics`
+//! (Prometheus text) and `/tap` (a stream of JSON lines). [`PATHS`] lists them all, with
+//! what each answers; an unknown path gets 404 with that list.
+
+use std::{convert::Infallible, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::{
+    body::{Frame, Incoming},
+    header::{HeaderValue, CONTENT_TYPE},
+    Method, Request, Response, StatusCode,
+};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+
+use super::{AdminState, Scope};
+use crate::{
+    metrics::Kind,
+    telemetry::{families::Sample, tap::Filter},
+};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Every path, and what it answers.
+pub const PATHS: &[(&str, &str)] = &[
+    (
+        "/ready",
+        "200 once the agent captures in every enrolled pod, else 503",
+    ),
+    ("/live", "200 while the agent answers"),
+    ("/version", "the agent's version"),
+    (
+        "/status",
+        "readiness, configuration generation and source, last refused change, limits",
+    ),
+    (
+        "/workloads",
+        "this node's workloads and whether they are enrolled",
+    ),
+    (
+        "/services",
+        "services with their endpoints, health and ejection",
+    ),
+    ("/stats", "eBPF and proxy counters"),
+    ("/maps", "the service map as the kernel holds it"),
+    (
+        "/certificates",
+        "workload certificates held, expiry, missing ones",
+    ),
+    ("/tunnels", "tunnel connections from other nodes' agents"),
+    (
+        "/connections",
+        "connections held against the node's and each pod's limit",
+    ),
+    ("/metrics", "Prometheus text format"),
+    (
+        "/tap",
+        "live requests as JSON lines; filters: workload, service, path, status, seconds",
+    ),
+];
+
+/// The longest a tap stream runs unless `seconds` says otherwise (and at most).
+const TAP_DEFAULT: Duration = Duration::from_secs(600);
+const TAP_MAX: Duration = Duration::from_secs(3600);
+
+pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{} is not served here; every admin path is GET",
+                req.method()
+            ),
+        );
+    }
+    let path = req.uri().path();
+    let query = req.uri().query().unwrap_or("");
+    if scope == Scope::Metrics && !matches!(path, "/metrics" | "/ready" | "/live") {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("{path}: this port serves /metrics, /ready and /live; the rest of the admin API is on the agent's Unix socket"),
+        );
+    }
+    match path {
+        "/ready" => {
+            let ready = admin.status.load().ready;
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_response(status, &json!({ "ready": ready }))
+        }
+        "/live" => json_response(StatusCode::OK, &json!({ "live": true })),
+        "/version" => ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "abi": weft_common::ABI_VERSION,
+        })),
+        "/status" => ok(json!(*admin.status.load_full())),
+        "/services" => ok(services(admin)),
+        "/workloads" => ok(workloads(admin)),
+        "/stats" => ok(stats(admin).await),
+        "/maps" => ok(maps(admin).await),
+        "/certificates" => ok(certificates(admin)),
+        "/tunnels" => ok(json!({
+            "pooled_connections": admin.tunnels.pool.len(),
+            "accepted": admin.tunnels.accepted.list(),
+        })),
+        "/connections" => ok(json!({
+            "held": admin.conns.held(),
+            "limit": admin.conns.limits().per_node,
+            "per_pod_limit": admin.conns.limits().per_pod,
+        })),
+        "/metrics" => {
+            let samples = scrape_time(admin).await;
+            let text = admin.telemetry.families.encode(samples);
+            let mut r = Response::new(full(text));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/tap" => tap(admin, query),
+        other => {
+            let known: Vec<Value> = PATHS
+                .iter()
+                .map(|(p, what)| json!({"path": p, "answers": what}))
+                .collect();
+            json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": format!("unknown path {other}"), "paths": known}),
+            )
+        }
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_vec(v).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn ok(v: Value) -> Response<Body> {
+    json_response(StatusCode::OK, &v)
+}
+
+fn error(status: StatusCode, msg: String) -> Response<Body> {
+    json_response(status, &json!({ "error": msg }))
+}
+
+fn services(admin: &AdminState) -> Value {
+    let st = admin.state.load();
+    let svcs: Vec<_> = st
+        .services
+        .values()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "address": s.addr.vip.to_string(),
+                "protocol": s.addr.protocol,
+                "routes": s.routes.route_names(),
+                "endpoints": s.endpoints,
+            })
+        })
+        .collect();
+    json!({"generation": st.generation, "services": svcs})
+}
+
+fn workloads(admin: &AdminState) -> Value {
+    let st = admin.state.load();
+    let enrolled = &admin.status.load().enrolled;
+    let ws: Vec<_> = st
+        .local
+        .values()
+        .map(|w| {
+            json!({
+                "name": w.id(),
+                "workload": crate::telemetry::canonical_name(w),
+                "ip": w.ip.to_string(),
+                "meshed": w.meshed,
+                "agent_down": w.agent_down,
+                "mtls": w.mtls,
+                "enrolled": enrolled.contains(&w.id()),
+                "service_account": w.service_account,
+                "identity": st.identities.get(&w.ip).map(ToString::to_string),
+            })
+        })
+        .collect();
+    json!({"node": st.node, "workloads": ws})
+}
+
+async fn stats(admin: &AdminState) -> Value {
+    let ebpf: serde_json::Map<String, Value> = admin
+        .datapath
+        .lock()
+        .await
+        .stats()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), json!(v)))
+        .collect();
+    let proxy: serde_json::Map<String, Value> = admin
+        .metrics
+        .snapshot()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), json!(v)))
+        .collect();
+    json!({"ebpf": ebpf, "proxy": proxy})
+}
+
+async fn maps(admin: &AdminState) -> Value {
+    let dp = admin.datapath.lock().await;
+    let services: Vec<_> = dp
+        .dump_services()
+        .into_iter()
+        .map(|(vip, proto, id, eps)| {
+            json!({
+                "address": vip.to_string(),
+                "proto": proto,
+                "id": id,
+                "endpoints": eps.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let cap = dp.capacity();
+    json!({
+        "pin_root": dp.pin_root().display().to_string(),
+        "capacity": {"services": cap.services, "endpoints": cap.endpoints},
+        "services": services,
+    })
+}
+
+fn certificates(admin: &AdminState) -> Value {
+    let st = admin.state.load();
+    let ids = &admin.identities;
+    let now = crate::identity::unix_now();
+    let held: Vec<_> = ids
+        .store
+        .list()
+        .into_iter()
+        .map(|(id, nb, na)| {
+            json!({"identity": id, "not_before": nb, "not_after": na, "expires_in_s": na - now})
+        })
+        .collect();
+    json!({
+        "trust_domain": st.trust_domain,
+        "source": ids.source(),
+        "roots": ids.store.roots().map_or(0, |r| r.len()),
+        "certificates": held,
+        "pending": ids.pending(),
+    })
+}
+
+/// What `/metrics` reads at scrape time: the eBPF counters and the agent's health.
+async fn scrape_time(admin: &AdminState) -> Vec<Sample> {
+    let sample = |name, help, kind, labels: Vec<(&'static str, String)>, value: f64| Sample {
+        name,
+        help,
+        kind,
+        labels,
+        value,
+    };
+    let mut out = Vec::new();
+    let (ebpf, cap) = {
+        let dp = admin.datapath.lock().await;
+        (dp.stats(), dp.capacity())
+    };
+    for (name, v) in ebpf {
+        out.push(sample(
+            "ebpf_events",
+            "Events counted by the eBPF programs (all CPUs), by event.",
+            Kind::Counter,
+            vec![("event", name.to_owned())],
+            v as f64,
+        ));
+    }
+    let status = admin.status.load();
+    out.push(sample(
+        "ready",
+        "1 while the agent captures in every enrolled pod.",
+        Kind::Gauge,
+        vec![],
+        f64::from(u8::from(status.ready)),
+    ));
+    out.push(sample(
+        "config_generation",
+        "The configuration generation in force (bumped on every accepted change).",
+        Kind::Gauge,
+        vec![],
+        status.config_generation as f64,
+    ));
+    out.push(sample(
+        "config_reload_errors",
+        "Configuration changes refused (the last good configuration stayed in force).",
+        Kind::Counter,
+        vec![],
+        status.config_reload_errors as f64,
+    ));
+    out.push(sample(
+        "config_last_reload_failed",
+        "1 when the latest configuration change was refused.",
+        Kind::Gauge,
+        vec![],
+        f64::from(u8::from(status.last_config_error.is_some())),
+    ));
+    out.push(sample(
+        "enrolled_workloads",
+        "Pods of this node the agent captures for.",
+        Kind::Gauge,
+        vec![],
+        status.enrolled.len() as f64,
+    ));
+    let st = admin.state.load();
+    let endpoints: usize = st.services.values().map(|s| s.endpoints.len()).sum();
+    for (map, n, capacity) in [
+        ("services", st.services.len(), cap.services),
+        ("endpoints", endpoints, cap.endpoints),
+    ] {
+        out.push(sample(
+            "bpf_map_entries",
+            "Entries the agent keeps in a service map of the kernel.",
+            Kind::Gauge,
+            vec![("map", map.to_owned())],
+            n as f64,
+        ));
+        out.push(sample(
+            "bpf_map_capacity",
+            "The most entries a service map of the kernel holds.",
+            Kind::Gauge,
+            vec![("map", map.to_owned())],
+            f64::from(capacity),
+        ));
+    }
+    out.push(sample(
+        "connections_held",
+        "Connections the proxy holds now, against --max-connections.",
+        Kind::Gauge,
+        vec![],
+        f64::from(admin.conns.held()),
+    ));
+    out.push(sample(
+        "connections_limit",
+        "The most connections the proxy holds at once (--max-connections).",
+        Kind::Gauge,
+        vec![],
+        f64::from(admin.conns.limits().per_node),
+    ));
+    for (id, _, not_after) in admin.identities.store.list() {
+        out.push(sample(
+            "certificate_expiration_timestamp_seconds",
+            "When a workload certificate the agent holds expires (Unix time).",
+            Kind::Gauge,
+            vec![("identity", id.to_string())],
+            not_after as f64,
+        ));
+    }
+    out
+}
+
+/// A live stream of records matching the query's filters, one JSON object per line,
+/// for `seconds` (default 600, at most 3600) or until the client goes away.
+fn tap(admin: &AdminState, query: &str) -> Response<Body> {
+    let mut seconds = None;
+    let filters: Vec<&str> = query
+        .split('&')
+        .filter(|p| match p.strip_prefix("seconds=") {
+            Some(n) => {
+                seconds = Some(n.parse::<u64>().map_err(|_| n.to_owned()));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let duration = match seconds {
+        None => TAP_DEFAULT,
+        Some(Ok(n)) => Duration::from_secs(n).min(TAP_MAX),
+        Some(Err(n)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("seconds={n}: give a whole number of seconds"),
+            )
+        }
+    };
+    let filter = match Filter::from_query(&filters.join("&")) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let Some(mut records) = admin.telemetry.tap.subscribe() else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} taps are open on this agent already; try again when one ends",
+                crate::telemetry::tap::MAX_LISTENERS
+            ),
+        );
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let deadline = tokio::time::sleep(duration);
+        tokio::pin!(deadline);
+        loop {
+            let line = tokio::select! {
+                () = &mut deadline => return,
+                () = tx.closed() => return,
+                r = records.recv() => match r {
+                    Ok(rec) if filter.matches(&rec) => serde_json::to_vec(&*rec).ok(),
+                    Ok(_) => None,
+                    Err(RecvError::Lagged(n)) => serde_json::to_vec(&json!({"kind": "skipped", "records": n})).ok(),
+                    Err(RecvError::Closed) => return,
+                },
+            };
+            if let Some(mut line) = line {
+                line.push(b'\n');
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Lines(rx).boxed());
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+/// A body of the lines a tap task sends, ending when it stops.
+struct Lines(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|l| l.map(|b| Ok(Frame::data(b))))
+    }
+}

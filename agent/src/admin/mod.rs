@@ -1,0 +1,179 @@
+//! The admin API: HTTP/1.1 on a Unix socket (root only), so `weftctl` and
+//! `curl --unix-socket` can ask the agent what it sees; and the Prometheus scrape port
+//! (`--metrics-address`), which serves only `/metrics`, `/ready` and `/live`. Every
+//! connection has a header read timeout, and at most [`MAX_ADMIN_CONNECTIONS`] are served
+//! at once. The paths and their answers are in [`api`]; [`client`] is the blocking client
+//! weftctl uses.
+
+pub mod api;
+pub mod client;
+
+use std::{convert::Infallible, path::Path, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    sync::Mutex,
+};
+
+use crate::{
+    datapath::Datapath, identity::certs::Identities, metrics::Metrics, proxy::tunnel::Tunnels,
+    state::NodeState, telemetry::Telemetry,
+};
+
+/// What the control side publishes about itself.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Status {
+    pub ready: bool,
+    /// The agent's process id (two agents share the admin path during a handoff).
+    pub pid: u32,
+    pub node: String,
+    pub config_generation: u64,
+    /// The last configuration change that was refused, and why (`None` once a later one
+    /// is accepted).
+    pub last_config_error: Option<String>,
+    pub attachment: Option<crate::datapath::Attachment>,
+    /// Milliseconds from process start to ready (capturing in every enrolled pod).
+    pub startup_ms: Option<u64>,
+    pub inherited_listeners: usize,
+    pub enrolled: Vec<String>,
+    pub draining: bool,
+    /// What the datapath did while no agent ran before this one started: meshed connects
+    /// that bypassed the mesh (fail-open) or were refused (fail-closed), inbound likewise.
+    pub while_agent_down: std::collections::BTreeMap<String, u64>,
+    /// The agent's file descriptor limit (RLIMIT_NOFILE), raised at start to the hard
+    /// limit, and the connection limits it serves under.
+    pub limits: Limits,
+    /// Where the configuration is read from.
+    pub config_source: String,
+    /// Configuration changes refused since the agent started.
+    pub config_reload_errors: u64,
+}
+
+/// Limits the agent runs under.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Limits {
+    pub open_files: u64,
+    /// What the limit was before the agent raised it.
+    pub open_files_at_start: u64,
+    pub max_connections: u32,
+    pub max_connections_per_pod: u32,
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub status: Arc<ArcSwap<Status>>,
+    pub state: Arc<ArcSwap<NodeState>>,
+    pub metrics: Arc<Metrics>,
+    pub telemetry: Arc<Telemetry>,
+    pub datapath: Arc<Mutex<Datapath>>,
+    pub identities: Arc<Identities>,
+    pub tunnels: Arc<Tunnels>,
+    /// The limits the proxy counts connections against.
+    pub conns: Arc<crate::proxy::conn::ConnTracker>,
+}
+
+/// Admin connections answered at once, on each listener; more wait for a place.
+pub const MAX_ADMIN_CONNECTIONS: usize = 32;
+
+/// Which paths a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The Unix socket: everything.
+    Full,
+    /// The TCP scrape port: `/metrics`, `/ready`, `/live`.
+    Metrics,
+}
+
+/// Bind the admin socket (failing at once if that is not possible).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
+}
+
+/// Answer on the admin socket until the process ends. Only root may connect (the
+/// socket's peer is checked); a failing accept (out of file descriptors) backs off and
+/// tries again, never ending the loop.
+pub async fn serve(listener: UnixListener, admin: AdminState, header_read: Duration) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let accept_errors = std::sync::atomic::AtomicU64::new(0);
+    let mut backoff = crate::proxy::listener::Backoff::new(&accept_errors);
+    loop {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                backoff.failed(&e, "the admin socket").await;
+                continue;
+            }
+        };
+        backoff.succeeded();
+        if let Err(e) = crate::peer::check_root(&conn) {
+            tracing::warn!(error = %e, "refusing an admin client");
+            continue;
+        }
+        let Ok(place) = places.clone().acquire_owned().await else {
+            continue;
+        };
+        tokio::spawn(connection(
+            conn,
+            admin.clone(),
+            Scope::Full,
+            header_read,
+            place,
+        ));
+    }
+}
+
+/// Serve the scrape port until the process ends.
+pub async fn serve_metrics(listener: TcpListener, admin: AdminState, header_read: Duration) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let accept_errors = std::sync::atomic::AtomicU64::new(0);
+    let mut backoff = crate::proxy::listener::Backoff::new(&accept_errors);
+    loop {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                backoff.failed(&e, "the metrics listener").await;
+                continue;
+            }
+        };
+        backoff.succeeded();
+        let Ok(place) = places.clone().acquire_owned().await else {
+            continue;
+        };
+        tokio::spawn(connection(
+            conn,
+            admin.clone(),
+            Scope::Metrics,
+            header_read,
+            place,
+        ));
+    }
+}
+
+/// One admin connection: requests must arrive whole within `header_read`; answers are
+/// made by [`api::answer`].
+async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    conn: S,
+    admin: AdminState,
+    scope: Scope,
+    header_read: Duration,
+    _place: tokio::sync::OwnedSemaphorePermit,
+) {
+    let svc = service_fn(move |req| {
+        let admin = admin.clone();
+        async move { Ok::<_, Infallible>(api::answer(&admin, scope, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
+        .max_headers(64)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(conn), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "admin connection ended with an error");
+    }
+}

@@ -1,0 +1,186 @@
+//! One request's telemetry record, gathered as the request passes the phases
+//! ([`Exchange`]) and handed to [`crate::telemetry::Telemetry`] when its response body
+//! ends or the client goes away ([`Recorded`]), so durations and bytes are the whole
+//! exchange's.
+
+use std::{
+    net::SocketAddrV4,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use hyper::{
+    body::{Body as _, Frame, SizeHint},
+    Request, Version,
+};
+
+use super::body::{Body, BoxError, ClientFault};
+use crate::{
+    state::Endpoint,
+    telemetry::{ms_since, HttpRecord, Peer, Telemetry},
+};
+
+/// What is known of a request so far.
+pub(super) struct Exchange {
+    started: Instant,
+    start: SystemTime,
+    source: Peer,
+    method: String,
+    authority: String,
+    path: String,
+    protocol: &'static str,
+    pub service: Arc<str>,
+    pub route: Option<Arc<str>>,
+    destination: Peer,
+    endpoint: Option<SocketAddrV4>,
+    pub upstream_ms: Option<f64>,
+    pub retries: u32,
+    pub reason: Option<&'static str>,
+    /// The client's body (bytes read).
+    pub body: ClientFault,
+}
+
+impl Exchange {
+    pub fn start<B>(req: &Request<B>, source: &Peer, service: &Arc<str>) -> Self {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        Self {
+            started: Instant::now(),
+            start: SystemTime::now(),
+            source: source.clone(),
+            method: req.method().as_str().to_owned(),
+            authority: authority.to_owned(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            protocol: match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            service: service.clone(),
+            route: None,
+            destination: Peer::default(),
+            endpoint: None,
+            upstream_ms: None,
+            retries: 0,
+            reason: None,
+            body: ClientFault::default(),
+        }
+    }
+
+    /// An attempt goes to `ep`.
+    pub fn attempt(&mut self, ep: &Endpoint) {
+        if self.endpoint != Some(ep.addr) {
+            self.endpoint = Some(ep.addr);
+            self.destination = ep.peer();
+        }
+    }
+
+    fn finish(self, status: u16, response_bytes: u64, incomplete: bool) -> HttpRecord {
+        HttpRecord {
+            duration_ms: ms_since(self.started),
+            start: self.start,
+            source: self.source,
+            destination: self.destination,
+            service: Some(self.service),
+            route: self.route,
+            endpoint: self.endpoint,
+            method: self.method,
+            authority: self.authority,
+            path: self.path,
+            protocol: self.protocol,
+            status,
+            reason: self.reason,
+            upstream_ms: self.upstream_ms,
+            request_bytes: self.body.bytes(),
+            response_bytes,
+            retries: self.retries,
+            incomplete,
+        }
+    }
+}
+
+/// A response body on its way to the client; when it ends (or is dropped before its end)
+/// the request's record is made.
+pub(super) struct Recorded {
+    inner: Body,
+    pending: Option<(Exchange, u16)>,
+    bytes: u64,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Recorded {
+    pub fn new(inner: Body, ex: Exchange, status: u16, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            inner,
+            pending: Some((ex, status)),
+            bytes: 0,
+            telemetry,
+        }
+    }
+
+    fn done(&mut self, incomplete: bool) {
+        if let Some((ex, status)) = self.pending.take() {
+            self.telemetry
+                .http(ex.finish(status, self.bytes, incomplete));
+        }
+    }
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.done(false);
+                }
+            }
+            Poll::Ready(None) => this.done(false),
+            Poll::Ready(Some(Err(_))) => this.done(true),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        // A body hyper never polled (HEAD, 204, an upgrade) ended here whole; one it
+        // stopped polling part way did not.
+        let whole = self.bytes == 0 && self.inner.is_end_stream();
+        self.done(!whole);
+    }
+}

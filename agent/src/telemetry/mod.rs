@@ -1,0 +1,180 @@
+//! What the agent tells about the traffic it serves. Every HTTP request and every forwarded
+//! TCP connection ends as one record ([`HttpRecord`], [`TcpRecord`]); [`Telemetry::http`]
+//! and [`Telemetry::tcp`] hand it to the three consumers:
+//!
+//! - [`families`]: Prometheus families per source workload, destination service,
+//!   destination workload and route (labels bounded, see docs/operations.md);
+//! - [`access_log`]: one JSON line per record, written off the request path;
+//! - [`tap`]: live subscribers (the admin API's `/tap`, `weftctl tap`), only while any
+//!   listen.
+
+pub mod access_log;
+pub mod families;
+pub mod tap;
+
+use std::{
+    net::SocketAddrV4,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{config::Workload, metrics::Metrics};
+
+/// The telemetry consumers of one agent.
+pub struct Telemetry {
+    pub families: families::Families,
+    pub access_log: Option<access_log::AccessLog>,
+    pub tap: tap::Tap,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("access_log", &self.access_log.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// Families registered next to the proxy's flat counters; no access log.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            families: families::Families::new(metrics),
+            access_log: None,
+            tap: tap::Tap::default(),
+        }
+    }
+
+    pub fn with_access_log(mut self, log: access_log::AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
+    }
+
+    /// One HTTP request is over (its response body ended or the client went away).
+    pub fn http(&self, rec: HttpRecord) {
+        self.families.http(&rec);
+        let rec = Arc::new(Record::Http(rec));
+        self.tap.publish(&rec);
+        if let Some(log) = &self.access_log {
+            log.write(rec);
+        }
+    }
+
+    /// One forwarded TCP connection is over.
+    pub fn tcp(&self, rec: TcpRecord) {
+        self.families.tcp(&rec);
+        let rec = Arc::new(Record::Tcp(rec));
+        self.tap.publish(&rec);
+        if let Some(log) = &self.access_log {
+            log.write(rec);
+        }
+    }
+}
+
+/// What an access log line, a tap event and the metrics are made from.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Record {
+    Http(HttpRecord),
+    Tcp(TcpRecord),
+}
+
+impl Record {
+    pub fn start(&self) -> SystemTime {
+        match self {
+            Self::Http(r) => r.start,
+            Self::Tcp(r) => r.start,
+        }
+    }
+}
+
+/// Who is at one end of a request: the pod (`namespace/name`), its workload name for
+/// metrics (bounded, [`canonical_name`]) and its identity when it has one.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Peer {
+    pub pod: Option<Arc<str>>,
+    #[serde(skip)]
+    pub workload: Option<Arc<str>>,
+    pub identity: Option<Arc<str>>,
+}
+
+/// One HTTP request as the proxy served it.
+#[derive(Debug, Serialize)]
+pub struct HttpRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub start: SystemTime,
+    pub source: Peer,
+    pub destination: Peer,
+    /// `namespace/name` of the service the request went to (after routing).
+    pub service: Option<Arc<str>>,
+    /// `namespace/name` of the HTTPRoute whose rule matched.
+    pub route: Option<Arc<str>>,
+    /// The endpoint of the last attempt.
+    pub endpoint: Option<SocketAddrV4>,
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub protocol: &'static str,
+    pub status: u16,
+    /// `x-weft-reason` when the proxy answered itself.
+    pub reason: Option<&'static str>,
+    pub duration_ms: f64,
+    /// From sending the last attempt to its response head.
+    pub upstream_ms: Option<f64>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub retries: u32,
+    /// The body ended before it was whole (the client left or the upstream broke).
+    pub incomplete: bool,
+}
+
+/// One forwarded (opaque or TLS) TCP connection.
+#[derive(Debug, Serialize)]
+pub struct TcpRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub start: SystemTime,
+    pub source: Peer,
+    pub destination: Peer,
+    pub service: Option<Arc<str>>,
+    pub endpoint: Option<SocketAddrV4>,
+    pub duration_ms: f64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// `done`, `idle-timeout`, `error`, `connect-failed`, `no-endpoint`, `denied`.
+    pub outcome: &'static str,
+}
+
+/// Milliseconds since `t`, for records.
+pub fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(*t))
+}
+
+/// `t` as RFC 3339 in UTC with milliseconds (`2026-12-06T14:36:38.123Z`).
+pub fn format_time(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+/// The name metrics give a workload: its `app.kubernetes.io/name` label, else its `app`
+/// label, else the pod's own name; with its namespace. Pods of one deployment share it,
+/// so metrics keep their series when pods are replaced.
+pub fn canonical_name(w: &Workload) -> String {
+    let name = w
+        .labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| w.labels.get("app"))
+        .unwrap_or(&w.name);
+    format!("{}/{}", w.namespace, name)
+}
+
+#[cfg(test)]
+mod tests;
