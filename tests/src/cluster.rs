@@ -598,7 +598,6 @@ impl Cluster {
         ]
     }
 
-    /// The configuration documents describing this cluster.
     /// Start `weft-testpod http-server PORT POD OPTS...` in `pod` (it answers as `pod`)
     /// and wait until it listens.
     pub fn serve_http(&self, pod: &str, port: u16, opts: &[&str]) -> Spawned {
@@ -612,6 +611,36 @@ impl Cluster {
         s
     }
 
+    /// Start `program` in the fabric's network namespace, which reaches every node's
+    /// address (192.168.250.N) and nothing outside the cluster; killed on drop.
+    pub fn spawn_in_fabric(&self, name: &str, program: &Path, args: &[&str]) -> Spawned {
+        let (cmd, keep) = command_in(
+            &Path::new("/var/run/netns").join(&self.fabric),
+            None,
+            program,
+            args,
+        );
+        let seq = NEXT.fetch_add(1, Ordering::Relaxed);
+        Spawned::start(name, cmd, keep, self.dir.join(format!("{name}-{seq}.log")))
+    }
+
+    /// Run `program` in the fabric's network namespace and return its output.
+    pub fn run_in_fabric(
+        &self,
+        program: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> std::process::Output {
+        let (cmd, keep) = command_in(
+            &Path::new("/var/run/netns").join(&self.fabric),
+            None,
+            Path::new(program),
+            args,
+        );
+        run_checked(cmd, keep, timeout)
+    }
+
+    /// The configuration documents describing this cluster.
     pub fn config_yaml(&self) -> String {
         let mut y = String::new();
         for n in &self.nodes {

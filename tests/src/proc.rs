@@ -3,7 +3,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{BufRead as _, Write as _},
+    io::Write as _,
     os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -158,6 +158,11 @@ impl Agent {
         admin_request(&self.admin, path)
     }
 
+    /// One admin API request as text (`/metrics`), with its status.
+    pub fn admin_text(&self, path: &str) -> std::io::Result<(u16, String)> {
+        admin_get(&self.admin, path)
+    }
+
     /// Wait until the agent reports ready; panics with its log otherwise.
     pub fn wait_ready(&mut self, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
@@ -237,11 +242,26 @@ impl Agent {
     }
 }
 
-pub(crate) fn admin_request(socket: &Path, path: &str) -> std::io::Result<serde_json::Value> {
+/// `GET path` on an agent's admin socket (HTTP/1.0, so the answer ends when the agent
+/// closes): the status and the body.
+pub(crate) fn admin_get(socket: &Path, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path}\n").as_bytes())?;
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(std::io::Error::other)
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: weft-agent\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP answer: {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    Ok((status, body.to_owned()))
+}
+
+pub(crate) fn admin_request(socket: &Path, path: &str) -> std::io::Result<serde_json::Value> {
+    let (_, body) = admin_get(socket, path)?;
+    serde_json::from_str(&body).map_err(std::io::Error::other)
 }

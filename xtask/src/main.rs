@@ -121,6 +121,8 @@ const DEB_PACKAGES: &[&str] = &[
     "python3-h2",
     "tshark",
     "openssl",
+    // A real Prometheus server scrapes the agents in the observability tests.
+    "prometheus",
 ];
 
 /// bpf-linker's version, pinned: it must link against the same LLVM major as the nightly

@@ -1,0 +1,629 @@
+//! Seeing a node, end to end: a real Prometheus server (Debian's) scrapes the agents and
+//! its query API returns what the test sent; access log lines are JSON that match the
+//! requests with their identities; every weftctl command answers from a running agent,
+//! as a table and as JSON; `weftctl tap` shows requests as they happen, filtered.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weft_e2e::{bin, require_root, Agent, Cluster, PodSpec, ServiceSpec, Spawned};
+
+const SECS5: Duration = Duration::from_secs(5);
+
+/// Nodes a and b; `client` on a; `web-1` (a) and `web-2` (b) behind `web`; `flaky` (b)
+/// behind `flaky`, failing every other request with 503; `echo` (b) behind `echo`, a
+/// TCP echo server.
+fn cluster(test: &str) -> Cluster {
+    Cluster::builder(test)
+        .node("a")
+        .node("b")
+        .pod(
+            PodSpec::new("client", "a")
+                .label("app", "client")
+                .account("client"),
+        )
+        .pod(
+            PodSpec::new("web-1", "a")
+                .label("app", "web")
+                .port(8080)
+                .account("web"),
+        )
+        .pod(
+            PodSpec::new("web-2", "b")
+                .label("app", "web")
+                .port(8080)
+                .account("web"),
+        )
+        .pod(PodSpec::new("flaky", "b").label("app", "flaky").port(8080))
+        .pod(PodSpec::new("echo", "b").label("app", "echo").port(9000))
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .service(
+            ServiceSpec::new("flaky", "10.96.0.13")
+                .select("app", "flaky")
+                .tcp(80, 8080),
+        )
+        .service(
+            ServiceSpec::new("echo", "10.96.0.12")
+                .select("app", "echo")
+                .tcp(7000, 9000),
+        )
+        .build()
+}
+
+/// The servers of [`cluster`], started and listening.
+fn servers(c: &Cluster) -> Vec<Spawned> {
+    let echo = c
+        .pod("echo")
+        .spawn(&c.dir, &bin("weft-testpod"), &["echo-server", "9000"]);
+    c.pod("echo").wait_listening(9000, SECS5);
+    vec![
+        c.serve_http("web-1", 8080, &[]),
+        c.serve_http("web-2", 8080, &[]),
+        c.serve_http("flaky", 8080, &["fail=1/2"]),
+        echo,
+    ]
+}
+
+/// Agents on both nodes with identities, each scraped on its node address.
+fn agents(c: &Cluster, access_log: bool) -> (Agent, Agent) {
+    c.ensure_ca();
+    let start = |node: &str, idx: u8| {
+        let mut flags = c.identity_flags(node);
+        flags.push("--metrics-address".into());
+        flags.push(format!("192.168.250.{idx}:15020"));
+        if access_log {
+            flags.push("--access-log".into());
+            flags.push(
+                c.dir
+                    .join(format!("access-{node}.log"))
+                    .display()
+                    .to_string(),
+            );
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        c.start_agent(node, &flags)
+    };
+    (start("a", 1), start("b", 2))
+}
+
+/// `n` GET requests to `url` from `client` with curl over one connection; the statuses.
+fn curl_n(c: &Cluster, url: &str, n: usize) -> Vec<u16> {
+    let mut args = vec!["-s", "-w", "%{http_code}\\n", "--max-time", "20"];
+    for _ in 0..n {
+        args.extend(["-o", "/dev/null", url]);
+    }
+    let out = c.pod("client").run("curl", &args, Duration::from_secs(30));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or(0))
+        .collect()
+}
+
+/// One TCP connection to the echo service carrying `bytes` each way.
+fn echo(c: &Cluster, bytes: usize) {
+    let out = c.pod("client").run(
+        &bin("weft-testpod").display().to_string(),
+        &["echo-client", "10.96.0.12:7000", &bytes.to_string()],
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "echo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The traffic mix: 40 requests to web, 20 to flaky (10 answered 503), 3 echo
+/// connections of 1000 bytes.
+fn traffic_mix(c: &Cluster) {
+    let web = curl_n(c, "http://10.96.0.10/hello", 40);
+    assert_eq!(web, vec![200; 40]);
+    let flaky = curl_n(c, "http://10.96.0.13/try", 20);
+    assert_eq!(flaky.iter().filter(|s| **s == 503).count(), 10, "{flaky:?}");
+    for _ in 0..3 {
+        echo(c, 1000);
+    }
+}
+
+/// A Prometheus server in the fabric's netns scraping both agents every second.
+struct Prometheus<'a> {
+    c: &'a Cluster,
+    _proc: Spawned,
+}
+
+impl<'a> Prometheus<'a> {
+    fn start(c: &'a Cluster) -> Self {
+        let dir = c.dir.join("prometheus");
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+             scrape_configs:\n  - job_name: weft\n    static_configs:\n\
+             \x20     - targets: ['192.168.250.1:15020', '192.168.250.2:15020']\n",
+        )
+        .expect("write prometheus.yml");
+        let proc = c.spawn_in_fabric(
+            "prometheus",
+            std::path::Path::new("/usr/bin/prometheus"),
+            &[
+                &format!("--config.file={}", config.display()),
+                &format!("--storage.tsdb.path={}", dir.join("data").display()),
+                "--web.listen-address=127.0.0.1:9090",
+            ],
+        );
+        Self { c, _proc: proc }
+    }
+
+    /// An instant query's result vector.
+    fn query(&self, q: &str) -> Vec<Value> {
+        let out = self.c.run_in_fabric(
+            "curl",
+            &[
+                "-s",
+                "--max-time",
+                "5",
+                "--data-urlencode",
+                &format!("query={q}"),
+                "http://127.0.0.1:9090/api/v1/query",
+            ],
+            Duration::from_secs(10),
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The value of a query that yields one sample (0 when none).
+    fn scalar(&self, q: &str) -> f64 {
+        self.query(q)
+            .first()
+            .and_then(|r| r["value"][1].as_str())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Wait until `q` yields `want` (a scrape after the traffic), else panic with what it
+    /// yields.
+    fn wait_for(&self, q: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.scalar(q);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{q} = {got}, want {want}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+#[test]
+fn prometheus_counts_what_was_sent_and_access_logs_match() {
+    if !require_root("prometheus_counts_what_was_sent_and_access_logs_match") {
+        return;
+    }
+    let c = cluster("prometheus");
+    let _servers = servers(&c);
+    let (a, _b) = agents(&c, true);
+    let prom = Prometheus::start(&c);
+    traffic_mix(&c);
+
+    // Both agents scraped, the traffic counted once, by the client's node.
+    prom.wait_for("count(up == 1)", 2.0);
+    prom.wait_for(
+        "sum(weft_requests_total{destination_service=\"default/web\"})",
+        40.0,
+    );
+    prom.wait_for(
+        "sum(weft_requests_total{destination_service=\"default/flaky\"})",
+        20.0,
+    );
+    assert_eq!(
+        prom.scalar(
+            "sum(weft_requests_total{destination_service=\"default/flaky\",status_class=\"5xx\"})"
+        ),
+        10.0
+    );
+    assert_eq!(
+        prom.scalar("sum(weft_requests_total{source_workload=\"default/client\",destination_workload=\"default/web\",status_class=\"2xx\"})"),
+        40.0
+    );
+    // Latency buckets add up: +Inf holds every request, each bucket holds at least the
+    // one below it, and _count agrees.
+    assert_eq!(
+        prom.scalar("sum(weft_request_duration_seconds_bucket{le=\"+Inf\"})"),
+        60.0
+    );
+    assert_eq!(
+        prom.scalar("sum(weft_request_duration_seconds_count)"),
+        60.0
+    );
+    let mut buckets: Vec<(f64, f64)> = prom
+        .query("sum by (le) (weft_request_duration_seconds_bucket)")
+        .iter()
+        .map(|r| {
+            let le = r["metric"]["le"].as_str().unwrap_or("+Inf");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            (le, r["value"][1].as_str().unwrap().parse().unwrap())
+        })
+        .collect();
+    buckets.sort_by(|x, y| x.0.total_cmp(&y.0));
+    assert!(buckets.len() > 10, "{buckets:?}");
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "cumulative buckets: {buckets:?}"
+    );
+    // TCP: three connections, 1000 bytes each way.
+    prom.wait_for(
+        "sum(weft_tcp_connections_opened_total{destination_service=\"default/echo\"})",
+        3.0,
+    );
+    assert_eq!(
+        prom.scalar("sum(weft_tcp_sent_bytes_total{destination_service=\"default/echo\"})"),
+        3000.0
+    );
+    assert_eq!(
+        prom.scalar("sum(weft_tcp_received_bytes_total{destination_service=\"default/echo\"})"),
+        3000.0
+    );
+    // Agent health is there too.
+    assert_eq!(prom.scalar("min(weft_config_generation)"), 1.0);
+    assert!(prom.scalar("min(weft_certificate_expiration_timestamp_seconds)") > 1.7e9);
+    assert!(prom.scalar("sum(weft_ebpf_events_total)") > 0.0);
+
+    // The access log of a: one JSON line per request and connection.
+    let deadline = Instant::now() + SECS5;
+    let lines: Vec<Value> = loop {
+        let text = std::fs::read_to_string(c.dir.join("access-a.log")).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if lines.len() >= 63 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let http = |svc: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["kind"] == "http" && l["service"] == svc)
+            .collect()
+    };
+    let web = http("default/web");
+    assert_eq!(web.len(), 40, "{lines:#?}");
+    for l in &web {
+        assert_eq!(l["status"], 200);
+        assert_eq!(l["method"], "GET");
+        assert_eq!(l["path"], "/hello");
+        assert_eq!(l["source"]["pod"], "default/client");
+        assert_eq!(
+            l["source"]["identity"],
+            "spiffe://cluster.local/ns/default/sa/client"
+        );
+        assert_eq!(
+            l["destination"]["identity"],
+            "spiffe://cluster.local/ns/default/sa/web"
+        );
+        assert!(l["duration_ms"].as_f64().unwrap() > 0.0);
+        assert!(l["response_bytes"].as_u64().unwrap() > 0);
+        assert!(l["start"].as_str().unwrap().ends_with('Z'));
+        let (pod, endpoint) = (&l["destination"]["pod"], &l["endpoint"]);
+        assert!(
+            (pod == "default/web-1" && endpoint == "10.244.1.11:8080")
+                || (pod == "default/web-2" && endpoint == "10.244.2.10:8080"),
+            "{l}"
+        );
+    }
+    let flaky = http("default/flaky");
+    assert_eq!(
+        flaky.iter().filter(|l| l["status"] == 503).count(),
+        10,
+        "{flaky:#?}"
+    );
+    let tcp: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "tcp").collect();
+    assert_eq!(tcp.len(), 3, "{lines:#?}");
+    for l in tcp {
+        assert_eq!(l["outcome"], "done");
+        assert_eq!(l["sent_bytes"], 1000);
+        assert_eq!(l["received_bytes"], 1000);
+        assert_eq!(l["destination"]["pod"], "default/echo");
+    }
+    // The agent's own view agrees with Prometheus.
+    let (status, text) = a.admin_text("/metrics").expect("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("# TYPE weft_requests_total counter"),
+        "{text}"
+    );
+}
+
+/// weftctl against agent `a`: its stdout, checked to have succeeded.
+fn weftctl(a: &Agent, args: &[&str]) -> String {
+    let out = Command::new(bin("weftctl"))
+        .args(["--admin-socket", &a.admin.display().to_string()])
+        .args(args)
+        .output()
+        .expect("weftctl");
+    assert!(
+        out.status.success(),
+        "weftctl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn weftctl_json(a: &Agent, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let text = weftctl(a, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("weftctl {args:?} -o json: {e}\n{text}"))
+}
+
+/// The header row of a table and the row whose first cell is `first`.
+fn row<'t>(table: &'t str, first: &str) -> (&'t str, &'t str) {
+    let header = table.lines().next().unwrap_or("");
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("no row {first}:\n{table}"));
+    (header, row)
+}
+
+#[test]
+fn every_weftctl_command_answers_as_a_table_and_as_json() {
+    if !require_root("every_weftctl_command_answers_as_a_table_and_as_json") {
+        return;
+    }
+    let c = cluster("weftctl");
+    let _servers = servers(&c);
+    let (a, _b) = agents(&c, false);
+    traffic_mix(&c);
+
+    // status: sentences a newcomer can read.
+    let status = weftctl(&a, &["status"]);
+    assert!(
+        status.starts_with(&format!("Node {}: ready", a.node)),
+        "{status}"
+    );
+    for says in [
+        "Configuration: generation 1 from ",
+        "Every change accepted",
+        "Capturing for 2 pod(s): default/client, default/web-1",
+        "Limits: ",
+        "While no agent ran: ",
+    ] {
+        assert!(status.contains(says), "status lacks {says:?}:\n{status}");
+    }
+    let v = weftctl_json(&a, &["status"]);
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["config_generation"], 1);
+    let yaml = weftctl(&a, &["status", "-o", "yaml"]);
+    assert!(yaml.contains("ready: true"), "{yaml}");
+
+    let version = weftctl(&a, &["version"]);
+    assert!(version.starts_with("weft-agent 0."), "{version}");
+    assert!(weftctl_json(&a, &["version"])["abi"].is_u64());
+
+    let workloads = weftctl(&a, &["workloads"]);
+    let (h, r) = row(&workloads, "default/client");
+    for col in ["WORKLOAD", "IP", "MESHED", "ENROLLED", "MTLS", "IDENTITY"] {
+        assert!(h.contains(col), "{workloads}");
+    }
+    assert!(
+        r.contains("10.244.1.10") && r.contains("spiffe://cluster.local/ns/default/sa/client"),
+        "{r}"
+    );
+    let v = weftctl_json(&a, &["workloads"]);
+    assert_eq!(v["workloads"].as_array().unwrap().len(), 2);
+
+    let services = weftctl(&a, &["services"]);
+    let (h, r) = row(&services, "default/web");
+    assert!(h.contains("ENDPOINTS-READY"), "{services}");
+    assert!(r.contains("10.96.0.10:80") && r.contains("2/2"), "{r}");
+    let v = weftctl_json(&a, &["services"]);
+    assert_eq!(v["services"].as_array().unwrap().len(), 3);
+
+    let endpoints = weftctl(&a, &["endpoints"]);
+    let header = endpoints.lines().next().unwrap();
+    for col in [
+        "SERVICE",
+        "ENDPOINT",
+        "WORKLOAD",
+        "NODE",
+        "LATENCY-MS",
+        "EJECTED",
+    ] {
+        assert!(header.contains(col), "{endpoints}");
+    }
+    assert!(
+        endpoints
+            .lines()
+            .any(|l| l.contains("10.244.2.10:8080") && l.contains("default/web-2")),
+        "{endpoints}"
+    );
+    let v = weftctl_json(&a, &["endpoints"]);
+    assert!(v["services"][0]["endpoints"].is_array());
+
+    let stats = weftctl(&a, &["stats"]);
+    let (_, r) = row(&stats, "proxy");
+    assert!(!r.is_empty());
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.contains("outbound_http") && !l.trim_end().ends_with(" 0")),
+        "{stats}"
+    );
+    assert!(weftctl_json(&a, &["stats"])["proxy"]["outbound_accepted"].as_u64() > Some(0));
+
+    let bpf = weftctl(&a, &["bpf"]);
+    assert!(bpf.contains("capacity 262144 services"), "{bpf}");
+    assert!(bpf.lines().any(|l| l.starts_with("10.96.0.10:80")), "{bpf}");
+    assert_eq!(
+        weftctl_json(&a, &["bpf"])["services"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let certs = weftctl(&a, &["certs"]);
+    assert!(
+        certs.contains("spiffe://cluster.local/ns/default/sa/client"),
+        "{certs}"
+    );
+    assert!(weftctl_json(&a, &["certs"])["certificates"].is_array());
+
+    let tunnels = weftctl(&a, &["tunnels"]);
+    assert!(
+        tunnels.contains("pooled connection(s) to other nodes"),
+        "{tunnels}"
+    );
+    assert!(weftctl_json(&a, &["tunnels"])["pooled_connections"].as_u64() > Some(0));
+
+    let metrics = weftctl(&a, &["metrics"]);
+    assert!(metrics.contains("weft_requests_total{"), "{metrics}");
+
+    // Completions need no agent.
+    let bash = Command::new(bin("weftctl"))
+        .args(["completions", "bash"])
+        .output()
+        .expect("weftctl completions");
+    assert!(bash.status.success());
+    assert!(String::from_utf8_lossy(&bash.stdout).contains("weftctl"));
+
+    // Documented exit codes: 3 when the agent cannot be reached, 2 for usage.
+    let gone = Command::new(bin("weftctl"))
+        .args(["--admin-socket", "/nonexistent/admin.sock", "status"])
+        .output()
+        .expect("weftctl");
+    assert_eq!(gone.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("is weft-agent running"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    let usage = Command::new(bin("weftctl"))
+        .args(["status"])
+        .env_remove("WEFT_NODE")
+        .env_remove("WEFT_ADMIN_SOCKET")
+        .output()
+        .expect("weftctl");
+    assert_eq!(usage.status.code(), Some(2));
+    // An unknown admin path is a 404 that lists the paths (curl, someone else's client).
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\\n%{http_code}",
+            "--unix-socket",
+            &a.admin.display().to_string(),
+            "http://weft/nope",
+        ])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n404") && text.contains("/metrics"),
+        "{text}"
+    );
+}
+
+#[test]
+fn tap_shows_requests_as_they_happen_with_the_filter_applied() {
+    if !require_root("tap_shows_requests_as_they_happen_with_the_filter_applied") {
+        return;
+    }
+    let c = cluster("tap");
+    let _servers = servers(&c);
+    let (a, _b) = agents(&c, false);
+    let tap = |args: &[&str]| {
+        Command::new(bin("weftctl"))
+            .args(["--admin-socket", &a.admin.display().to_string(), "tap"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("weftctl tap")
+    };
+    // Only failures of flaky, as JSON; and all of web as a table.
+    let mut failures = tap(&[
+        "--service",
+        "flaky",
+        "--status",
+        "5xx",
+        "--count",
+        "3",
+        "--seconds",
+        "20",
+        "-o",
+        "json",
+    ]);
+    let mut table = tap(&[
+        "--service",
+        "default/web",
+        "--count",
+        "2",
+        "--seconds",
+        "20",
+    ]);
+    let started = Instant::now();
+    // Traffic until both taps have what they asked for (they listen from their start:
+    // what was sent before is not shown).
+    while started.elapsed() < Duration::from_secs(15)
+        && (failures.try_wait().unwrap().is_none() || table.try_wait().unwrap().is_none())
+    {
+        curl_n(&c, "http://10.96.0.13/f", 4);
+        curl_n(&c, "http://10.96.0.10/w", 2);
+    }
+    let failures = failures.wait_with_output().expect("tap output");
+    let table = table.wait_with_output().expect("tap output");
+    assert!(
+        failures.status.success(),
+        "{}",
+        String::from_utf8_lossy(&failures.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&failures.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["service"], "default/flaky");
+        assert_eq!(l["status"], 503);
+        assert_eq!(l["path"], "/f");
+    }
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    for l in text.lines() {
+        assert!(
+            l.contains("default/client -> default/web GET /w HTTP/1.1 200"),
+            "{l}"
+        );
+    }
+    // A bad filter is a clear error and exit code 1.
+    let bad = Command::new(bin("weftctl"))
+        .args([
+            "--admin-socket",
+            &a.admin.display().to_string(),
+            "tap",
+            "--status",
+            "5x",
+        ])
+        .output()
+        .expect("weftctl tap");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("status filter"));
+}
