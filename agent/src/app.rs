@@ -39,6 +39,7 @@ use crate::{
     state::NodeState,
     telemetry::access_log::AccessLog,
 };
+use config::quarantine::{Overrides, SetBy};
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -114,8 +115,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     let limits = *limits;
 
-    // 2. Configuration, parsed and validated before anything binds.
-    let cfg = config::load_path(&opts.config).context("the initial configuration is invalid")?;
+    // 2. Configuration, parsed and validated before anything binds, with the quarantines
+    //    set at run time on this node (kept in the run directory).
+    let mut overrides = Overrides::load(opts.run_dir.join("quarantine.json"));
+    let cfg = load_config(&opts, &overrides).context("the initial configuration is invalid")?;
     if !cfg.nodes.contains_key(&opts.node) {
         bail!(
             "--node {:?} is not declared as a Node in {}",
@@ -184,6 +187,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         drain,
         identities.store.clone(),
     );
+    inputs.node_addrs = Arc::new(own_addresses());
     if let Some(target) = &opts.access_log {
         let log = AccessLog::start(target, opts.access_log_sample, inputs.metrics.clone())
             .with_context(|| format!("opening the access log {target:?}"))?;
@@ -253,7 +257,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let datapath = Arc::new(Mutex::new(dp));
 
     // 8. Admin API, the scrape port, and the handoff socket for a successor.
+    let (control_tx, mut control_rx) = mpsc::channel(8);
     let admin_state = AdminState {
+        control: control_tx,
         status: status.clone(),
         state: state.clone(),
         metrics: metrics.clone(),
@@ -327,7 +333,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
                 if changed {
-                    match config::load_path(&opts.config).map_err(anyhow::Error::from).and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp)) {
+                    match load_config(&opts, &overrides).map_err(anyhow::Error::from).and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp)) {
                         Ok(()) => {
                             generation += 1;
                             identities.want(state.load().local_identities());
@@ -348,6 +354,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 if names != status.load().enrolled {
                     status.rcu(|s| Status { enrolled: names.clone(), ..(**s).clone() });
                 }
+            }
+            Some(cmd) = control_rx.recv() => {
+                let mut dp = datapath.lock().await;
+                let answer = control(cmd.what, &mut overrides, &state.load()).and_then(|()| {
+                    load_config(&opts, &overrides)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp))
+                        .map_err(|e| format!("{e:#}"))
+                });
+                if answer.is_ok() {
+                    generation += 1;
+                    status.rcu(|s| Status { config_generation: generation, ..(**s).clone() });
+                }
+                let _ = cmd.reply.send(answer.map(|()| generation));
             }
             Some(successor) = successor_rx.recv() => {
                 let mut listeners = pods.listener_fds();
@@ -393,6 +413,68 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         "drained; exiting (eBPF programs and maps stay pinned)"
     );
     Ok(())
+}
+
+/// The configuration file with this node's run-time quarantines on it.
+fn load_config(opts: &AgentOptions, overrides: &Overrides) -> Result<Config, config::ConfigError> {
+    let mut cfg = config::load_path(&opts.config)?;
+    overrides.apply(&mut cfg);
+    Ok(cfg)
+}
+
+/// Carry out a change asked for through the admin API (the caller applies it).
+fn control(what: admin::Change, overrides: &mut Overrides, st: &NodeState) -> Result<(), String> {
+    let declared = |pod: &str| {
+        st.workloads.values().find(|w| w.id() == pod).map(|w| {
+            w.quarantine
+                .as_ref()
+                .is_some_and(|q| q.set_by == SetBy::Configuration)
+        })
+    };
+    match what {
+        admin::Change::Quarantine { pod, quarantine } => {
+            match declared(&pod) {
+                None => return Err(format!("no workload {pod} in the configuration")),
+                Some(true) => {
+                    return Err(format!(
+                        "{pod} is quarantined by the configuration already (spec.quarantine)"
+                    ))
+                }
+                Some(false) => {}
+            }
+            quarantine.check().map_err(|(_, e)| e)?;
+            tracing::warn!(%pod, reason = %quarantine.reason, "quarantined (weftctl)");
+            overrides
+                .set(&pod, quarantine)
+                .map_err(|e| format!("keeping the quarantine in the run directory: {e}"))
+        }
+        admin::Change::Unquarantine { pod } => {
+            if declared(&pod) == Some(true) {
+                return Err(format!(
+                    "{pod} is quarantined by the configuration (spec.quarantine): lift it there"
+                ));
+            }
+            match overrides.lift(&pod) {
+                Ok(true) => {
+                    tracing::info!(%pod, "quarantine lifted (weftctl)");
+                    Ok(())
+                }
+                Ok(false) => Err(format!("{pod} is not quarantined")),
+                Err(e) => Err(format!("updating the run directory: {e}")),
+            }
+        }
+    }
+}
+
+/// The IPv4 addresses of the agent's own network namespace (the node's).
+fn own_addresses() -> std::collections::HashSet<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The certificate source the options name.

@@ -130,6 +130,8 @@ metrics! {
     bytes_server_to_client: Counter,
     /// Access log records dropped because the writer fell behind (its queue was full).
     access_log_dropped: Counter,
+    /// New connections to a quarantined pod refused (not from its node or a debug source).
+    quarantine_refused: Counter,
 }
 
 impl Metrics {

@@ -43,6 +43,8 @@ pub struct ServiceEntry {
     pub tls_routes: Vec<Arc<TlsRoute>>,
     /// The service's TrafficPolicy, or the defaults.
     pub policy: Arc<TrafficPolicy>,
+    /// Pods it selects that are quarantined (not among `endpoints`), `namespace/name`.
+    pub quarantined: Vec<Arc<str>>,
     /// What requests to it have run up; kept across reloads.
     pub traffic: Arc<ServiceTraffic>,
 }
@@ -239,8 +241,14 @@ impl NodeState {
             );
             for port in &svc.ports {
                 let before = prev.and_then(|p| p.service_in(&svc.namespace, &svc.name, port.port));
+                let quarantined = selected
+                    .iter()
+                    .filter(|&&i| cfg.workloads[i].quarantine.is_some())
+                    .map(|&i| names[i].pod.clone())
+                    .collect();
                 let endpoints = selected
                     .iter()
+                    .filter(|&&i| cfg.workloads[i].quarantine.is_none())
                     .filter_map(|&i| {
                         let w = &cfg.workloads[i];
                         let target = match &port.target {
@@ -280,6 +288,7 @@ impl NodeState {
                     routes,
                     tls_routes,
                     policy: policy.clone(),
+                    quarantined,
                     traffic: before.map(|b| b.traffic.clone()).unwrap_or_default(),
                 });
                 if port.protocol == Protocol::Tcp {

@@ -14,7 +14,7 @@ use hyper::{
 use serde_json::{json, Value};
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 
-use super::{AdminState, Scope};
+use super::{AdminState, Change, Control, Scope};
 use crate::{
     metrics::Kind,
     telemetry::{families::Sample, tap::Filter},
@@ -58,31 +58,121 @@ pub const PATHS: &[(&str, &str)] = &[
         "/tap",
         "live requests as JSON lines; filters: workload, service, path, status, seconds",
     ),
+    (
+        "/quarantine",
+        "POST {\"pod\",\"reason\",\"allowFrom\"} quarantines a pod; DELETE ?pod=ns/name lifts it",
+    ),
 ];
+
+/// The largest request body read (a quarantine request).
+const MAX_BODY: usize = 16 * 1024;
+
+/// `name`'s value in a query string, percent-decoded.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k == name).then(|| crate::telemetry::tap::percent_decode(v))
+    })
+}
+
+/// `POST /quarantine` with `{"pod": "ns/name", "reason": "...", "allowFrom": [...]}`.
+async fn quarantine(admin: &AdminState, req: Request<Incoming>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Ask {
+        pod: String,
+        reason: String,
+        #[serde(default)]
+        allow_from: Vec<String>,
+    }
+    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY).collect();
+    let bytes = match tokio::time::timeout(Duration::from_secs(10), body).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("reading the request: {e}")),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within 10 s".into(),
+            )
+        }
+    };
+    let ask: Ask = match serde_json::from_slice(&bytes) {
+        Ok(a) => a,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{e}: send {{\"pod\": \"namespace/name\", \"reason\": \"...\", \"allowFrom\": [\"10.0.0.0/8\", \"spiffe://...\"]}}"),
+            )
+        }
+    };
+    let quarantine = crate::config::quarantine::Quarantine {
+        reason: ask.reason,
+        allow_from: ask.allow_from,
+        set_by: crate::config::quarantine::SetBy::Weftctl,
+    };
+    change(
+        admin,
+        Change::Quarantine {
+            pod: ask.pod,
+            quarantine,
+        },
+    )
+    .await
+}
+
+/// Hand `what` to the control loop and answer with what it made of it.
+async fn change(admin: &AdminState, what: Change) -> Response<Body> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if admin.control.send(Control { what, reply }).await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping".into(),
+        );
+    }
+    match answer.await {
+        Ok(Ok(generation)) => ok(json!({ "config_generation": generation })),
+        Ok(Err(e)) => error(StatusCode::CONFLICT, e),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping".into(),
+        ),
+    }
+}
 
 /// The longest a tap stream runs unless `seconds` says otherwise (and at most).
 const TAP_DEFAULT: Duration = Duration::from_secs(600);
 const TAP_MAX: Duration = Duration::from_secs(3600);
 
 pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) -> Response<Body> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!(
-                "{} is not served here; every admin path is GET",
-                req.method()
-            ),
-        );
-    }
-    let path = req.uri().path();
-    let query = req.uri().query().unwrap_or("");
-    if scope == Scope::Metrics && !matches!(path, "/metrics" | "/ready" | "/live") {
+    let path = req.uri().path().to_owned();
+    if scope == Scope::Metrics && !matches!(path.as_str(), "/metrics" | "/ready" | "/live") {
         return error(
             StatusCode::NOT_FOUND,
             format!("{path}: this port serves /metrics, /ready and /live; the rest of the admin API is on the agent's Unix socket"),
         );
     }
-    match path {
+    match (req.method().clone(), path.as_str()) {
+        (Method::POST, "/quarantine") => return quarantine(admin, req).await,
+        (Method::DELETE, "/quarantine") => {
+            let pod = query_value(req.uri().query().unwrap_or(""), "pod");
+            return change(
+                admin,
+                Change::Unquarantine {
+                    pod: pod.unwrap_or_default(),
+                },
+            )
+            .await;
+        }
+        (Method::GET | Method::HEAD, _) => {}
+        (m, p) => {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{m} {p} is not served; every path is GET but /quarantine (POST to set, DELETE ?pod= to lift)"),
+            )
+        }
+    }
+    let query = req.uri().query().unwrap_or("");
+    match path.as_str() {
         "/ready" => {
             let ready = admin.status.load().ready;
             let status = if ready {
@@ -170,6 +260,7 @@ fn services(admin: &AdminState) -> Value {
                 "protocol": s.addr.protocol,
                 "routes": s.routes.route_names(),
                 "endpoints": s.endpoints,
+                "quarantined": s.quarantined,
             })
         })
         .collect();
@@ -193,6 +284,7 @@ fn workloads(admin: &AdminState) -> Value {
                 "enrolled": enrolled.contains(&w.id()),
                 "service_account": w.service_account,
                 "identity": st.identities.get(&w.ip).map(ToString::to_string),
+                "quarantine": w.quarantine.as_deref(),
             })
         })
         .collect();
@@ -320,6 +412,15 @@ async fn scrape_time(admin: &AdminState) -> Vec<Sample> {
         status.enrolled.len() as f64,
     ));
     let st = admin.state.load();
+    for w in st.local.values().filter(|w| w.quarantine.is_some()) {
+        out.push(sample(
+            "workload_quarantined",
+            "1 for each pod of this node in quarantine (out of balancing and new inbound traffic).",
+            Kind::Gauge,
+            vec![("workload", w.id())],
+            1.0,
+        ));
+    }
     let endpoints: usize = st.services.values().map(|s| s.endpoints.len()).sum();
     for (map, n, capacity) in [
         ("services", st.services.len(), cap.services),

@@ -59,6 +59,35 @@ pub fn get(
     path: &str,
     read_timeout: Option<Duration>,
 ) -> Result<Answer, ClientError> {
+    request(socket, "GET", path, None, read_timeout)
+}
+
+/// `METHOD path` with an optional JSON body, as JSON (any status: errors are JSON too).
+pub fn send_json(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, serde_json::Value), ClientError> {
+    let body = body.map(|b| b.to_string());
+    let a = request(
+        socket,
+        method,
+        path,
+        body.as_deref(),
+        Some(Duration::from_secs(30)),
+    )?;
+    let status = a.status;
+    Ok((status, a.json()?))
+}
+
+fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    read_timeout: Option<Duration>,
+) -> Result<Answer, ClientError> {
     let name = socket.display().to_string();
     let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         socket: name.clone(),
@@ -71,8 +100,14 @@ pub fn get(
     s.set_read_timeout(read_timeout).map_err(io)?;
     s.set_write_timeout(Some(Duration::from_secs(10)))
         .map_err(io)?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: weft-agent\r\n\r\n").as_bytes())
-        .map_err(io)?;
+    let head = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.0\r\nHost: weft-agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.0\r\nHost: weft-agent\r\n\r\n"),
+    };
+    s.write_all(head.as_bytes()).map_err(io)?;
     let mut body = BufReader::new(s);
     let mut line = String::new();
     body.read_line(&mut line).map_err(io)?;

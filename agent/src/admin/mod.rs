@@ -63,8 +63,30 @@ pub struct Limits {
     pub max_connections_per_pod: u32,
 }
 
+/// A change asked for through the admin API, carried out by the agent's control loop.
+#[derive(Debug)]
+pub enum Change {
+    Quarantine {
+        pod: String,
+        quarantine: crate::config::quarantine::Quarantine,
+    },
+    Unquarantine {
+        pod: String,
+    },
+}
+
+/// A [`Change`] and where its outcome goes: the configuration generation it made, or
+/// why it was refused.
+#[derive(Debug)]
+pub struct Control {
+    pub what: Change,
+    pub reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
 #[derive(Clone)]
 pub struct AdminState {
+    /// Changes go to the control loop (app.rs), one at a time.
+    pub control: tokio::sync::mpsc::Sender<Control>,
     pub status: Arc<ArcSwap<Status>>,
     pub state: Arc<ArcSwap<NodeState>>,
     pub metrics: Arc<Metrics>,

@@ -63,6 +63,24 @@ enum What {
     Metrics,
     /// Requests and connections as they happen (Ctrl-C ends).
     Tap(TapArgs),
+    /// Take a pod of this node's view out of every service's balancing and out of new
+    /// inbound traffic, leaving it running for examination (kept across agent restarts).
+    Quarantine {
+        /// The pod, `namespace/name`.
+        pod: String,
+        /// Why (shown to whoever finds it quarantined).
+        #[arg(long)]
+        reason: String,
+        /// A debug source that may still reach it besides its own node: an address, a
+        /// CIDR or a SPIFFE ID (repeatable).
+        #[arg(long = "allow-from")]
+        allow_from: Vec<String>,
+    },
+    /// Lift a quarantine set with `weftctl quarantine`.
+    Unquarantine {
+        /// The pod, `namespace/name`.
+        pod: String,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -142,6 +160,20 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
             return Ok(ExitCode::SUCCESS);
         }
         What::Tap(t) => return tap(cli.output, socket, t),
+        What::Quarantine {
+            pod,
+            reason,
+            allow_from,
+        } => {
+            let ask = serde_json::json!({"pod": pod, "reason": reason, "allowFrom": allow_from});
+            let (status, v) = client::send_json(socket, "POST", "/quarantine", Some(&ask))?;
+            return Ok(changed(status, &v, &format!("{pod} quarantined")));
+        }
+        What::Unquarantine { pod } => {
+            let path = format!("/quarantine?pod={}", encode(pod));
+            let (status, v) = client::send_json(socket, "DELETE", &path, None)?;
+            return Ok(changed(status, &v, &format!("{pod} is back in service")));
+        }
         What::Completions { .. } => unreachable!("answered before the agent is asked"),
     };
     let (status, v) = client::get_json(socket, path)?;
@@ -158,6 +190,22 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         Output::Table => print_table(&cli.what, &v),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Report a change's outcome.
+fn changed(status: u16, v: &Value, done: &str) -> ExitCode {
+    if status >= 400 {
+        eprintln!(
+            "weftctl: refused: {}",
+            v["error"].as_str().unwrap_or("(no reason given)")
+        );
+        return ExitCode::from(EXIT_AGENT_ERROR);
+    }
+    println!(
+        "{done} (configuration generation {})",
+        s(&v["config_generation"])
+    );
+    ExitCode::SUCCESS
 }
 
 /// Follow `/tap`: each record as a line (table), or as it came (json, yaml documents).
@@ -313,11 +361,17 @@ fn print_table(what: &What, v: &Value) {
                     let eps: Vec<&Value> = items(&svc["endpoints"]).collect();
                     let healthy = eps.iter().filter(|e| e["ejected"] != true).count();
                     let routes: Vec<String> = items(&svc["routes"]).map(s).collect();
+                    let quarantined = items(&svc["quarantined"]).count();
+                    let ready = if quarantined > 0 {
+                        format!("{healthy}/{} ({quarantined} quarantined)", eps.len())
+                    } else {
+                        format!("{healthy}/{}", eps.len())
+                    };
                     vec![
                         s(&svc["name"]),
                         s(&svc["address"]),
                         s(&svc["protocol"]),
-                        format!("{healthy}/{}", eps.len()),
+                        ready,
                         if routes.is_empty() {
                             "-".into()
                         } else {
@@ -383,6 +437,10 @@ fn print_table(what: &What, v: &Value) {
                         s(&w["mtls"]),
                         s(&w["agent_down"]),
                         s(&w["identity"]),
+                        match w["quarantine"]["reason"].as_str() {
+                            Some(r) => format!("yes ({}): {r}", s(&w["quarantine"]["setBy"])),
+                            None => "no".into(),
+                        },
                     ]
                 })
                 .collect();
@@ -395,6 +453,7 @@ fn print_table(what: &What, v: &Value) {
                     "MTLS",
                     "AGENT-DOWN",
                     "IDENTITY",
+                    "QUARANTINED",
                 ],
                 rows,
             );
@@ -459,7 +518,11 @@ fn print_table(what: &What, v: &Value) {
                 rows,
             );
         }
-        What::Metrics | What::Tap(_) | What::Completions { .. } => {}
+        What::Metrics
+        | What::Tap(_)
+        | What::Quarantine { .. }
+        | What::Unquarantine { .. }
+        | What::Completions { .. } => {}
     }
 }
 

@@ -266,6 +266,8 @@ struct WorkloadSpec {
     agent_down: Option<AgentDown>,
     #[serde(default)]
     mtls: Option<Mtls>,
+    #[serde(default)]
+    quarantine: Option<super::quarantine::Quarantine>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -694,6 +696,16 @@ fn workload(
             ));
         }
     }
+    if let Some(q) = &spec.quarantine {
+        q.check().map_err(|(i, message)| {
+            let field = if i == usize::MAX {
+                "spec.quarantine.reason".to_owned()
+            } else {
+                format!("spec.quarantine.allowFrom[{i}]")
+            };
+            ConfigError::field(at, field, message)
+        })?;
+    }
     Ok(Workload {
         name: meta.name,
         namespace,
@@ -710,6 +722,12 @@ fn workload(
             .or(ns_defaults.agent_down)
             .unwrap_or_default(),
         mtls: spec.mtls.or(ns_defaults.mtls).unwrap_or_default(),
+        quarantine: spec.quarantine.map(|q| {
+            std::sync::Arc::new(super::quarantine::Quarantine {
+                set_by: super::quarantine::SetBy::Configuration,
+                ..q
+            })
+        }),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod authz;
 mod load;
 mod model;
 pub mod policy;
+pub mod quarantine;
 pub mod route;
 pub mod watch;
 

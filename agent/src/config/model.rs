@@ -86,6 +86,8 @@ pub struct Workload {
     pub meshed: bool,
     pub agent_down: AgentDown,
     pub mtls: Mtls,
+    /// Out of every service's balancing and of new inbound traffic but for debug sources.
+    pub quarantine: Option<std::sync::Arc<super::quarantine::Quarantine>>,
 }
 
 impl Workload {

@@ -420,3 +420,54 @@ fn mtls_comes_from_the_workload_then_its_namespace() {
         err("apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {weft.dev/mtls: on}}\n");
     assert!(e.contains("metadata.labels.weft.dev/mtls"), "{e}");
 }
+
+#[test]
+fn a_declared_quarantine_is_checked_and_kept_apart_from_run_time_ones() {
+    let doc = |q: &str| {
+        format!("apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: web-2}}\nspec: {{node: a, ip: 10.0.0.6, quarantine: {q}}}\n")
+    };
+    let cfg = parse(&doc(
+        "{reason: leaking, allowFrom: [10.0.0.0/24, 'spiffe://cluster.local/ns/ops/sa/debug'], setBy: weftctl}",
+    ))
+    .unwrap();
+    let q = cfg.workloads[0].quarantine.as_ref().unwrap();
+    assert_eq!(q.reason, "leaking");
+    assert_eq!(
+        q.set_by,
+        quarantine::SetBy::Configuration,
+        "a document cannot claim weftctl set it"
+    );
+    let e = err(&doc("{reason: leaking, allowFrom: [10.0.0.0/24, web]}"));
+    assert!(
+        e.contains("field `spec.quarantine.allowFrom[1]`") && e.contains("SPIFFE ID"),
+        "{e}"
+    );
+    let e = err(&doc("{reason: ''}"));
+    assert!(e.contains("field `spec.quarantine.reason`"), "{e}");
+    let e = err(&doc("{reason: x, allowFrm: []}"));
+    assert!(e.contains("allowFrm"), "{e}");
+
+    // A run-time quarantine goes on a workload the configuration does not quarantine.
+    let dir = std::env::temp_dir().join(format!("weft-quarantine-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("quarantine.json");
+    let mut o = quarantine::Overrides::load(path.clone());
+    let q = quarantine::Quarantine {
+        reason: "slow".into(),
+        allow_from: vec![],
+        set_by: quarantine::SetBy::Weftctl,
+    };
+    o.set("default/web-2", q).unwrap();
+    let mut cfg = parse("apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {name: web-2}\nspec: {node: a, ip: 10.0.0.6}\n").unwrap();
+    quarantine::Overrides::load(path.clone()).apply(&mut cfg);
+    let q = cfg.workloads[0]
+        .quarantine
+        .as_ref()
+        .expect("kept in the file");
+    assert_eq!(
+        (q.reason.as_str(), q.set_by),
+        ("slow", quarantine::SetBy::Weftctl)
+    );
+    assert!(o.lift("default/web-2").unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -90,3 +90,25 @@ pub fn set_client_identity(headers: &mut HeaderMap, value: Option<&HeaderValue>)
         headers.insert(CLIENT_CERT_HEADER, v.clone());
     }
 }
+
+/// Whether a new connection from `src` (with `identity` when a peer agent proved one) may
+/// reach the local pod `dst`: yes unless `dst` is quarantined; then only from the pod
+/// itself, from this node (kubelet probes), or from a debug source its quarantine allows.
+/// A refusal is counted (`quarantine_refused`).
+pub fn quarantine_admits(
+    inputs: &super::ProxyInputs,
+    state: &NodeState,
+    dst: Ipv4Addr,
+    src: Ipv4Addr,
+    identity: Option<&str>,
+) -> bool {
+    let Some(q) = state.local.get(&dst).and_then(|w| w.quarantine.as_ref()) else {
+        return true;
+    };
+    if src == dst || inputs.node_addrs.contains(&src) || q.allows(src, identity) {
+        return true;
+    }
+    Metrics::inc(&inputs.metrics.quarantine_refused);
+    tracing::debug!(%src, %dst, identity, reason = %q.reason, "quarantined: connection refused");
+    false
+}

@@ -38,6 +38,10 @@ async fn handle(ctx: ConnCtx, conn: TcpStream) {
     };
     {
         let state = ctx.inputs().state.load();
+        if !super::authz::quarantine_admits(ctx.inputs(), &state, pod.ip, *peer.ip(), None) {
+            super::listener::reset(&conn);
+            return;
+        }
         // The pod calling itself at its own address is not from outside.
         if peer.ip() != &pod.ip {
             let mode = state.local.get(&pod.ip).map(|w| w.mtls).unwrap_or_default();

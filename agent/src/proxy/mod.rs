@@ -84,6 +84,9 @@ pub struct ProxyInputs {
     pub tunnels: Arc<Tunnels>,
     /// Where every request and connection is recorded: metrics, access log, tap.
     pub telemetry: Arc<Telemetry>,
+    /// This node's own addresses (its network namespace's): connections from them are
+    /// the node's, such as kubelet probes.
+    pub node_addrs: Arc<std::collections::HashSet<Ipv4Addr>>,
 }
 
 impl ProxyInputs {
@@ -105,6 +108,7 @@ impl ProxyInputs {
             sni_peeks: Arc::new(Semaphore::new(config.tasks.sni_peeks)),
             tunnels: Arc::new(Tunnels::new(certs)),
             telemetry: Arc::new(Telemetry::new(metrics.clone())),
+            node_addrs: Arc::default(),
             metrics,
             config: Arc::new(config),
         }

@@ -129,7 +129,7 @@ impl Filter {
 }
 
 /// `%2F` and `+` decoded; anything malformed left as it is.
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

@@ -157,6 +157,7 @@ fn canonical_names_prefer_the_app_labels() {
         meshed: true,
         agent_down: Default::default(),
         mtls: Default::default(),
+        quarantine: None,
     };
     assert_eq!(canonical_name(&w), "shop/web-7f9");
     w.labels.insert("app".into(), "web".into());

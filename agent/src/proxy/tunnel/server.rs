@@ -380,6 +380,18 @@ async fn stream(peer: &Peer, mut req: Request<Incoming>) -> Response<Empty<Bytes
             ),
         );
     }
+    let id = peer.source.to_string();
+    if !crate::proxy::authz::quarantine_admits(inputs, &state, *target.ip(), src, Some(&id)) {
+        return refuse(
+            peer,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "quarantined",
+            format!(
+                "{target} is quarantined and {} is not a debug source",
+                peer.source
+            ),
+        );
+    }
     let http = crate::config::authz::Http::JudgedBySender;
     let m = &inputs.metrics;
     let allowed =
