@@ -72,6 +72,8 @@ pub struct AgentOptions {
     pub access_log: Option<crate::telemetry::access_log::Target>,
     /// The share of successful requests logged.
     pub access_log_sample: f64,
+    /// When the pre-fault detector speaks up (and whether it quarantines).
+    pub prefault: crate::telemetry::prefault::Thresholds,
 }
 
 /// Where the agent gets its workloads' certificates (flags of `weft-agent run`).
@@ -258,6 +260,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
     // 8. Admin API, the scrape port, and the handoff socket for a successor.
     let (control_tx, mut control_rx) = mpsc::channel(8);
+    tokio::spawn(crate::telemetry::prefault::run(
+        state.clone(),
+        inputs.telemetry.clone(),
+        control_tx.clone(),
+        opts.prefault,
+    ));
     let admin_state = AdminState {
         control: control_tx,
         status: status.clone(),

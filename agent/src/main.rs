@@ -166,6 +166,11 @@ struct RunArgs {
     /// kept).
     #[arg(long, default_value_t = 1.0)]
     access_log_sample: f64,
+    /// Quarantine (on this node) an endpoint the pre-fault detector finds far gone: 5x its
+    /// baseline latency, or half of its attempts failing; never one whose service would
+    /// keep fewer than two other endpoints.
+    #[arg(long)]
+    auto_quarantine: bool,
 }
 
 /// `--metrics-address`: where to listen, or `off`.
@@ -306,6 +311,10 @@ fn run(args: RunArgs) -> ExitCode {
         metrics_address: args.metrics_address.0,
         access_log: args.access_log,
         access_log_sample: args.access_log_sample,
+        prefault: weft_agent::telemetry::prefault::Thresholds {
+            quarantine_factor: args.auto_quarantine.then_some(5.0),
+            ..Default::default()
+        },
     };
     match rt.block_on(app::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,6 +43,37 @@ pub struct EndpointStats {
     ejections: AtomicU32,
     /// Answers (or failures) measured so far: what the latency estimate is made of.
     samples: AtomicU64,
+    /// Running totals the pre-fault detector reads as deltas (telemetry/prefault.rs).
+    pub trend: Trend,
+}
+
+/// Running totals of what one endpoint did, only ever growing.
+#[derive(Debug, Default)]
+pub struct Trend {
+    /// Attempts answered (any status) and the sum of their latencies.
+    pub answered: AtomicU64,
+    pub latency_ns: AtomicU64,
+    /// Attempts that failed: a 5xx, a broken answer, a timeout, a failed connect.
+    pub failed: AtomicU64,
+    /// Of those, connects that failed.
+    pub connect_failed: AtomicU64,
+}
+
+impl Trend {
+    /// An attempt ended: answered in `latency_ns` (when it was answered at all), and
+    /// whether it failed, and whether connecting did.
+    pub fn record(&self, latency_ns: Option<u64>, failed: bool, connect_failed: bool) {
+        if let Some(ns) = latency_ns {
+            self.answered.fetch_add(1, Relaxed);
+            self.latency_ns.fetch_add(ns, Relaxed);
+        }
+        if failed {
+            self.failed.fetch_add(1, Relaxed);
+        }
+        if connect_failed {
+            self.connect_failed.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 impl Default for EndpointStats {
@@ -55,6 +86,7 @@ impl Default for EndpointStats {
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             samples: AtomicU64::new(0),
+            trend: Trend::default(),
         }
     }
 }

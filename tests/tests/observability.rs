@@ -627,3 +627,65 @@ fn tap_shows_requests_as_they_happen_with_the_filter_applied() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("status filter"));
 }
+
+#[test]
+fn an_endpoint_slowing_down_is_reported_before_it_fails() {
+    if !require_root("an_endpoint_slowing_down_is_reported_before_it_fails") {
+        return;
+    }
+    let c = Cluster::builder("prefault")
+        .node("a")
+        .pod(PodSpec::new("client", "a"))
+        .pod(PodSpec::new("slow", "a").label("app", "slow").port(8080))
+        .service(
+            ServiceSpec::new("slow", "10.96.0.14")
+                .select("app", "slow")
+                .tcp(80, 8080),
+        )
+        .build();
+    let a = c.start_agent("a", &[]);
+    // Healthy for 4 s, then 15 ms slower every second; failing from 12 s on.
+    let started = Instant::now();
+    let _slow = c.serve_http("slow", 8080, &["ramp=15", "ramp-after=4", "fail-after=12"]);
+    let fails_at = started + Duration::from_secs(12);
+    let _load = c.pod("client").spawn(
+        &c.dir,
+        &bin("weft-testpod"),
+        &["http-loop", "10.96.0.14:80", "14000"],
+    );
+    let warned_at = loop {
+        let v = weftctl_json(&a, &["events"]);
+        let warned = v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "latency-rising" && e["workload"] == "default/slow");
+        if warned {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < started + Duration::from_secs(16),
+            "no latency-rising event: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        warned_at < fails_at,
+        "warned {:?} after the start, it fails from 12 s",
+        warned_at - started
+    );
+    let events = weftctl(&a, &["events"]);
+    let row = events
+        .lines()
+        .find(|l| l.contains("latency-rising"))
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(
+        row.contains("warning") && row.contains("default/slow") && row.contains("baseline"),
+        "{row}"
+    );
+    let (_, metrics) = a.admin_text("/metrics").unwrap();
+    assert!(
+        metrics.contains("weft_endpoint_warnings_total{destination_service=\"default/slow\",destination_workload=\"default/slow\",kind=\"latency-rising\"} 1"),
+        "{metrics}"
+    );
+}

@@ -55,6 +55,10 @@ pub const PATHS: &[(&str, &str)] = &[
     ),
     ("/metrics", "Prometheus text format"),
     (
+        "/events",
+        "pre-fault warnings about endpoints and what came of them, oldest first",
+    ),
+    (
         "/tap",
         "live requests as JSON lines; filters: workload, service, path, status, seconds",
     ),
@@ -213,6 +217,7 @@ pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) ->
             r
         }
         "/tap" => tap(admin, query),
+        "/events" => ok(json!({ "events": admin.telemetry.events.list() })),
         other => {
             let known: Vec<Value> = PATHS
                 .iter()

@@ -61,6 +61,9 @@ enum What {
     Tunnels,
     /// The agent's Prometheus metrics, as Prometheus scrapes them.
     Metrics,
+    /// Pre-fault warnings about endpoints (latency or errors rising against their own
+    /// baseline, failing connects), recoveries and auto-quarantines, oldest first.
+    Events,
     /// Requests and connections as they happen (Ctrl-C ends).
     Tap(TapArgs),
     /// Take a pod of this node's view out of every service's balancing and out of new
@@ -153,6 +156,7 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         What::Stats => "/stats",
         What::Bpf => "/maps",
         What::Certs => "/certificates",
+        What::Events => "/events",
         What::Tunnels => "/tunnels",
         What::Metrics => {
             let a = client::get(socket, "/metrics", Some(std::time::Duration::from_secs(10)))?;
@@ -454,6 +458,24 @@ fn print_table(what: &What, v: &Value) {
                     "AGENT-DOWN",
                     "IDENTITY",
                     "QUARANTINED",
+                ],
+                rows,
+            );
+        }
+        What::Events => {
+            let rows = items(&v["events"])
+                .map(|e| {
+                    [
+                        "time", "severity", "kind", "service", "endpoint", "workload", "message",
+                    ]
+                    .iter()
+                    .map(|k| s(&e[*k]))
+                    .collect()
+                })
+                .collect();
+            table(
+                &[
+                    "TIME", "SEVERITY", "KIND", "SERVICE", "ENDPOINT", "WORKLOAD", "MESSAGE",
                 ],
                 rows,
             );

@@ -171,6 +171,7 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
             }
             Err(e) => {
                 tracing::warn!(endpoint = %ep.addr, workload = %ep.workload, error = %e, "connecting to the endpoint failed");
+                ep.stats.trend.record(None, true, true);
                 last = Some(ep);
             }
         }

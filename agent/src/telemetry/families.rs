@@ -92,6 +92,14 @@ pub struct EndpointLabels {
     pub destination_workload: Arc<str>,
 }
 
+/// A pre-fault warning about one endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarningLabels {
+    pub destination_service: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub kind: &'static str,
+}
+
 type Histograms<S> = Family<S, Histogram, fn() -> Histogram>;
 
 /// A family and how many label sets it holds (the crate does not say outside its tests).
@@ -164,6 +172,7 @@ pub struct Families {
     tcp_sent: Bounded<TcpLabels, Counter>,
     tcp_received: Bounded<TcpLabels, Counter>,
     ejections: Bounded<EndpointLabels, Counter>,
+    warnings: Bounded<WarningLabels, Counter>,
     /// What the scraper read at scrape time, encoded by [`ScrapeTime`].
     scrape_time: Arc<Mutex<Vec<Sample>>>,
 }
@@ -232,6 +241,12 @@ impl Families {
             "Times outlier detection ejected an endpoint",
             Family::default(),
         );
+        let warnings = Bounded::register(
+            (&mut registry, &overflow),
+            "endpoint_warnings",
+            "Pre-fault warnings raised about an endpoint, by kind",
+            Family::default(),
+        );
         let scrape_time = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(Flat {
             metrics,
@@ -250,6 +265,7 @@ impl Families {
             tcp_sent,
             tcp_received,
             ejections,
+            warnings,
             scrape_time,
         }
     }
@@ -331,6 +347,22 @@ impl Families {
             .get(&l, |_| EndpointLabels {
                 destination_service: Arc::from(OTHER),
                 destination_workload: Arc::from(OTHER),
+            })
+            .inc();
+    }
+
+    /// The pre-fault detector warned about `workload`'s endpoint of `service`.
+    pub fn warned(&self, service: &Arc<str>, workload: &Arc<str>, kind: &'static str) {
+        let l = WarningLabels {
+            destination_service: service.clone(),
+            destination_workload: workload.clone(),
+            kind,
+        };
+        self.warnings
+            .get(&l, |l| WarningLabels {
+                destination_service: Arc::from(OTHER),
+                destination_workload: Arc::from(OTHER),
+                kind: l.kind,
             })
             .inc();
     }

@@ -9,7 +9,9 @@
 //!   listen.
 
 pub mod access_log;
+pub mod events;
 pub mod families;
+pub mod prefault;
 pub mod tap;
 
 use std::{
@@ -27,6 +29,8 @@ pub struct Telemetry {
     pub families: families::Families,
     pub access_log: Option<access_log::AccessLog>,
     pub tap: tap::Tap,
+    /// Pre-fault warnings and what came of them.
+    pub events: events::Events,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -44,6 +48,7 @@ impl Telemetry {
             families: families::Families::new(metrics),
             access_log: None,
             tap: tap::Tap::default(),
+            events: events::Events::default(),
         }
     }
 

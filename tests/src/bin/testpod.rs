@@ -4,7 +4,9 @@
 //!   HTTP request with `{"server":NAME,"peer":"IP:PORT",...}`, the peer being the address
 //!   the server saw, and logs `served PEER`; with BYTES, the body is padded to that size
 //!   and nothing is logged. `delay` waits before answering; `fail=N/M` answers N of every
-//!   M requests with CODE (default 503) instead.
+//!   M requests with CODE (default 503) instead. `ramp=MS ramp-after=S` adds MS ms of
+//!   delay per second from S s after the start; `fail-after=S` fails every request from
+//!   S s after the start.
 //! - `h2-server PORT NAME BYTES`: HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on one
 //!   port (hyper), answering every request with BYTES bytes.
 //! - `echo-server PORT`: echoes every TCP byte back; on the client's half-close it
@@ -132,6 +134,11 @@ struct ServerOpts {
     /// Fail `fail.0` of every `fail.1` requests.
     fail: (u64, u64),
     status: u16,
+    /// From `ramp_after` after the start, `ramp` more delay per second.
+    ramp: Duration,
+    ramp_after: Duration,
+    /// From this long after the start, fail every request.
+    fail_after: Option<Duration>,
 }
 
 impl ServerOpts {
@@ -146,6 +153,9 @@ impl ServerOpts {
                 None => o.size = num(a)? as usize,
                 Some(("delay", v)) => o.delay = Duration::from_millis(num(v)?),
                 Some(("status", v)) => o.status = num(v)? as u16,
+                Some(("ramp", v)) => o.ramp = Duration::from_millis(num(v)?),
+                Some(("ramp-after", v)) => o.ramp_after = Duration::from_secs(num(v)?),
+                Some(("fail-after", v)) => o.fail_after = Some(Duration::from_secs(num(v)?)),
                 Some(("fail", v)) => {
                     let (n, m) = v.split_once('/').ok_or("fail=N/M")?;
                     o.fail = (num(n)?, num(m)?.max(1));
@@ -159,6 +169,7 @@ impl ServerOpts {
 
 fn http_server(port: &str, name: &str, opts: ServerOpts) -> Res {
     let l = listen(port)?;
+    let started = std::time::Instant::now();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     for conn in l.incoming() {
         let Ok(mut c) = conn else { continue };
@@ -207,10 +218,16 @@ fn http_server(port: &str, name: &str, opts: ServerOpts) -> Res {
                 if !quiet {
                     println!("served {peer}");
                 }
-                if !opts.delay.is_zero() {
-                    std::thread::sleep(opts.delay);
+                let since = started.elapsed();
+                let ramped = opts
+                    .ramp
+                    .mul_f64(since.saturating_sub(opts.ramp_after).as_secs_f64());
+                let delay = opts.delay + ramped;
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
                 }
-                let fails = k % opts.fail.1.max(1) < opts.fail.0;
+                let fails = k % opts.fail.1.max(1) < opts.fail.0
+                    || opts.fail_after.is_some_and(|f| since >= f);
                 let mut body =
                     format!("{{\"server\":\"{name}\",\"peer\":\"{peer}\",\"body_len\":{body_len}");
                 if !quiet {

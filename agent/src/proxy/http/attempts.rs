@@ -128,6 +128,11 @@ impl Attempts<'_> {
             }
             let done = now_ns();
             let ok = matches!(&outcome, Outcome::Answered(r) if r.status().as_u16() < 500);
+            ep.stats.trend.record(
+                matches!(&outcome, Outcome::Answered(_)).then(|| done.saturating_sub(now)),
+                !ok,
+                matches!(&outcome, Outcome::ConnectFailed(_)),
+            );
             // A failure counts as a slow answer, so P2C steers away from an endpoint that
             // fails fast.
             let rtt = done.saturating_sub(now);
