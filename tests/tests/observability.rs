@@ -689,3 +689,156 @@ fn an_endpoint_slowing_down_is_reported_before_it_fails() {
         "{metrics}"
     );
 }
+
+/// One request with curl from `pod`: status, x-weft-reason (or "") and the body.
+fn curl_one(c: &Cluster, pod: &str, url: &str) -> (u16, String, String) {
+    let out = c.pod(pod).run(
+        "curl",
+        &["-sS", "-i", "--max-time", "5", url],
+        Duration::from_secs(8),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let reason = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-weft-reason:")
+                .map(|r| r.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, reason, body)
+}
+
+#[test]
+fn explain_agrees_with_what_happens() {
+    if !require_root("explain_agrees_with_what_happens") {
+        return;
+    }
+    let c = Cluster::builder("explain")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").account("client"))
+        .pod(
+            PodSpec::new("web-1", "b")
+                .label("app", "web")
+                .port(8080)
+                .account("web"),
+        )
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .build();
+    let extra = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-api}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: web, port: 80}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-secrets}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{to: [{paths: [{exact: /api/secret}]}]}]
+---
+"#;
+    c.write_config(&format!("{}{extra}", c.config_yaml()));
+    let _web = c.serve_http("web-1", 8080, &[]);
+    let a = c.start_agent("a", &[]);
+    let _b = c.start_agent("b", &[]);
+    let explain =
+        |path: &str| weftctl_json(&a, &["explain", "default/client", "web", "--path", path]);
+
+    // Allowed: explain names the endpoint the request then reaches.
+    let v = explain("/api/items");
+    assert_eq!(v["datapath"], "captured", "{v:#}");
+    assert_eq!(v["route"], "default/web-api");
+    assert_eq!(v["policy"]["verdict"], "allow");
+    assert_eq!(v["endpoint"]["workload"], "default/web-1");
+    assert!(
+        v["endpoint"]["reach"]
+            .as_str()
+            .unwrap()
+            .contains("mTLS tunnel"),
+        "{v:#}"
+    );
+    assert_eq!(v["outcome"], "sent to 10.244.2.10:8080 (default/web-1)");
+    let (status, _, body) = curl_one(&c, "client", "http://10.96.0.10/api/items");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"server\":\"web-1\""), "{body}");
+
+    // Denied: explain gives the policy's reason; the proxy answers 403.
+    let v = explain("/api/secret");
+    assert_eq!(v["policy"]["verdict"], "deny", "{v:#}");
+    assert!(
+        v["policy"]["denied"]
+            .as_str()
+            .unwrap()
+            .contains("no-secrets"),
+        "{v:#}"
+    );
+    assert_eq!(v["outcome"], "answered 403 policy-denied by the proxy");
+    let (status, reason, _) = curl_one(&c, "client", "http://10.96.0.10/api/secret");
+    assert_eq!((status, reason.as_str()), (403, "policy-denied"));
+
+    // Misrouted: no rule matches; explain and the proxy agree on 404 no-route.
+    let v = explain("/other");
+    assert_eq!(v["outcome"], "answered 404 no-route by the proxy", "{v:#}");
+    let (status, reason, _) = curl_one(&c, "client", "http://10.96.0.10/other");
+    assert_eq!((status, reason.as_str()), (404, "no-route"));
+
+    // The table is numbered steps and the outcome.
+    let text = weftctl(
+        &a,
+        &[
+            "explain",
+            "default/client",
+            "10.96.0.10:80",
+            "--path",
+            "/api/x",
+        ],
+    );
+    assert!(
+        text.starts_with("1. connect4 sees default/client connect to 10.96.0.10:80"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the kernel's service map has 10.96.0.10:80"),
+        "{text}"
+    );
+    assert!(
+        text.contains("identities: spiffe://cluster.local/ns/default/sa/client"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .ends_with("=> sent to 10.244.2.10:8080 (default/web-1)"),
+        "{text}"
+    );
+
+    // A pod of another node is explained by its own agent.
+    let out = Command::new(bin("weftctl"))
+        .args([
+            "--admin-socket",
+            &a.admin.display().to_string(),
+            "explain",
+            "default/web-1",
+            "web",
+        ])
+        .output()
+        .expect("weftctl");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ask that node's agent"));
+}

@@ -55,6 +55,10 @@ pub const PATHS: &[(&str, &str)] = &[
     ),
     ("/metrics", "Prometheus text format"),
     (
+        "/explain",
+        "what a request would meet, without sending it: ?source=NS/POD&destination=ADDR|SERVICE[:PORT]&method=&path=&header=NAME:VALUE",
+    ),
+    (
         "/events",
         "pre-fault warnings about endpoints and what came of them, oldest first",
     ),
@@ -217,6 +221,7 @@ pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) ->
             r
         }
         "/tap" => tap(admin, query),
+        "/explain" => explain(admin, query).await,
         "/events" => ok(json!({ "events": admin.telemetry.events.list() })),
         other => {
             let known: Vec<Value> = PATHS
@@ -355,6 +360,41 @@ fn certificates(admin: &AdminState) -> Value {
         "certificates": held,
         "pending": ids.pending(),
     })
+}
+
+async fn explain(admin: &AdminState, query: &str) -> Response<Body> {
+    let ask = match super::explain::Ask::from_query(query) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let st = admin.state.load_full();
+    let source = st.workloads.values().find(|w| w.id() == ask.source);
+    let ns = source.map_or("default", |w| w.namespace.as_str());
+    let kernel = match super::explain::resolve(&st, &ask.destination, ns) {
+        Ok(dst) => admin
+            .datapath
+            .lock()
+            .await
+            .lookup_service(dst, crate::config::Protocol::Tcp),
+        Err(_) => None,
+    };
+    let source_id = source.and_then(|w| st.identities.get(&w.ip));
+    let now = crate::identity::unix_now();
+    let facts = super::explain::Facts {
+        enrolled: admin.status.load().enrolled.contains(&ask.source),
+        kernel,
+        cert_expires_in: admin
+            .identities
+            .store
+            .list()
+            .into_iter()
+            .find(|(id, _, _)| Some(id) == source_id)
+            .map(|(_, _, not_after)| not_after - now),
+    };
+    match super::explain::explain(&st, &ask, &facts) {
+        Ok(v) => ok(v),
+        Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
 }
 
 /// What `/metrics` reads at scrape time: the eBPF counters and the agent's health.

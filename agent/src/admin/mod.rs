@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod client;
+pub mod explain;
 
 use std::{convert::Infallible, path::Path, sync::Arc, time::Duration};
 

@@ -64,6 +64,9 @@ enum What {
     /// Pre-fault warnings about endpoints (latency or errors rising against their own
     /// baseline, failing connects), recoveries and auto-quarantines, oldest first.
     Events,
+    /// What a request from a pod of this node would meet, without sending it: the eBPF
+    /// decision, service, route rule, backend, endpoint, policy verdict, identities.
+    Explain(ExplainArgs),
     /// Requests and connections as they happen (Ctrl-C ends).
     Tap(TapArgs),
     /// Take a pod of this node's view out of every service's balancing and out of new
@@ -86,6 +89,21 @@ enum What {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args, Clone)]
+struct ExplainArgs {
+    /// The client pod, `namespace/name` (it must run on the node asked).
+    source: String,
+    /// `IP:PORT`, or a Service as `name[.namespace][:port]` (port 80 by default).
+    destination: String,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// A request header, `NAME:VALUE` (repeatable).
+    #[arg(long)]
+    header: Vec<String>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -148,22 +166,32 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
-    let path = match &cli.what {
-        What::Status => "/status",
-        What::Version => "/version",
-        What::Workloads => "/workloads",
-        What::Services | What::Endpoints => "/services",
-        What::Stats => "/stats",
-        What::Bpf => "/maps",
-        What::Certs => "/certificates",
-        What::Events => "/events",
-        What::Tunnels => "/tunnels",
+    let path: String = match &cli.what {
+        What::Status => "/status".into(),
+        What::Version => "/version".into(),
+        What::Workloads => "/workloads".into(),
+        What::Services | What::Endpoints => "/services".into(),
+        What::Stats => "/stats".into(),
+        What::Bpf => "/maps".into(),
+        What::Certs => "/certificates".into(),
+        What::Events => "/events".into(),
+        What::Tunnels => "/tunnels".into(),
         What::Metrics => {
             let a = client::get(socket, "/metrics", Some(std::time::Duration::from_secs(10)))?;
             print!("{}", a.text()?);
             return Ok(ExitCode::SUCCESS);
         }
         What::Tap(t) => return tap(cli.output, socket, t),
+        What::Explain(e) => {
+            let mut q = vec![
+                format!("source={}", encode(&e.source)),
+                format!("destination={}", encode(&e.destination)),
+                format!("method={}", encode(&e.method)),
+                format!("path={}", encode(&e.path)),
+            ];
+            q.extend(e.header.iter().map(|h| format!("header={}", encode(h))));
+            format!("/explain?{}", q.join("&"))
+        }
         What::Quarantine {
             pod,
             reason,
@@ -180,7 +208,7 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         }
         What::Completions { .. } => unreachable!("answered before the agent is asked"),
     };
-    let (status, v) = client::get_json(socket, path)?;
+    let (status, v) = client::get_json(socket, &path)?;
     if status >= 400 {
         eprintln!(
             "weftctl: the agent answered {status}: {}",
@@ -461,6 +489,12 @@ fn print_table(what: &What, v: &Value) {
                 ],
                 rows,
             );
+        }
+        What::Explain(_) => {
+            for (i, step) in items(&v["steps"]).enumerate() {
+                println!("{}. {}", i + 1, s(step));
+            }
+            println!("=> {}", s(&v["outcome"]));
         }
         What::Events => {
             let rows = items(&v["events"])

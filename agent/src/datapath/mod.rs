@@ -667,6 +667,20 @@ impl Datapath {
         out
     }
 
+    /// What the kernel's `SERVICES` map holds for a service address: its id and how many
+    /// endpoints it balances over (`None`: not a service to the kernel).
+    pub fn lookup_service(
+        &self,
+        vip: SocketAddrV4,
+        protocol: crate::config::Protocol,
+    ) -> Option<(u32, u32)> {
+        let v = self
+            .services
+            .get(&services::service_key(vip, protocol), 0)
+            .ok()?;
+        Some((v.id, v.count))
+    }
+
     /// The sizes of `SERVICES` and `ENDPOINTS` this agent writes within.
     pub fn capacity(&self) -> services::Capacity {
         self.capacity
