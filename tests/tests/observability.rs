@@ -347,6 +347,64 @@ fn prometheus_counts_what_was_sent_and_access_logs_match() {
         text.contains("# TYPE weft_requests_total counter"),
         "{text}"
     );
+
+    // The Grafana dashboard in deploy/ uses only metrics the agent exports, in queries
+    // this Prometheus accepts.
+    dashboard_uses_only_exported_metrics(&prom, &text);
+}
+
+fn dashboard_uses_only_exported_metrics(prom: &Prometheus, exposition: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/grafana/weft-golden-signals.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard"))
+        .expect("the dashboard is JSON");
+    let exported: std::collections::BTreeSet<&str> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(i) = rest.find("weft_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    exported.contains(name.as_str()) || exported.contains(base),
+                    "panel {:?} uses {name}, which the agent does not export",
+                    panel["title"]
+                );
+                checked += 1;
+            }
+            let q = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$service", ".*");
+            let out = prom.c.run_in_fabric(
+                "curl",
+                &[
+                    "-s",
+                    "--max-time",
+                    "5",
+                    "--data-urlencode",
+                    &format!("query={q}"),
+                    "http://127.0.0.1:9090/api/v1/query",
+                ],
+                Duration::from_secs(10),
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            assert_eq!(v["status"], "success", "Prometheus refuses {q}: {v}");
+        }
+    }
+    assert!(checked > 20, "the dashboard's queries were read");
 }
 
 /// weftctl against agent `a`: its stdout, checked to have succeeded.

@@ -457,6 +457,13 @@ async fn scrape_time(admin: &AdminState) -> Vec<Sample> {
         status.enrolled.len() as f64,
     ));
     let st = admin.state.load();
+    out.push(sample(
+        "quarantined_workloads",
+        "Pods of this node in quarantine.",
+        Kind::Gauge,
+        vec![],
+        st.local.values().filter(|w| w.quarantine.is_some()).count() as f64,
+    ));
     for w in st.local.values().filter(|w| w.quarantine.is_some()) {
         out.push(sample(
             "workload_quarantined",

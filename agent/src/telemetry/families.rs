@@ -116,13 +116,19 @@ where
     M: Clone + EncodeMetric + TypedMetric + std::fmt::Debug + Send + Sync + 'static,
     C: MetricConstructor<M> + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
+    /// Register `family` so that it is always listed (HELP and TYPE), even before its
+    /// first series: a scrape shows every metric the agent has.
     fn register(
         (registry, overflowed): (&mut Registry, &Arc<AtomicU64>),
-        name: &str,
-        help: &str,
+        name: &'static str,
+        help: &'static str,
         family: Family<S, M, C>,
     ) -> Self {
-        registry.register(name, help, family.clone());
+        registry.register_collector(Box::new(Listed {
+            name,
+            help,
+            family: family.clone(),
+        }));
         Self {
             family,
             sets: AtomicUsize::new(0),
@@ -426,6 +432,26 @@ pub fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+/// A family encoded with its descriptor even while it has no series.
+#[derive(Debug)]
+struct Listed<S, M, C> {
+    name: &'static str,
+    help: &'static str,
+    family: Family<S, M, C>,
+}
+
+impl<S, M, C> Collector for Listed<S, M, C>
+where
+    S: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    M: EncodeMetric + TypedMetric + std::fmt::Debug + Send + Sync + 'static,
+    C: MetricConstructor<M> + std::fmt::Debug + Send + Sync + 'static,
+{
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = encoder.encode_descriptor(self.name, self.help, None, M::TYPE)?;
+        self.family.encode(m)
     }
 }
 
