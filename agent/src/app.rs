@@ -72,6 +72,8 @@ pub struct AgentOptions {
     pub access_log: Option<crate::telemetry::access_log::Target>,
     /// The share of successful requests logged.
     pub access_log_sample: f64,
+    /// Whether requests and connections are recorded (metrics, access log, tap).
+    pub request_telemetry: bool,
     /// When the pre-fault detector speaks up (and whether it quarantines).
     pub prefault: crate::telemetry::prefault::Thresholds,
 }
@@ -190,11 +192,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         identities.store.clone(),
     );
     inputs.node_addrs = Arc::new(own_addresses());
-    if let Some(target) = &opts.access_log {
-        let log = AccessLog::start(target, opts.access_log_sample, inputs.metrics.clone())
-            .with_context(|| format!("opening the access log {target:?}"))?;
-        inputs = inputs.with_access_log(log);
-    }
+    let log = match &opts.access_log {
+        Some(target) => Some(
+            AccessLog::start(target, opts.access_log_sample, inputs.metrics.clone())
+                .with_context(|| format!("opening the access log {target:?}"))?,
+        ),
+        None => None,
+    };
+    inputs = inputs.with_telemetry(opts.request_telemetry, log);
     let metrics = inputs.metrics.clone();
     tokio::spawn(identities.clone().run());
     let host = HostNetns::current().context("opening the agent's own network namespace")?;

@@ -171,6 +171,11 @@ struct RunArgs {
     /// keep fewer than two other endpoints.
     #[arg(long)]
     auto_quarantine: bool,
+    /// Record every request and forwarded connection (metrics per workload, service and
+    /// route; access log; tap). `off` leaves only the node-wide counters: for measuring
+    /// what recording costs.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    request_telemetry: String,
 }
 
 /// `--metrics-address`: where to listen, or `off`.
@@ -311,6 +316,7 @@ fn run(args: RunArgs) -> ExitCode {
         metrics_address: args.metrics_address.0,
         access_log: args.access_log,
         access_log_sample: args.access_log_sample,
+        request_telemetry: args.request_telemetry == "on",
         prefault: weft_agent::telemetry::prefault::Thresholds {
             quarantine_factor: args.auto_quarantine.then_some(5.0),
             ..Default::default()

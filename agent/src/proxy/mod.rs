@@ -114,9 +114,17 @@ impl ProxyInputs {
         }
     }
 
-    /// The same inputs with an access log.
-    pub fn with_access_log(mut self, log: crate::telemetry::access_log::AccessLog) -> Self {
-        self.telemetry = Arc::new(Telemetry::new(self.metrics.clone()).with_access_log(log));
+    /// The same inputs with this telemetry: requests recorded or not, an access log.
+    pub fn with_telemetry(
+        mut self,
+        record_requests: bool,
+        log: Option<crate::telemetry::access_log::AccessLog>,
+    ) -> Self {
+        let mut t = Telemetry::new(self.metrics.clone()).with_requests_recorded(record_requests);
+        if let Some(log) = log {
+            t = t.with_access_log(log);
+        }
+        self.telemetry = Arc::new(t);
         self
     }
 }

@@ -138,6 +138,9 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
         (allowed, denied)
     };
     let record = |ep: Option<&Endpoint>, outcome: &'static str, f: Option<&Forwarded>| {
+        if !inputs.telemetry.enabled {
+            return;
+        }
         inputs.telemetry.tcp(TcpRecord {
             start: started.1,
             source: inputs.state.load().peer(pod.ip),

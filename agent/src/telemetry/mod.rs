@@ -26,6 +26,9 @@ use crate::{config::Workload, metrics::Metrics};
 
 /// The telemetry consumers of one agent.
 pub struct Telemetry {
+    /// Whether requests and connections are recorded at all (`--request-telemetry`);
+    /// off, the proxy skips every step below (for measuring what they cost).
+    pub enabled: bool,
     pub families: families::Families,
     pub access_log: Option<access_log::AccessLog>,
     pub tap: tap::Tap,
@@ -45,6 +48,7 @@ impl Telemetry {
     /// Families registered next to the proxy's flat counters; no access log.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
+            enabled: true,
             families: families::Families::new(metrics),
             access_log: None,
             tap: tap::Tap::default(),
@@ -54,6 +58,11 @@ impl Telemetry {
 
     pub fn with_access_log(mut self, log: access_log::AccessLog) -> Self {
         self.access_log = Some(log);
+        self
+    }
+
+    pub fn with_requests_recorded(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
         self
     }
 

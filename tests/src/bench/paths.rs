@@ -503,45 +503,7 @@ pub fn run(opts: &Options, r: &mut Results) {
         for (label, extra) in [("off", &[][..]), ("on", &["--accelerate"][..])] {
             f.agents(extra);
             let pod = f.c.pod("client");
-            let cpu0 = procstat::cpu_of(&f.proxies("weft same node"));
-            if let Some(v) = oha(pod, "http://10.96.1.1/", secs, 16, Some(5000)) {
-                let cpu = procstat::cpu_of(&f.proxies("weft same node")) - cpu0;
-                let s = &v["latencyPercentiles"];
-                r.record(
-                    g,
-                    &format!("acceleration {label}"),
-                    "latency p50 at 5000 rps",
-                    "ms",
-                    s["p50"].as_f64().unwrap_or(f64::NAN) * 1000.0,
-                );
-                r.record(
-                    g,
-                    &format!("acceleration {label}"),
-                    "latency p99 at 5000 rps",
-                    "ms",
-                    s["p99"].as_f64().unwrap_or(f64::NAN) * 1000.0,
-                );
-                let req = v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0)
-                    * v["summary"]["total"].as_f64().unwrap_or(0.0);
-                if req > 0.0 {
-                    r.record(
-                        g,
-                        &format!("acceleration {label}"),
-                        "proxy CPU per 1k req",
-                        "ms",
-                        cpu / (req / 1000.0) * 1000.0,
-                    );
-                }
-            }
-            if let Some(v) = oha(pod, "http://10.96.1.1/", secs, 16, None) {
-                r.record(
-                    g,
-                    &format!("acceleration {label}"),
-                    "max throughput",
-                    "req/s",
-                    v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
-                );
-            }
+            same_node_http(&f, r, g, &format!("acceleration {label}"), secs);
             // iperf3 reads with blocking calls while it also writes, which is exactly what
             // the kernel's sockmap receive path mishandles (see docs/architecture.md): a
             // failure here is a finding about acceleration, reported, not a harness error.
@@ -560,5 +522,60 @@ pub fn run(opts: &Options, r: &mut Results) {
                 ));
             }
         }
+    }
+
+    // Request telemetry off, then on, interleaved: what recording every request
+    // (Prometheus families, the tap) costs the agent, on the same-node path.
+    let g = "request telemetry (metrics per workload, service and route)";
+    for _rep in 0..opts.reps {
+        for label in ["off", "on"] {
+            f.agents(&["--request-telemetry", label]);
+            same_node_http(&f, r, g, &format!("request telemetry {label}"), secs);
+        }
+    }
+}
+
+/// HTTP through the same-node path: latency and agent CPU at 5000 rps, then maximum
+/// throughput, recorded as `case` of group `g`.
+fn same_node_http(f: &Fixture, r: &mut Results, g: &str, case: &str, secs: f64) {
+    let pod = f.c.pod("client");
+    let cpu0 = procstat::cpu_of(&f.proxies("weft same node"));
+    if let Some(v) = oha(pod, "http://10.96.1.1/", secs, 16, Some(5000)) {
+        let cpu = procstat::cpu_of(&f.proxies("weft same node")) - cpu0;
+        let s = &v["latencyPercentiles"];
+        r.record(
+            g,
+            case,
+            "latency p50 at 5000 rps",
+            "ms",
+            s["p50"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        );
+        r.record(
+            g,
+            case,
+            "latency p99 at 5000 rps",
+            "ms",
+            s["p99"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        );
+        let req = v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0)
+            * v["summary"]["total"].as_f64().unwrap_or(0.0);
+        if req > 0.0 {
+            r.record(
+                g,
+                case,
+                "proxy CPU per 1k req",
+                "ms",
+                cpu / (req / 1000.0) * 1000.0,
+            );
+        }
+    }
+    if let Some(v) = oha(pod, "http://10.96.1.1/", secs, 16, None) {
+        r.record(
+            g,
+            case,
+            "max throughput",
+            "req/s",
+            v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
+        );
     }
 }

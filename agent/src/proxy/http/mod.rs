@@ -324,7 +324,8 @@ impl HttpConn {
             conn: self,
             answered: false,
         };
-        let mut ex = Exchange::start(&req, &self.source, &self.svc.name);
+        let telemetry = &self.ctx.inputs().telemetry;
+        let mut ex = Exchange::start(&req, &self.source, &self.svc.name, telemetry.enabled);
         let mut resp = match self.proxy(req, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
@@ -342,8 +343,11 @@ impl HttpConn {
             }
         }
         progress.answered = true;
+        if !telemetry.enabled {
+            return resp;
+        }
         let status = resp.status().as_u16();
-        let telemetry = self.ctx.inputs().telemetry.clone();
+        let telemetry = telemetry.clone();
         resp.map(|b| body::boxed(Recorded::new(b, ex, status, telemetry)))
     }
 

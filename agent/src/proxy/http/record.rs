@@ -44,7 +44,28 @@ pub(super) struct Exchange {
 }
 
 impl Exchange {
-    pub fn start<B>(req: &Request<B>, source: &Peer, service: &Arc<str>) -> Self {
+    /// What the request line says; with `record` false (request telemetry off) only
+    /// what costs no allocation.
+    pub fn start<B>(req: &Request<B>, source: &Peer, service: &Arc<str>, record: bool) -> Self {
+        if !record {
+            return Self {
+                started: Instant::now(),
+                start: SystemTime::UNIX_EPOCH,
+                source: Peer::default(),
+                method: String::new(),
+                authority: String::new(),
+                path: String::new(),
+                protocol: "",
+                service: service.clone(),
+                route: None,
+                destination: Peer::default(),
+                endpoint: None,
+                upstream_ms: None,
+                retries: 0,
+                reason: None,
+                body: ClientFault::default(),
+            };
+        }
         let authority = req
             .uri()
             .authority()
