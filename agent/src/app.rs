@@ -74,6 +74,8 @@ pub struct AgentOptions {
     pub access_log_sample: f64,
     /// Whether requests and connections are recorded (metrics, access log, tap).
     pub request_telemetry: bool,
+    /// The log filter, changeable through the admin API.
+    pub log_level: admin::LogLevel,
     /// When the pre-fault detector speaks up (and whether it quarantines).
     pub prefault: crate::telemetry::prefault::Thresholds,
 }
@@ -272,6 +274,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         opts.prefault,
     ));
     let admin_state = AdminState {
+        log_level: opts.log_level.clone(),
         control: control_tx,
         status: status.clone(),
         state: state.clone(),

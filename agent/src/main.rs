@@ -178,6 +178,37 @@ struct RunArgs {
     request_telemetry: String,
 }
 
+/// Log lines to stderr (JSON with `--log-json`), filtered by `RUST_LOG` (default `info`);
+/// the filter can be changed at run time through the admin API (`weftctl log-level`).
+fn init_logging(json: bool) -> weft_agent::admin::LogLevel {
+    use tracing_subscriber::{
+        fmt, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _, EnvFilter,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| fmt::layer().json().with_writer(std::io::stderr)))
+        .with((!json).then(|| fmt::layer().with_writer(std::io::stderr)))
+        .init();
+    let reader = handle.clone();
+    weft_agent::admin::LogLevel::new(
+        move || {
+            reader
+                .with_current(ToString::to_string)
+                .unwrap_or_else(|e| format!("(unreadable: {e})"))
+        },
+        move |spec| {
+            let next = EnvFilter::try_new(spec)
+                .map_err(|e| format!("{spec:?} is not a log filter: {e} (try info, debug, or weft_agent::proxy=debug,info)"))?;
+            let shown = next.to_string();
+            handle.reload(next).map_err(|e| e.to_string())?;
+            tracing::info!(filter = %shown, "log filter changed");
+            Ok(shown)
+        },
+    )
+}
+
 /// `--metrics-address`: where to listen, or `off`.
 #[derive(Clone, Copy, Debug)]
 struct MetricsAddress(Option<std::net::SocketAddr>);
@@ -241,16 +272,7 @@ fn validate(paths: &[PathBuf]) -> Result<config::Config, config::ConfigError> {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let log_level = init_logging(args.log_json);
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(n) = args.worker_threads {
@@ -317,6 +339,7 @@ fn run(args: RunArgs) -> ExitCode {
         access_log: args.access_log,
         access_log_sample: args.access_log_sample,
         request_telemetry: args.request_telemetry == "on",
+        log_level,
         prefault: weft_agent::telemetry::prefault::Thresholds {
             quarantine_factor: args.auto_quarantine.then_some(5.0),
             ..Default::default()

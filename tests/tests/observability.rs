@@ -446,6 +446,27 @@ fn every_weftctl_command_answers_as_a_table_and_as_json() {
         return;
     }
     let c = cluster("weftctl");
+    let extra = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-route}
+spec:
+  parentRefs: [{kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /hello}, method: GET}]
+      backendRefs: [{name: web, port: 80}]
+      retry: {codes: [503], attempts: 2}
+    - backendRefs: [{name: web, port: 80}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-audit}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: AUDIT
+  rules: [{to: [{paths: [{prefix: /audit}]}]}]
+---
+"#;
+    c.write_config(&format!("{}{extra}", c.config_yaml()));
     let _servers = servers(&c);
     let (a, _b) = agents(&c, false);
     traffic_mix(&c);
@@ -550,6 +571,85 @@ fn every_weftctl_command_answers_as_a_table_and_as_json() {
         "{tunnels}"
     );
     assert!(weftctl_json(&a, &["tunnels"])["pooled_connections"].as_u64() > Some(0));
+
+    let routes = weftctl(&a, &["routes"]);
+    let (h, r) = row(&routes, "default/web");
+    assert!(h.contains("HTTPROUTE") && h.contains("MATCHES"), "{routes}");
+    assert!(
+        r.contains("default/web-route")
+            && r.contains("PathPrefix /hello, GET")
+            && r.contains("retry [503] x2"),
+        "{routes}"
+    );
+    let v = weftctl_json(&a, &["routes"]);
+    assert_eq!(v["services"][0]["rules"].as_array().unwrap().len(), 2);
+
+    let policies = weftctl(&a, &["policies"]);
+    let (_, r) = row(&policies, "default/web-audit");
+    assert!(
+        r.contains("AUDIT") && r.contains("default/web-1"),
+        "{policies}"
+    );
+    assert_eq!(
+        weftctl_json(&a, &["policies"])["policies"][0]["action"],
+        "AUDIT"
+    );
+
+    let dump = weftctl(&a, &["config", "dump"]);
+    let v: Value = serde_json::from_str(&dump).expect("config dump is JSON");
+    assert_eq!(v["generation"], 1);
+    assert_eq!(v["source"], c.config_path().display().to_string(), "{v}");
+    assert_eq!(v["services"].as_array().unwrap().len(), 3);
+    assert_eq!(v["routes"][0]["rules"].as_array().unwrap().len(), 2);
+    let yaml = weftctl(&a, &["config", "dump", "-o", "yaml"]);
+    assert!(yaml.contains("generation: 1"), "{yaml}");
+
+    // validate needs no agent: the configuration file as the agent would read it.
+    let ok = weftctl(&a, &["validate", &c.config_path().display().to_string()]);
+    assert!(
+        ok.starts_with("valid: 2 node(s), 5 workload(s), 3 service(s), 1 HTTPRoute(s)"),
+        "{ok}"
+    );
+    let bad = Command::new(bin("weftctl"))
+        .args(["validate", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut p| {
+            use std::io::Write as _;
+            p.stdin
+                .take()
+                .unwrap()
+                .write_all(b"apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n")?;
+            p.wait_with_output()
+        })
+        .expect("weftctl validate -");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("field `spec.clusterIP`"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // The log filter, read and changed at run time.
+    assert_eq!(weftctl(&a, &["log-level"]).trim(), "info");
+    let said = weftctl(&a, &["log-level", "weft_agent=debug,info"]);
+    assert!(said.contains("log filter now"), "{said}");
+    assert!(weftctl_json(&a, &["log-level"])["level"]
+        .as_str()
+        .unwrap()
+        .contains("weft_agent=debug"));
+    let refused = Command::new(bin("weftctl"))
+        .args([
+            "--admin-socket",
+            &a.admin.display().to_string(),
+            "log-level",
+            "no such=level=x",
+        ])
+        .output()
+        .expect("weftctl");
+    assert_eq!(refused.status.code(), Some(1));
 
     let metrics = weftctl(&a, &["metrics"]);
     assert!(metrics.contains("weft_requests_total{"), "{metrics}");

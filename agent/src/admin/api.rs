@@ -44,6 +44,19 @@ pub const PATHS: &[(&str, &str)] = &[
     ),
     ("/stats", "eBPF and proxy counters"),
     ("/maps", "the service map as the kernel holds it"),
+    ("/routes", "the HTTPRoute rules of every service, as compiled"),
+    (
+        "/policies",
+        "AuthorizationPolicies and the workloads of this node they select",
+    ),
+    (
+        "/config",
+        "the configuration in force as this node sees it: generation, source, workloads, services, routes, policies",
+    ),
+    (
+        "/log-level",
+        "GET the log filter; PUT ?level=debug (any RUST_LOG filter) to change it",
+    ),
     (
         "/certificates",
         "workload certificates held, expiry, missing ones",
@@ -171,6 +184,13 @@ pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) ->
             )
             .await;
         }
+        (Method::PUT, "/log-level") => {
+            let level = query_value(req.uri().query().unwrap_or(""), "level").unwrap_or_default();
+            return match admin.log_level.set(&level) {
+                Ok(now) => ok(json!({ "level": now })),
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+            };
+        }
         (Method::GET | Method::HEAD, _) => {}
         (m, p) => {
             return error(
@@ -221,6 +241,10 @@ pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) ->
             r
         }
         "/tap" => tap(admin, query),
+        "/routes" => ok(routes(admin)),
+        "/policies" => ok(policies(admin)),
+        "/config" => ok(config(admin)),
+        "/log-level" => ok(json!({ "level": admin.log_level.get() })),
         "/explain" => explain(admin, query).await,
         "/events" => ok(json!({ "events": admin.telemetry.events.list() })),
         other => {
@@ -275,6 +299,77 @@ fn services(admin: &AdminState) -> Value {
         })
         .collect();
     json!({"generation": st.generation, "services": svcs})
+}
+
+fn routes(admin: &AdminState) -> Value {
+    let st = admin.state.load();
+    let name = |a| {
+        st.services
+            .get(&a)
+            .map_or_else(|| "(missing Service)".to_owned(), |s| s.name.to_string())
+    };
+    let services: Vec<Value> = st
+        .services
+        .values()
+        .filter(|s| !s.routes.is_empty() || !s.tls_routes.is_empty())
+        .map(|s| {
+            json!({
+                "service": s.name,
+                "address": s.addr.vip.to_string(),
+                "rules": s.routes.describe(name),
+                "tls_routes": s.tls_routes.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"generation": st.generation, "services": services})
+}
+
+fn policies(admin: &AdminState) -> Value {
+    let st = admin.state.load();
+    let mut by_policy: std::collections::BTreeMap<String, (Value, Vec<String>)> =
+        std::collections::BTreeMap::new();
+    for (ip, ps) in &st.authz {
+        let Some(w) = st.local.get(ip) else { continue };
+        for p in &ps.0 {
+            by_policy
+                .entry(p.id())
+                .or_insert_with(|| {
+                    (
+                        json!({
+                            "name": p.id(),
+                            "action": p.action,
+                            "dry_run": p.dry_run,
+                            "rules": p.rules.len(),
+                        }),
+                        vec![],
+                    )
+                })
+                .1
+                .push(w.id());
+        }
+    }
+    let list: Vec<Value> = by_policy
+        .into_values()
+        .map(|(mut p, ws)| {
+            p["selects"] = json!(ws);
+            p
+        })
+        .collect();
+    json!({"trust_domain": st.trust_domain, "policies": list})
+}
+
+fn config(admin: &AdminState) -> Value {
+    let status = admin.status.load();
+    json!({
+        "generation": status.config_generation,
+        "source": status.config_source,
+        "last_config_error": status.last_config_error,
+        "node": admin.state.load().node,
+        "workloads": workloads(admin)["workloads"],
+        "services": services(admin)["services"],
+        "routes": routes(admin)["services"],
+        "policies": policies(admin)["policies"],
+    })
 }
 
 fn workloads(admin: &AdminState) -> Value {

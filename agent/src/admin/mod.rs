@@ -84,8 +84,53 @@ pub struct Control {
     pub reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
 }
 
+/// Reads and changes the agent's log filter (a `tracing_subscriber` reload handle, set up
+/// by main.rs); tests and embedders without one get a fixed filter.
+#[derive(Clone)]
+pub struct LogLevel {
+    get: Arc<dyn Fn() -> String + Send + Sync>,
+    set: Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>,
+}
+
+impl LogLevel {
+    pub fn new(
+        get: impl Fn() -> String + Send + Sync + 'static,
+        set: impl Fn(&str) -> Result<String, String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            get: Arc::new(get),
+            set: Arc::new(set),
+        }
+    }
+
+    /// A filter that cannot be changed.
+    pub fn fixed(level: &'static str) -> Self {
+        Self::new(
+            move || level.to_owned(),
+            |_| Err("this agent's log filter cannot be changed".into()),
+        )
+    }
+
+    pub fn get(&self) -> String {
+        (self.get)()
+    }
+
+    /// Set the filter (`debug`, `weft_agent::proxy=trace,info`, ...); the new one, or why
+    /// not.
+    pub fn set(&self, filter: &str) -> Result<String, String> {
+        (self.set)(filter)
+    }
+}
+
+impl std::fmt::Debug for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogLevel({})", self.get())
+    }
+}
+
 #[derive(Clone)]
 pub struct AdminState {
+    pub log_level: LogLevel,
     /// Changes go to the control loop (app.rs), one at a time.
     pub control: tokio::sync::mpsc::Sender<Control>,
     pub status: Arc<ArcSwap<Status>>,

@@ -55,6 +55,20 @@ enum What {
     Stats,
     /// The service map as the kernel holds it, and its capacity.
     Bpf,
+    /// HTTPRoute rules per service: what each matches, where it sends, what it does.
+    Routes,
+    /// AuthorizationPolicies and the workloads of this node they select.
+    Policies,
+    /// The configuration in force: `weftctl config dump`.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Check configuration files (`-` for standard input) without asking any agent.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show the agent's log filter, or set it (`debug`, `weft_agent::proxy=debug,info`).
+    LogLevel { level: Option<String> },
     /// Workload certificates held, their expiry, and the ones still missing.
     Certs,
     /// Tunnel connections accepted from other nodes' agents, with both identities.
@@ -89,6 +103,13 @@ enum What {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Subcommand, Clone)]
+enum ConfigCmd {
+    /// Everything the agent runs with: generation, source, last refused change,
+    /// workloads, services, routes, policies (JSON unless -o yaml).
+    Dump,
 }
 
 #[derive(clap::Args, Clone)]
@@ -143,6 +164,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let What::Validate { paths } = &cli.what {
+        return validate(paths);
+    }
     let socket = match (&cli.admin_socket, &cli.node) {
         (Some(p), _) => p.clone(),
         (None, Some(n)) => PathBuf::from("/run/weft").join(n).join("admin.sock"),
@@ -175,6 +199,16 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         What::Bpf => "/maps".into(),
         What::Certs => "/certificates".into(),
         What::Events => "/events".into(),
+        What::Routes => "/routes".into(),
+        What::Policies => "/policies".into(),
+        What::Config(ConfigCmd::Dump) => "/config".into(),
+        What::LogLevel { level: None } => "/log-level".into(),
+        What::LogLevel { level: Some(l) } => {
+            let path = format!("/log-level?level={}", encode(l));
+            let (status, v) = client::send_json(socket, "PUT", &path, None)?;
+            return Ok(changed_to(status, &v));
+        }
+        What::Validate { .. } => unreachable!("answered without the agent"),
         What::Tunnels => "/tunnels".into(),
         What::Metrics => {
             let a = client::get(socket, "/metrics", Some(std::time::Duration::from_secs(10)))?;
@@ -222,6 +256,54 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         Output::Table => print_table(&cli.what, &v),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `weftctl validate`: the same check the agent makes before it applies a change.
+fn validate(paths: &[PathBuf]) -> ExitCode {
+    let stdin_name = std::path::Path::new("<stdin>");
+    let mut text = String::new();
+    if paths.iter().any(|p| p.as_os_str() == "-") {
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            eprintln!("weftctl: reading standard input: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    let sources = paths.iter().map(|p| {
+        if p.as_os_str() == "-" {
+            weft_agent::config::Source::Text(stdin_name, &text)
+        } else {
+            weft_agent::config::Source::Path(p)
+        }
+    });
+    match weft_agent::config::load_sources(sources) {
+        Ok(cfg) => {
+            println!(
+                "valid: {} node(s), {} workload(s), {} service(s), {} HTTPRoute(s), {} AuthorizationPolicy(s)",
+                cfg.nodes.len(),
+                cfg.workloads.len(),
+                cfg.services.len(),
+                cfg.routes.len(),
+                cfg.authorization.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("invalid: {e}");
+            ExitCode::from(EXIT_AGENT_ERROR)
+        }
+    }
+}
+
+fn changed_to(status: u16, v: &Value) -> ExitCode {
+    if status >= 400 {
+        eprintln!(
+            "weftctl: refused: {}",
+            v["error"].as_str().unwrap_or("(no reason given)")
+        );
+        return ExitCode::from(EXIT_AGENT_ERROR);
+    }
+    println!("log filter now {}", s(&v["level"]));
+    ExitCode::SUCCESS
 }
 
 /// Report a change's outcome.
@@ -490,6 +572,53 @@ fn print_table(what: &What, v: &Value) {
                 rows,
             );
         }
+        What::Routes => {
+            let mut rows = vec![];
+            for svc in items(&v["services"]) {
+                for r in items(&svc["rules"]) {
+                    let list = |k: &str| items(&r[k]).map(s).collect::<Vec<_>>().join("; ");
+                    rows.push(vec![
+                        s(&svc["service"]),
+                        s(&r["route"]),
+                        list("matches"),
+                        list("backends"),
+                        match list("filters") {
+                            f if f.is_empty() => "-".to_owned(),
+                            f => f,
+                        },
+                    ]);
+                }
+            }
+            table(
+                &["SERVICE", "HTTPROUTE", "MATCHES", "BACKENDS", "FILTERS"],
+                rows,
+            );
+        }
+        What::Policies => {
+            let rows = items(&v["policies"])
+                .map(|p| {
+                    vec![
+                        s(&p["name"]),
+                        s(&p["action"]),
+                        yes(&p["dry_run"]),
+                        s(&p["rules"]),
+                        items(&p["selects"]).map(s).collect::<Vec<_>>().join(", "),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "POLICY",
+                    "ACTION",
+                    "DRY-RUN",
+                    "RULES",
+                    "SELECTS (THIS NODE)",
+                ],
+                rows,
+            );
+        }
+        What::Config(_) => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        What::LogLevel { .. } => println!("{}", s(&v["level"])),
         What::Explain(_) => {
             for (i, step) in items(&v["steps"]).enumerate() {
                 println!("{}. {}", i + 1, s(step));
@@ -575,6 +704,7 @@ fn print_table(what: &What, v: &Value) {
             );
         }
         What::Metrics
+        | What::Validate { .. }
         | What::Tap(_)
         | What::Quarantine { .. }
         | What::Unquarantine { .. }

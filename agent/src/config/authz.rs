@@ -30,6 +30,7 @@ use serde::Deserialize;
 use crate::identity::SpiffeId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     Allow,
     Deny,

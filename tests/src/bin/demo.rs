@@ -10,10 +10,14 @@ fn say(s: &str) {
 }
 
 fn weftctl(agent: &weft_e2e::Agent, what: &str) {
+    weftctl_args(agent, &[what]);
+}
+
+fn weftctl_args(agent: &weft_e2e::Agent, args: &[&str]) {
     let out = Command::new(bin("weftctl"))
         .args(["--admin-socket"])
         .arg(&agent.admin)
-        .arg(what)
+        .args(args)
         .output()
         .expect("weftctl");
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -90,7 +94,7 @@ fn main() {
     println!("    only weft's eBPF programs know that address.");
 
     let testpod = bin("weft-testpod");
-    let _servers: Vec<_> = ["web-1", "web-2"]
+    let mut servers: Vec<_> = ["web-1", "web-2"]
         .iter()
         .map(|n| {
             let s = c
@@ -108,7 +112,9 @@ fn main() {
     }
 
     say("Starting one weft-agent per node (eBPF programs attached to the node's pod cgroup)");
-    let a = c.start_agent("a", &[]);
+    let access_log = c.dir.join("access-a.log");
+    let access_log_s = access_log.display().to_string();
+    let a = c.start_agent("a", &["--access-log", &access_log_s]);
     let b = c.start_agent("b", &[]);
     for ag in [&a, &b] {
         let st = ag.admin("/status").expect("status");
@@ -223,9 +229,58 @@ fn main() {
     a.wait_config_generation(6, Duration::from_secs(10));
     b.wait_config_generation(6, Duration::from_secs(10));
 
-    say("What the operator sees: `weftctl --node <node> services` and `stats` on node a");
+    say("A retry hides a failing pod: web-2 now answers every request with 503");
+    servers[1].kill();
+    servers[1] = c.pod("web-2").spawn(
+        &c.dir,
+        &testpod,
+        &["http-server", "8080", "web-2", "fail=1/1"],
+    );
+    c.pod("web-2").wait_listening(8080, Duration::from_secs(5));
+    // Round robin, so web-2 gets its share (by latency, web-1 on the client's node would
+    // win almost every request).
+    let round_robin = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web}\nspec:\n  targetRef: {kind: Service, name: web}\n  loadBalancer: RoundRobin\n---\n";
+    c.write_config(&format!("{}{round_robin}", c.config_yaml()));
+    a.wait_config_generation(7, Duration::from_secs(10));
+    count("round robin, no retry");
+    let retry = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-retry}\nspec:\n  parentRefs: [{kind: Service, name: web, port: 80}]\n  rules:\n    - backendRefs: [{name: web, port: 80}]\n      retry: {codes: [503], attempts: 2, backoff: 1ms}\n---\n";
+    c.write_config(&format!("{}{round_robin}{retry}", c.config_yaml()));
+    a.wait_config_generation(8, Duration::from_secs(10));
+    count("round robin, retry on 503");
+    println!(
+        "    The route retried web-2's 503s on another endpoint: the client saw none of them. The"
+    );
+    println!("    mesh still knows: this is what Prometheus scrapes from agent a (127.0.0.1:15020/metrics):");
+    let (_, metrics) = a.admin_text("/metrics").unwrap_or_default();
+    for l in metrics.lines().filter(|l| {
+        (l.starts_with("weft_requests_total{") || l.starts_with("weft_request_retries_total{"))
+            && l.contains("route=\"default/web-retry\"")
+    }) {
+        println!("    {l}");
+    }
+    println!(
+        "    and one line of its access log ({}), for a request that needed the retry:",
+        access_log.display()
+    );
+    let log = std::fs::read_to_string(&access_log).unwrap_or_default();
+    if let Some(l) = log.lines().rev().find(|l| l.contains("\"retries\":1")) {
+        println!("    {l}");
+    }
+
+    say("`weftctl explain`: what a request would meet, computed by the agent without sending it");
+    weftctl_args(&a, &["explain", "default/client", "web", "--path", "/"]);
+    c.write_config(&c.config_yaml());
+    a.wait_config_generation(9, Duration::from_secs(10));
+    servers[1].kill();
+    servers[1] = c
+        .pod("web-2")
+        .spawn(&c.dir, &testpod, &["http-server", "8080", "web-2"]);
+    c.pod("web-2").wait_listening(8080, Duration::from_secs(5));
+
+    say("What the operator sees: `weftctl --node <node> status`, `services` and `endpoints` on node a");
+    weftctl(&a, "status");
     weftctl(&a, "services");
-    weftctl(&a, "stats");
+    weftctl(&a, "endpoints");
 
     say("Killing node b's agent (SIGKILL): its programs stay pinned; web-2 is fail-closed");
     drop(b);

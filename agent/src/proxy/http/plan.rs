@@ -43,6 +43,31 @@ pub struct Match {
     precedence: Precedence,
 }
 
+impl Match {
+    /// `PathPrefix /api, GET, 1 header(s)`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        match &self.path {
+            Some(PathMatch::Exact(p)) => parts.push(format!("Exact {p}")),
+            Some(PathMatch::Prefix(p)) => parts.push(format!("PathPrefix {p}")),
+            Some(PathMatch::Regex(_)) => parts.push("RegularExpression path".to_owned()),
+            None => parts.push("any path".to_owned()),
+        }
+        if let Some(m) = &self.method {
+            parts.push(m.to_string());
+        }
+        if !self.headers.is_empty() {
+            let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+            parts.push(format!("headers {}", names.join(",")));
+        }
+        if !self.query.is_empty() {
+            let names: Vec<&str> = self.query.iter().map(|(n, _)| n.as_str()).collect();
+            parts.push(format!("query {}", names.join(",")));
+        }
+        parts.join(", ")
+    }
+}
+
 /// Header changes with names and values parsed.
 #[derive(Debug, Default)]
 pub struct HeaderOps {
@@ -338,6 +363,63 @@ impl RoutePlan {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Every rule for people (`/routes`, `weftctl routes`): its HTTPRoute, what it
+    /// matches, where it sends, and what it does on the way; `name` names a service.
+    pub fn describe(&self, name: impl Fn(ServiceAddr) -> String) -> Vec<serde_json::Value> {
+        self.rules
+            .iter()
+            .map(|r| {
+                let backends: Vec<String> = r
+                    .backends
+                    .iter()
+                    .map(|(a, w)| {
+                        let svc = a.map_or_else(|| "(missing Service)".to_owned(), &name);
+                        format!("{svc} weight {w}")
+                    })
+                    .collect();
+                let mut does = Vec::new();
+                if let Some(rd) = &r.redirect {
+                    does.push(format!("redirect {}", rd.status.as_u16()));
+                }
+                if r.rewrite_path.is_some() || r.rewrite_host.is_some() {
+                    does.push("rewrite".to_owned());
+                }
+                if !r.request_headers.is_empty() || !r.response_headers.is_empty() {
+                    does.push("header changes".to_owned());
+                }
+                if let Some(rt) = &r.retry {
+                    does.push(format!("retry {:?} x{}", rt.codes, rt.attempts));
+                }
+                if let Some(t) = r.request_timeout {
+                    does.push(format!("timeout {t:?}"));
+                }
+                if let Some(t) = r.backend_timeout {
+                    does.push(format!("per-try timeout {t:?}"));
+                }
+                if !r.mirrors.is_empty() {
+                    does.push(format!("{} mirror(s)", r.mirrors.len()));
+                }
+                if !r.faults.is_empty() {
+                    does.push("fault injection".to_owned());
+                }
+                if !r.rate_limits.is_empty() {
+                    does.push("rate limit".to_owned());
+                }
+                let matches: Vec<String> = if r.matches.is_empty() {
+                    vec!["every request".to_owned()]
+                } else {
+                    r.matches.iter().map(Match::describe).collect()
+                };
+                serde_json::json!({
+                    "route": &*r.route,
+                    "matches": matches,
+                    "backends": backends,
+                    "filters": does,
+                })
+            })
+            .collect()
     }
 
     /// The HTTPRoutes the rules come from, each once, in order.
