@@ -86,10 +86,12 @@ pub struct Control {
 
 /// Reads and changes the agent's log filter (a `tracing_subscriber` reload handle, set up
 /// by main.rs); tests and embedders without one get a fixed filter.
+type SetFilter = dyn Fn(&str) -> Result<String, String> + Send + Sync;
+
 #[derive(Clone)]
 pub struct LogLevel {
     get: Arc<dyn Fn() -> String + Send + Sync>,
-    set: Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>,
+    set: Arc<SetFilter>,
 }
 
 impl LogLevel {
