@@ -62,7 +62,10 @@ async fn a_request_leaves_one_record_with_both_ends_and_its_route() {
     assert_eq!(r.destination.workload.as_deref(), Some("default/far"));
     assert_eq!(r.endpoint.map(|e| *e.ip()), Some(m.ip("far")));
     assert_eq!((r.status, r.reason), (200, None));
-    assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/api/x?q=1"));
+    assert_eq!(
+        (r.request.method.as_str(), r.request.path()),
+        ("GET", "/api/x?q=1")
+    );
     assert!(r.response_bytes > 0 && !r.incomplete);
     assert!(r.upstream_ms.is_some() && r.duration_ms >= r.upstream_ms.unwrap());
 

@@ -155,6 +155,22 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// The series one request outcome counts into.
+#[derive(Debug)]
+struct Series {
+    requests: Counter,
+    latency: Histogram,
+    request_bytes: Counter,
+    response_bytes: Counter,
+    retries: Counter,
+}
+
+/// The series a connection last counted into. Requests on one connection nearly always
+/// share their labels (one client pod, one service, one route, one app behind it, 2xx),
+/// so they skip the families' lookups (hashing every label) and reuse these.
+#[derive(Debug, Default)]
+pub struct SeriesCache(Mutex<Option<(OutcomeLabels, Series)>>);
+
 /// A value read at scrape time, for [`Families::encode`].
 #[derive(Clone, Debug)]
 pub struct Sample {
@@ -276,39 +292,56 @@ impl Families {
         }
     }
 
-    pub(super) fn http(&self, r: &HttpRecord) {
-        let labels = RequestLabels {
+    pub(super) fn http(&self, r: &HttpRecord, cache: Option<&SeriesCache>) {
+        let outcome = OutcomeLabels {
             source_workload: label(&r.source.workload),
             destination_service: label(&r.service),
             destination_workload: label(&r.destination.workload),
             route: r.route.clone().unwrap_or_else(|| Arc::from("")),
-        };
-        let outcome = OutcomeLabels {
-            source_workload: labels.source_workload.clone(),
-            destination_service: labels.destination_service.clone(),
-            destination_workload: labels.destination_workload.clone(),
-            route: labels.route.clone(),
             status_class: status_class(r.status),
             reason: r.reason.unwrap_or(""),
         };
-        self.requests.get(&outcome, overflow_outcome).inc();
-        self.latency
-            .get(&labels, overflow_request)
-            .observe(r.duration_ms / 1000.0);
-        if r.request_bytes > 0 {
-            self.request_bytes
-                .get(&labels, overflow_request)
-                .inc_by(r.request_bytes);
+        let count = |h: &Series| {
+            h.requests.inc();
+            h.latency.observe(r.duration_ms / 1000.0);
+            if r.request_bytes > 0 {
+                h.request_bytes.inc_by(r.request_bytes);
+            }
+            if r.response_bytes > 0 {
+                h.response_bytes.inc_by(r.response_bytes);
+            }
+            if r.retries > 0 {
+                h.retries.inc_by(u64::from(r.retries));
+            }
+        };
+        let Some(cache) = cache else {
+            return count(&self.series(&outcome));
+        };
+        let mut last = cache.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((labels, series)) if *labels == outcome => count(series),
+            _ => {
+                let series = self.series(&outcome);
+                count(&series);
+                *last = Some((outcome, series));
+            }
         }
-        if r.response_bytes > 0 {
-            self.response_bytes
-                .get(&labels, overflow_request)
-                .inc_by(r.response_bytes);
-        }
-        if r.retries > 0 {
-            self.retries
-                .get(&labels, overflow_request)
-                .inc_by(u64::from(r.retries));
+    }
+
+    /// The series of one request outcome, looked up in (or added to) every family.
+    fn series(&self, outcome: &OutcomeLabels) -> Series {
+        let labels = RequestLabels {
+            source_workload: outcome.source_workload.clone(),
+            destination_service: outcome.destination_service.clone(),
+            destination_workload: outcome.destination_workload.clone(),
+            route: outcome.route.clone(),
+        };
+        Series {
+            requests: self.requests.get(outcome, overflow_outcome).clone(),
+            latency: self.latency.get(&labels, overflow_request).clone(),
+            request_bytes: self.request_bytes.get(&labels, overflow_request).clone(),
+            response_bytes: self.response_bytes.get(&labels, overflow_request).clone(),
+            retries: self.retries.get(&labels, overflow_request).clone(),
         }
     }
 

@@ -67,8 +67,12 @@ impl Telemetry {
     }
 
     /// One HTTP request is over (its response body ended or the client went away).
-    pub fn http(&self, rec: HttpRecord) {
-        self.families.http(&rec);
+    /// `cache` holds the last series its connection counted into.
+    pub fn http(&self, rec: HttpRecord, cache: Option<&families::SeriesCache>) {
+        self.families.http(&rec, cache);
+        if self.access_log.is_none() && !self.tap.listened() {
+            return;
+        }
         let rec = Arc::new(Record::Http(rec));
         self.tap.publish(&rec);
         if let Some(log) = &self.access_log {
@@ -79,6 +83,9 @@ impl Telemetry {
     /// One forwarded TCP connection is over.
     pub fn tcp(&self, rec: TcpRecord) {
         self.families.tcp(&rec);
+        if self.access_log.is_none() && !self.tap.listened() {
+            return;
+        }
         let rec = Arc::new(Record::Tcp(rec));
         self.tap.publish(&rec);
         if let Some(log) = &self.access_log {
@@ -127,9 +134,9 @@ pub struct HttpRecord {
     pub route: Option<Arc<str>>,
     /// The endpoint of the last attempt.
     pub endpoint: Option<SocketAddrV4>,
-    pub method: String,
-    pub authority: String,
-    pub path: String,
+    /// `method`, `authority` and `path` (with the query) in records.
+    #[serde(flatten)]
+    pub request: RequestLine,
     pub protocol: &'static str,
     pub status: u16,
     /// `x-weft-reason` when the proxy answered itself.
@@ -142,6 +149,41 @@ pub struct HttpRecord {
     pub retries: u32,
     /// The body ended before it was whole (the client left or the upstream broke).
     pub incomplete: bool,
+}
+
+/// What the request line and Host say: held as hyper's own values (shared, not copied)
+/// and spelled out only when a record is written.
+#[derive(Debug, Default)]
+pub struct RequestLine {
+    pub method: hyper::Method,
+    pub uri: hyper::Uri,
+    /// The Host header, when the URI has no authority (HTTP/1.1).
+    pub host: Option<hyper::header::HeaderValue>,
+}
+
+impl RequestLine {
+    pub fn path(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+
+    pub fn authority(&self) -> &str {
+        self.uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("")
+    }
+}
+
+impl Serialize for RequestLine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut m = s.serialize_map(Some(3))?;
+        m.serialize_entry("method", self.method.as_str())?;
+        m.serialize_entry("authority", self.authority())?;
+        m.serialize_entry("path", self.path())?;
+        m.end()
+    }
 }
 
 /// One forwarded (opaque or TLS) TCP connection.

@@ -26,6 +26,11 @@ impl Default for Tap {
 }
 
 impl Tap {
+    /// Whether anyone listens now.
+    pub fn listened(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     pub(super) fn publish(&self, rec: &Arc<Record>) {
         if self.tx.receiver_count() > 0 {
             let _ = self.tx.send(rec.clone());
@@ -113,7 +118,7 @@ impl Filter {
             return false;
         };
         if let Some(p) = &self.path {
-            if !r.path.starts_with(p.as_str()) {
+            if !r.request.path().starts_with(p.as_str()) {
                 return false;
             }
         }

@@ -2,6 +2,12 @@ use std::{sync::Arc, time::SystemTime};
 
 use super::{tap::Filter, *};
 
+impl Telemetry {
+    fn http_plain(&self, r: HttpRecord) {
+        self.http(r, None);
+    }
+}
+
 fn record(status: u16, path: &str) -> HttpRecord {
     HttpRecord {
         start: SystemTime::UNIX_EPOCH,
@@ -18,9 +24,11 @@ fn record(status: u16, path: &str) -> HttpRecord {
         service: Some(Arc::from("default/web")),
         route: None,
         endpoint: None,
-        method: "GET".into(),
-        authority: "web".into(),
-        path: path.into(),
+        request: RequestLine {
+            method: hyper::Method::GET,
+            uri: path.parse().unwrap(),
+            host: Some(hyper::header::HeaderValue::from_static("web")),
+        },
         protocol: "HTTP/1.1",
         status,
         reason: None,
@@ -36,9 +44,9 @@ fn record(status: u16, path: &str) -> HttpRecord {
 #[test]
 fn requests_become_labelled_series_with_a_histogram_that_adds_up() {
     let t = Telemetry::new(Arc::new(Metrics::default()));
-    t.http(record(200, "/a"));
-    t.http(record(200, "/b"));
-    t.http(record(503, "/a"));
+    t.http_plain(record(200, "/a"));
+    t.http_plain(record(200, "/b"));
+    t.http_plain(record(503, "/a"));
     let text = t.families.encode(vec![]);
     let find =
         |prefix: &str| -> Vec<&str> { text.lines().filter(|l| l.starts_with(prefix)).collect() };
@@ -103,7 +111,7 @@ fn a_family_past_its_bound_counts_the_rest_as_other() {
     for i in 0..families::MAX_SERIES + 5 {
         let mut r = record(200, "/");
         r.source.workload = Some(Arc::from(format!("default/c{i}")));
-        t.http(r);
+        t.http_plain(r);
     }
     let text = t.families.encode(vec![]);
     assert!(
@@ -125,6 +133,35 @@ fn records_serialize_as_one_json_object_with_their_kind() {
     assert_eq!(v["source"]["pod"], "default/client-0");
     assert!(v["source"].get("workload").is_none());
     assert_eq!(v["status"], 200);
+    assert_eq!(
+        (&v["method"], &v["authority"], &v["path"]),
+        (&"GET".into(), &"web".into(), &"/x".into())
+    );
+}
+
+#[test]
+fn a_connection_reuses_its_series_and_notices_when_labels_change() {
+    let t = Telemetry::new(Arc::new(Metrics::default()));
+    let cache = families::SeriesCache::default();
+    t.http(record(200, "/"), Some(&cache));
+    t.http(record(200, "/"), Some(&cache));
+    t.http(record(503, "/"), Some(&cache));
+    let mut other = record(200, "/");
+    other.route = Some(Arc::from("default/r"));
+    t.http(other, Some(&cache));
+    let text = t.families.encode(vec![]);
+    let count = |needle: &str| {
+        text.lines()
+            .find(|l| l.starts_with("weft_requests_total{") && l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle}: {text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(count("route=\"\",status_class=\"2xx\""), "2");
+    assert_eq!(count("route=\"\",status_class=\"5xx\""), "1");
+    assert_eq!(count("route=\"default/r\""), "1");
 }
 
 #[test]

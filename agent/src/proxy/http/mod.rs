@@ -120,6 +120,8 @@ struct HttpConn {
     seen: AtomicU64,
     /// The client pod, as telemetry names it.
     source: crate::telemetry::Peer,
+    /// The metric series this connection's requests counted into last.
+    series: Arc<crate::telemetry::families::SeriesCache>,
 }
 
 /// Serve one captured client connection as HTTP, for service `svc`.
@@ -148,6 +150,7 @@ pub async fn serve(
         framing,
         seen: AtomicU64::new(0),
         source: ctx.inputs().state.load().peer(ctx.pod.ip),
+        series: Arc::default(),
         ctx,
     });
     let svc_fn = {
@@ -348,7 +351,8 @@ impl HttpConn {
         }
         let status = resp.status().as_u16();
         let telemetry = telemetry.clone();
-        resp.map(|b| body::boxed(Recorded::new(b, ex, status, telemetry)))
+        let series = self.series.clone();
+        resp.map(|b| body::boxed(Recorded::new(b, ex, status, telemetry, series)))
     }
 
     async fn proxy(

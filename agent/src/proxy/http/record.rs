@@ -20,7 +20,7 @@ use hyper::{
 use super::body::{Body, BoxError, ClientFault};
 use crate::{
     state::Endpoint,
-    telemetry::{ms_since, HttpRecord, Peer, Telemetry},
+    telemetry::{families::SeriesCache, ms_since, HttpRecord, Peer, RequestLine, Telemetry},
 };
 
 /// What is known of a request so far.
@@ -28,9 +28,7 @@ pub(super) struct Exchange {
     started: Instant,
     start: SystemTime,
     source: Peer,
-    method: String,
-    authority: String,
-    path: String,
+    request: RequestLine,
     protocol: &'static str,
     pub service: Arc<str>,
     pub route: Option<Arc<str>>,
@@ -52,9 +50,7 @@ impl Exchange {
                 started: Instant::now(),
                 start: SystemTime::UNIX_EPOCH,
                 source: Peer::default(),
-                method: String::new(),
-                authority: String::new(),
-                path: String::new(),
+                request: RequestLine::default(),
                 protocol: "",
                 service: service.clone(),
                 route: None,
@@ -66,27 +62,19 @@ impl Exchange {
                 body: ClientFault::default(),
             };
         }
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                req.headers()
-                    .get(hyper::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("");
         Self {
             started: Instant::now(),
             start: SystemTime::now(),
             source: source.clone(),
-            method: req.method().as_str().to_owned(),
-            authority: authority.to_owned(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
+            request: RequestLine {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                host: if req.uri().authority().is_some() {
+                    None
+                } else {
+                    req.headers().get(hyper::header::HOST).cloned()
+                },
+            },
             protocol: match req.version() {
                 Version::HTTP_2 => "HTTP/2",
                 Version::HTTP_10 => "HTTP/1.0",
@@ -120,9 +108,7 @@ impl Exchange {
             service: Some(self.service),
             route: self.route,
             endpoint: self.endpoint,
-            method: self.method,
-            authority: self.authority,
-            path: self.path,
+            request: self.request,
             protocol: self.protocol,
             status,
             reason: self.reason,
@@ -142,22 +128,33 @@ pub(super) struct Recorded {
     pending: Option<(Exchange, u16)>,
     bytes: u64,
     telemetry: Arc<Telemetry>,
+    /// The series its connection counted into last.
+    series: Arc<SeriesCache>,
 }
 
 impl Recorded {
-    pub fn new(inner: Body, ex: Exchange, status: u16, telemetry: Arc<Telemetry>) -> Self {
+    pub fn new(
+        inner: Body,
+        ex: Exchange,
+        status: u16,
+        telemetry: Arc<Telemetry>,
+        series: Arc<SeriesCache>,
+    ) -> Self {
         Self {
             inner,
             pending: Some((ex, status)),
             bytes: 0,
             telemetry,
+            series,
         }
     }
 
     fn done(&mut self, incomplete: bool) {
         if let Some((ex, status)) = self.pending.take() {
-            self.telemetry
-                .http(ex.finish(status, self.bytes, incomplete));
+            self.telemetry.http(
+                ex.finish(status, self.bytes, incomplete),
+                Some(&self.series),
+            );
         }
     }
 }
