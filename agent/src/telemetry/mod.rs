@@ -97,6 +97,10 @@ impl Telemetry {
 /// What an access log line, a tap event and the metrics are made from.
 #[derive(Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per request and moved behind an Arc at once; boxing the HTTP variant would cost the common case an allocation"
+)]
 pub enum Record {
     Http(HttpRecord),
     Tcp(TcpRecord),
