@@ -76,6 +76,8 @@ pub struct AgentOptions {
     pub request_telemetry: bool,
     /// The log filter, changeable through the admin API.
     pub log_level: admin::LogLevel,
+    /// Where spans go, if anywhere.
+    pub trace: Option<crate::telemetry::trace::TraceOptions>,
     /// When the pre-fault detector speaks up (and whether it quarantines).
     pub prefault: crate::telemetry::prefault::Thresholds,
 }
@@ -201,7 +203,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    inputs = inputs.with_telemetry(opts.request_telemetry, log);
+    let tracing = match &opts.trace {
+        Some(t) => Some(crate::telemetry::trace::Tracing::start(t).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    inputs = inputs.with_telemetry(opts.request_telemetry, log, tracing);
     let metrics = inputs.metrics.clone();
     tokio::spawn(identities.clone().run());
     let host = HostNetns::current().context("opening the agent's own network namespace")?;
@@ -428,6 +434,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         open = metrics.active_connections.load(Ordering::Relaxed),
         "drained; exiting (eBPF programs and maps stay pinned)"
     );
+    if let Some(t) = &inputs.telemetry.tracing {
+        tokio::task::block_in_place(|| t.shutdown());
+    }
     Ok(())
 }
 

@@ -176,6 +176,14 @@ struct RunArgs {
     /// what recording costs.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     request_telemetry: String,
+    /// Export spans over OTLP/HTTP (protobuf) to this collector, `http://HOST:4318`
+    /// (`/v1/traces` is added when no path is given). Off when not given.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// The share of new traces recorded, 0 to 1 (a client's own decision in `traceparent`
+    /// is kept).
+    #[arg(long, default_value_t = 0.01)]
+    trace_sample: f64,
 }
 
 /// Log lines to stderr (JSON with `--log-json`), filtered by `RUST_LOG` (default `info`);
@@ -285,6 +293,14 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let trace =
+        args.otlp_endpoint
+            .clone()
+            .map(|endpoint| weft_agent::telemetry::trace::TraceOptions {
+                endpoint,
+                sample: args.trace_sample,
+                node: args.node.clone(),
+            });
     let opts = app::AgentOptions {
         run_dir: args
             .run_dir
@@ -340,6 +356,7 @@ fn run(args: RunArgs) -> ExitCode {
         access_log_sample: args.access_log_sample,
         request_telemetry: args.request_telemetry == "on",
         log_level,
+        trace,
         prefault: weft_agent::telemetry::prefault::Thresholds {
             quarantine_factor: args.auto_quarantine.then_some(5.0),
             ..Default::default()

@@ -1000,3 +1000,220 @@ spec:
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ask that node's agent"));
 }
+
+/// Spans the OTLP receiver got, one JSON object each.
+fn spans(file: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a span"))
+        .collect()
+}
+
+/// Wait until the receiver holds spans of `trace` satisfying `enough`.
+fn wait_spans(
+    file: &std::path::Path,
+    trace: &str,
+    enough: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let of: Vec<Value> = spans(file)
+            .into_iter()
+            .filter(|s| s["trace_id"] == trace)
+            .collect();
+        if enough(&of) {
+            return of;
+        }
+        assert!(Instant::now() < deadline, "spans of {trace}: {of:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn traces_follow_a_request_across_retries_and_into_the_app() {
+    if !require_root("traces_follow_a_request_across_retries_and_into_the_app") {
+        return;
+    }
+    let c = Cluster::builder("tracing")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").account("client"))
+        .pod(
+            PodSpec::new("echo", "b")
+                .label("app", "echo")
+                .port(8080)
+                .account("echo"),
+        )
+        .pod(PodSpec::new("flaky", "b").label("app", "flaky").port(8080))
+        .service(
+            ServiceSpec::new("echo", "10.96.0.20")
+                .select("app", "echo")
+                .tcp(80, 8080),
+        )
+        .service(
+            ServiceSpec::new("flaky", "10.96.0.21")
+                .select("app", "flaky")
+                .tcp(80, 8080),
+        )
+        .build();
+    let retry = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky-retry}
+spec:
+  parentRefs: [{kind: Service, name: flaky, port: 80}]
+  rules:
+    - backendRefs: [{name: flaky, port: 80}]
+      retry: {codes: [503], attempts: 2, backoff: 1ms}
+---
+"#;
+    c.write_config(&format!("{}{retry}", c.config_yaml()));
+    // The receiver decodes with the OpenTelemetry project's protobuf bindings.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = c.dir.join("spans.jsonl");
+    let receiver = root.join("tests/peers/otlp_receiver.py");
+    let pythonpath = format!("PYTHONPATH={}", root.join("target/pypi").display());
+    let python = which("python3");
+    let _receiver = c.spawn_in_fabric(
+        "otlp-receiver",
+        std::path::Path::new("/usr/bin/env"),
+        &[
+            &pythonpath,
+            &python,
+            &receiver.display().to_string(),
+            "192.168.250.254",
+            "4318",
+            &out.display().to_string(),
+        ],
+    );
+    let echo = root
+        .join("tests/peers/header_echo.py")
+        .display()
+        .to_string();
+    let _echo = c.pod("echo").spawn(
+        &c.dir,
+        std::path::Path::new("/usr/bin/python3"),
+        &[&echo, "8080"],
+    );
+    c.pod("echo").wait_listening(8080, SECS5);
+    let _flaky = c.serve_http("flaky", 8080, &["fail=1/2"]);
+    let flags = [
+        "--otlp-endpoint",
+        "http://192.168.250.254:4318",
+        "--trace-sample",
+        "1",
+    ];
+    let a = c.start_agent("a", &flags);
+    let _b = c.start_agent("b", &flags);
+
+    // A client that started a trace: the agent's spans join it, and the app receives the
+    // trace with the agent's attempt as the parent.
+    let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let out_of = c.pod("client").run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("traceparent: {incoming}"),
+            "-H",
+            "tracestate: vendor=1",
+            "http://10.96.0.20/items",
+        ],
+        Duration::from_secs(8),
+    );
+    let seen: Value = serde_json::from_slice(&out_of.stdout).expect("the echo's JSON");
+    let upstream = seen["headers"]["traceparent"]
+        .as_str()
+        .expect("traceparent reached the app");
+    let parts: Vec<&str> = upstream.split('-').collect();
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", "0af7651916cd43dd8448eb211c80319c", "01"),
+        "{upstream}"
+    );
+    assert_ne!(
+        parts[2], "b7ad6b7169203331",
+        "the agent's span is the app's parent"
+    );
+    assert_eq!(seen["headers"]["tracestate"], "vendor=1");
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let got = wait_spans(&out, trace, |s| s.len() >= 2);
+    let request = got
+        .iter()
+        .find(|s| s["name"] == "GET default/echo")
+        .unwrap_or_else(|| panic!("{got:#?}"));
+    let attempt = got
+        .iter()
+        .find(|s| s["name"] == "weft attempt")
+        .unwrap_or_else(|| panic!("{got:#?}"));
+    assert_eq!(
+        request["parent_span_id"], "b7ad6b7169203331",
+        "a child of the client's span"
+    );
+    assert_eq!(attempt["parent_span_id"], request["span_id"]);
+    assert_eq!(
+        attempt["span_id"], parts[2],
+        "the app's parent is the attempt"
+    );
+    assert_eq!(request["attributes"]["http.request.method"], "GET");
+    assert_eq!(request["attributes"]["url.path"], "/items");
+    assert_eq!(request["attributes"]["http.response.status_code"], 200);
+    assert_eq!(request["attributes"]["weft.source.pod"], "default/client");
+    assert_eq!(
+        request["attributes"]["weft.destination.service"],
+        "default/echo"
+    );
+    assert_eq!(
+        attempt["attributes"]["weft.destination.pod"],
+        "default/echo"
+    );
+    assert_eq!(request["resource"]["service.name"], "weft-agent");
+    assert_eq!(request["path"], "/v1/traces");
+
+    // No trace context: the agent starts one; a retry is a second attempt of one trace.
+    let (status, _, _) = curl_one(&c, "client", "http://10.96.0.21/try");
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let root_span = loop {
+        let root = spans(&out)
+            .into_iter()
+            .find(|s| s["name"] == "GET default/flaky" && s["parent_span_id"] == "");
+        if let Some(r) = root {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no root span for the flaky request"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let trace = root_span["trace_id"].as_str().unwrap().to_owned();
+    let got = wait_spans(&out, &trace, |s| s.len() >= 3);
+    let attempts: Vec<&Value> = got.iter().filter(|s| s["name"] == "weft attempt").collect();
+    assert_eq!(attempts.len(), 2, "{got:#?}");
+    for at in &attempts {
+        assert_eq!(at["parent_span_id"], root_span["span_id"]);
+    }
+    let codes: Vec<i64> = attempts
+        .iter()
+        .map(|s| {
+            s["attributes"]["http.response.status_code"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert!(codes.contains(&503) && codes.contains(&200), "{codes:?}");
+    assert_eq!(root_span["attributes"]["weft.retries"], 1);
+    assert_eq!(root_span["attributes"]["weft.route"], "default/flaky-retry");
+    drop(a);
+}
+
+fn which(program: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .expect("sh");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

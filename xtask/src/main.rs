@@ -142,10 +142,44 @@ fn setup() -> anyhow::Result<()> {
     step("bpf-linker", bpf_linker());
     step("Debian packages", debian());
     step("bpffs at /sys/fs/bpf", bpffs());
+    step("PyPI packages", pypi());
     if !failed.is_empty() {
         bail!("setup could not provide: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Python packages the tests' peers use, installed for `python3` into target/pypi (the
+/// tests put it on PYTHONPATH): the OpenTelemetry project's OTLP protobuf bindings, with
+/// which tests/peers/otlp_receiver.py decodes the spans the agent exports.
+const PYPI_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2"];
+
+fn pypi() -> anyhow::Result<&'static str> {
+    let dir = workspace().join("target/pypi");
+    let present = output(Command::new("python3").env("PYTHONPATH", &dir).args([
+        "-c",
+        "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+    ]))
+    .is_some();
+    if present {
+        return Ok("present");
+    }
+    run({
+        let mut c = Command::new("python3");
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--target",
+        ])
+        .arg(&dir)
+        .args(PYPI_PACKAGES);
+        c
+    })?;
+    Ok("installed")
 }
 
 fn nightly() -> anyhow::Result<&'static str> {

@@ -119,8 +119,11 @@ impl ProxyInputs {
         mut self,
         record_requests: bool,
         log: Option<crate::telemetry::access_log::AccessLog>,
+        tracing: Option<crate::telemetry::trace::Tracing>,
     ) -> Self {
-        let mut t = Telemetry::new(self.metrics.clone()).with_requests_recorded(record_requests);
+        let mut t = Telemetry::new(self.metrics.clone())
+            .with_requests_recorded(record_requests)
+            .with_tracing(tracing);
         if let Some(log) = log {
             t = t.with_access_log(log);
         }

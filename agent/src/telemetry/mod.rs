@@ -13,6 +13,7 @@ pub mod events;
 pub mod families;
 pub mod prefault;
 pub mod tap;
+pub mod trace;
 
 use std::{
     net::SocketAddrV4,
@@ -34,6 +35,8 @@ pub struct Telemetry {
     pub tap: tap::Tap,
     /// Pre-fault warnings and what came of them.
     pub events: events::Events,
+    /// Spans exported over OTLP, when `--otlp-endpoint` is given.
+    pub tracing: Option<trace::Tracing>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -53,11 +56,17 @@ impl Telemetry {
             access_log: None,
             tap: tap::Tap::default(),
             events: events::Events::default(),
+            tracing: None,
         }
     }
 
     pub fn with_access_log(mut self, log: access_log::AccessLog) -> Self {
         self.access_log = Some(log);
+        self
+    }
+
+    pub fn with_tracing(mut self, tracing: Option<trace::Tracing>) -> Self {
+        self.tracing = tracing;
         self
     }
 
@@ -153,6 +162,9 @@ pub struct HttpRecord {
     pub retries: u32,
     /// The body ended before it was whole (the client left or the upstream broke).
     pub incomplete: bool,
+    /// The W3C trace it belongs to, when tracing is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// What the request line and Host say: held as hyper's own values (shared, not copied)

@@ -38,6 +38,7 @@ fn record(status: u16, path: &str) -> HttpRecord {
         response_bytes: 5,
         retries: 1,
         incomplete: false,
+        trace_id: None,
     }
 }
 

@@ -113,6 +113,22 @@ impl Attempts<'_> {
             *req.version_mut() = self.parts.version;
             *req.headers_mut() = self.parts.headers.clone();
             authz::set_client_identity(req.headers_mut(), client_identity.as_ref());
+            let attempt_span = match (&ex.trace, &self.ctx.inputs().telemetry.tracing) {
+                (Some(cx), Some(t)) => {
+                    use opentelemetry::KeyValue;
+                    let attrs = vec![
+                        KeyValue::new("server.address", ep.addr.to_string()),
+                        KeyValue::new("weft.destination.pod", ep.workload.to_string()),
+                        KeyValue::new("weft.destination.service", svc.name.to_string()),
+                        KeyValue::new(
+                            "weft.attempt",
+                            i64::from(retries) + connect_failures as i64 + 1,
+                        ),
+                    ];
+                    Some(t.attempt_span(cx, req.headers_mut(), attrs))
+                }
+                _ => None,
+            };
             let in_flight = ep.stats.start();
             let sent = self.client.request(req);
             let outcome = match self.backend_timeout {
@@ -122,6 +138,18 @@ impl Attempts<'_> {
                 },
                 None => self.judge(sent.await),
             };
+            if let Some(cx) = &attempt_span {
+                let (status, reason) = match &outcome {
+                    Outcome::Answered(r) => (r.status().as_u16(), None),
+                    Outcome::ConnectFailed(_) => {
+                        (503, Some(Reason::UpstreamConnectFailed.as_str()))
+                    }
+                    Outcome::Failed(_) => (502, Some(Reason::UpstreamError.as_str())),
+                    Outcome::TimedOut => (504, Some(Reason::BackendTimeout.as_str())),
+                    Outcome::ClientFault(r) => (r.status().as_u16(), Some(r.as_str())),
+                };
+                crate::telemetry::trace::end(cx, status, reason, vec![]);
+            }
             if let Outcome::ClientFault(r) = outcome {
                 tracing::debug!(reason = r.as_str(), endpoint = %ep.addr, "the client's request body failed; not held against the endpoint");
                 return Err(r.into());

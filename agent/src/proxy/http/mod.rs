@@ -328,7 +328,7 @@ impl HttpConn {
             answered: false,
         };
         let telemetry = &self.ctx.inputs().telemetry;
-        let mut ex = Exchange::start(&req, &self.source, &self.svc.name, telemetry.enabled);
+        let mut ex = Exchange::start(&req, &self.source, &self.svc.name, telemetry);
         let mut resp = match self.proxy(req, &mut ex).await {
             Ok(r) => r,
             Err(e) => {

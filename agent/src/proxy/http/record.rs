@@ -39,13 +39,20 @@ pub(super) struct Exchange {
     pub reason: Option<&'static str>,
     /// The client's body (bytes read).
     pub body: ClientFault,
+    /// The request's span, when tracing is on.
+    pub trace: Option<opentelemetry::Context>,
 }
 
 impl Exchange {
     /// What the request line says; with `record` false (request telemetry off) only
     /// what costs no allocation.
-    pub fn start<B>(req: &Request<B>, source: &Peer, service: &Arc<str>, record: bool) -> Self {
-        if !record {
+    pub fn start<B>(
+        req: &Request<B>,
+        source: &Peer,
+        service: &Arc<str>,
+        telemetry: &Telemetry,
+    ) -> Self {
+        if !telemetry.enabled {
             return Self {
                 started: Instant::now(),
                 start: SystemTime::UNIX_EPOCH,
@@ -60,8 +67,24 @@ impl Exchange {
                 retries: 0,
                 reason: None,
                 body: ClientFault::default(),
+                trace: None,
             };
         }
+        let trace = telemetry.tracing.as_ref().map(|t| {
+            use opentelemetry::KeyValue;
+            let mut attrs = vec![
+                KeyValue::new("http.request.method", req.method().as_str().to_owned()),
+                KeyValue::new("url.path", req.uri().path().to_owned()),
+                KeyValue::new("weft.service", service.to_string()),
+            ];
+            if let Some(pod) = &source.pod {
+                attrs.push(KeyValue::new("weft.source.pod", pod.to_string()));
+            }
+            if let Some(id) = &source.identity {
+                attrs.push(KeyValue::new("weft.source.identity", id.to_string()));
+            }
+            t.request_span(req.headers(), format!("{} {service}", req.method()), attrs)
+        });
         Self {
             started: Instant::now(),
             start: SystemTime::now(),
@@ -88,6 +111,7 @@ impl Exchange {
             retries: 0,
             reason: None,
             body: ClientFault::default(),
+            trace,
         }
     }
 
@@ -100,7 +124,23 @@ impl Exchange {
     }
 
     fn finish(self, status: u16, response_bytes: u64, incomplete: bool) -> HttpRecord {
+        let trace_id = self.trace.as_ref().map(|cx| {
+            use opentelemetry::KeyValue;
+            let mut extra = vec![
+                KeyValue::new("weft.retries", i64::from(self.retries)),
+                KeyValue::new("weft.destination.service", self.service.to_string()),
+            ];
+            if let Some(r) = &self.route {
+                extra.push(KeyValue::new("weft.route", r.to_string()));
+            }
+            if let Some(ep) = self.endpoint {
+                extra.push(KeyValue::new("server.address", ep.to_string()));
+            }
+            crate::telemetry::trace::end(cx, status, self.reason, extra);
+            crate::telemetry::trace::trace_id(cx)
+        });
         HttpRecord {
+            trace_id,
             duration_ms: ms_since(self.started),
             start: self.start,
             source: self.source,
