@@ -273,6 +273,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
     // 8. Admin API, the scrape port, and the handoff socket for a successor.
     let (control_tx, mut control_rx) = mpsc::channel(8);
+    tokio::spawn(crate::telemetry::window::run(
+        state.clone(),
+        inputs.telemetry.windows.clone(),
+    ));
     tokio::spawn(crate::telemetry::prefault::run(
         state.clone(),
         inputs.telemetry.clone(),

@@ -302,6 +302,8 @@ pub struct ServiceTraffic {
     freed: Notify,
     budget: Vec<BudgetSlot>,
     pub bucket: TokenBucket,
+    /// Requests routed to it, for the golden signals over the last minute.
+    pub golden: crate::telemetry::window::Golden,
 }
 
 impl Default for ServiceTraffic {
@@ -314,6 +316,7 @@ impl Default for ServiceTraffic {
             freed: Notify::new(),
             budget: (0..BUDGET_SLOTS).map(|_| BudgetSlot::default()).collect(),
             bucket: TokenBucket::default(),
+            golden: Default::default(),
         }
     }
 }

@@ -536,16 +536,46 @@ spec:
     let v = weftctl_json(&a, &["endpoints"]);
     assert!(v["services"][0]["endpoints"].is_array());
 
-    let stats = weftctl(&a, &["stats"]);
-    let (_, r) = row(&stats, "proxy");
+    let counters = weftctl(&a, &["counters"]);
+    let (_, r) = row(&counters, "proxy");
     assert!(!r.is_empty());
     assert!(
-        stats
+        counters
             .lines()
             .any(|l| l.contains("outbound_http") && !l.trim_end().ends_with(" 0")),
-        "{stats}"
+        "{counters}"
     );
-    assert!(weftctl_json(&a, &["stats"])["proxy"]["outbound_accepted"].as_u64() > Some(0));
+    assert!(weftctl_json(&a, &["counters"])["proxy"]["outbound_accepted"].as_u64() > Some(0));
+
+    // Golden signals over the last minute (a snapshot is taken every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let signals = loop {
+        let v = weftctl_json(&a, &["stats"]);
+        let found = v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == "default/flaky")
+            .cloned();
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no signals for flaky: {v}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(signals["requests"], 20, "{signals}");
+    assert_eq!(signals["success_rate"], 0.5, "{signals}");
+    assert!(signals["rps"].as_f64().unwrap() > 0.0 && signals["p99_ms"].as_f64().unwrap() > 0.0);
+    let stats = weftctl(&a, &["stats"]);
+    let table = stats.lines().skip(1).collect::<Vec<_>>().join("\n");
+    let (h, r) = row(&table, "default/flaky");
+    assert!(h.contains("SUCCESS") && h.contains("P99-MS"), "{stats}");
+    assert!(r.contains("50.00%"), "{stats}");
+    let top = weftctl(&a, &["top", "--iterations", "1"]);
+    assert!(
+        top.contains("default/flaky") && top.contains("\x1b[2J"),
+        "{top}"
+    );
 
     let bpf = weftctl(&a, &["bpf"]);
     assert!(bpf.contains("capacity 262144 services"), "{bpf}");

@@ -43,6 +43,10 @@ pub const PATHS: &[(&str, &str)] = &[
         "services with their endpoints, health and ejection",
     ),
     ("/stats", "eBPF and proxy counters"),
+    (
+        "/stats/services",
+        "golden signals per service over the last minute: requests per second, success rate, latency quantiles",
+    ),
     ("/maps", "the service map as the kernel holds it"),
     ("/routes", "the HTTPRoute rules of every service, as compiled"),
     (
@@ -219,6 +223,10 @@ pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) ->
         "/services" => ok(services(admin)),
         "/workloads" => ok(workloads(admin)),
         "/stats" => ok(stats(admin).await),
+        "/stats/services" => ok(json!({
+            "window_s": (crate::telemetry::window::STEP * (crate::telemetry::window::KEPT as u32 - 1)).as_secs(),
+            "services": admin.telemetry.windows.signals(&admin.state.load()),
+        })),
         "/maps" => ok(maps(admin).await),
         "/certificates" => ok(certificates(admin)),
         "/tunnels" => ok(json!({

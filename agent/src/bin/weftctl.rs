@@ -51,8 +51,17 @@ enum What {
     Services,
     /// Every endpoint with its health as this node sees it: latency, failures, ejection.
     Endpoints,
-    /// eBPF and proxy counters.
+    /// Golden signals per service over the last minute: requests per second, success
+    /// rate, p50/p95/p99 latency (requests this node routed).
     Stats,
+    /// The same, refreshed every two seconds (Ctrl-C ends).
+    Top {
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
+    /// eBPF and proxy counters since the agent started.
+    Counters,
     /// The service map as the kernel holds it, and its capacity.
     Bpf,
     /// HTTPRoute rules per service: what each matches, where it sends, what it does.
@@ -195,7 +204,9 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         What::Version => "/version".into(),
         What::Workloads => "/workloads".into(),
         What::Services | What::Endpoints => "/services".into(),
-        What::Stats => "/stats".into(),
+        What::Stats => "/stats/services".into(),
+        What::Counters => "/stats".into(),
+        What::Top { iterations } => return top(socket, *iterations),
         What::Bpf => "/maps".into(),
         What::Certs => "/certificates".into(),
         What::Events => "/events".into(),
@@ -304,6 +315,56 @@ fn changed_to(status: u16, v: &Value) -> ExitCode {
     }
     println!("log filter now {}", s(&v["level"]));
     ExitCode::SUCCESS
+}
+
+/// Golden signals per service, busiest first.
+fn print_signals(v: &Value) {
+    let ms = |x: &Value| x.as_f64().map_or("-".into(), |m| format!("{m:.2}"));
+    let rows = items(&v["services"])
+        .map(|s_| {
+            vec![
+                s(&s_["service"]),
+                format!("{:.1}", s_["rps"].as_f64().unwrap_or(0.0)),
+                s_["success_rate"]
+                    .as_f64()
+                    .map_or("-".into(), |r| format!("{:.2}%", r * 100.0)),
+                ms(&s_["p50_ms"]),
+                ms(&s_["p95_ms"]),
+                ms(&s_["p99_ms"]),
+                s(&s_["requests"]),
+            ]
+        })
+        .collect();
+    println!(
+        "over the last {} s (requests this node routed):",
+        s(&v["window_s"])
+    );
+    table(
+        &[
+            "SERVICE", "RPS", "SUCCESS", "P50-MS", "P95-MS", "P99-MS", "REQUESTS",
+        ],
+        rows,
+    );
+}
+
+/// `weftctl top`: the golden signals, redrawn every two seconds.
+fn top(socket: &std::path::Path, iterations: Option<u64>) -> Result<ExitCode, ClientError> {
+    let mut n = 0;
+    loop {
+        let (status, v) = client::get_json(socket, "/stats/services")?;
+        if status >= 400 {
+            eprintln!("weftctl: the agent answered {status}");
+            return Ok(ExitCode::from(EXIT_AGENT_ERROR));
+        }
+        // Clear the screen and go home, as top does.
+        print!("\x1b[2J\x1b[H");
+        print_signals(&v);
+        n += 1;
+        if iterations.is_some_and(|max| n >= max) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
 }
 
 /// Report a change's outcome.
@@ -643,7 +704,8 @@ fn print_table(what: &What, v: &Value) {
                 rows,
             );
         }
-        What::Stats => {
+        What::Stats => print_signals(v),
+        What::Counters => {
             let mut rows = vec![];
             for section in ["ebpf", "proxy"] {
                 for (k, val) in v[section].as_object().into_iter().flatten() {
@@ -704,6 +766,7 @@ fn print_table(what: &What, v: &Value) {
             );
         }
         What::Metrics
+        | What::Top { .. }
         | What::Validate { .. }
         | What::Tap(_)
         | What::Quarantine { .. }

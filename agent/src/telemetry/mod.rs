@@ -14,6 +14,7 @@ pub mod families;
 pub mod prefault;
 pub mod tap;
 pub mod trace;
+pub mod window;
 
 use std::{
     net::SocketAddrV4,
@@ -37,6 +38,8 @@ pub struct Telemetry {
     pub events: events::Events,
     /// Spans exported over OTLP, when `--otlp-endpoint` is given.
     pub tracing: Option<trace::Tracing>,
+    /// Golden signals per service over the last minute.
+    pub windows: Arc<window::Windows>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -57,6 +60,7 @@ impl Telemetry {
             tap: tap::Tap::default(),
             events: events::Events::default(),
             tracing: None,
+            windows: Arc::default(),
         }
     }
 

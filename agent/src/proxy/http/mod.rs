@@ -329,6 +329,9 @@ impl HttpConn {
         };
         let telemetry = &self.ctx.inputs().telemetry;
         let mut ex = Exchange::start(&req, &self.source, &self.svc.name, telemetry);
+        if telemetry.enabled {
+            ex.golden = Some(self.svc.traffic.clone());
+        }
         let mut resp = match self.proxy(req, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
@@ -368,6 +371,9 @@ impl HttpConn {
         }
         let routed = self.route(&req)?;
         ex.service = routed.backend.name.clone();
+        if self.ctx.inputs().telemetry.enabled {
+            ex.golden = Some(routed.backend.traffic.clone());
+        }
         ex.route = routed.rule.map(|r| r.route.clone());
         self.admit(&routed).await?;
         let prepared = self.prepare(req, &routed).await?;

@@ -41,6 +41,8 @@ pub(super) struct Exchange {
     pub body: ClientFault,
     /// The request's span, when tracing is on.
     pub trace: Option<opentelemetry::Context>,
+    /// The routed service's running totals (golden signals).
+    pub golden: Option<Arc<crate::traffic::ServiceTraffic>>,
 }
 
 impl Exchange {
@@ -68,6 +70,7 @@ impl Exchange {
                 reason: None,
                 body: ClientFault::default(),
                 trace: None,
+                golden: None,
             };
         }
         let trace = telemetry.tracing.as_ref().map(|t| {
@@ -112,6 +115,7 @@ impl Exchange {
             reason: None,
             body: ClientFault::default(),
             trace,
+            golden: None,
         }
     }
 
@@ -124,6 +128,10 @@ impl Exchange {
     }
 
     fn finish(self, status: u16, response_bytes: u64, incomplete: bool) -> HttpRecord {
+        let duration_ms = ms_since(self.started);
+        if let Some(g) = &self.golden {
+            g.golden.record(status, duration_ms / 1000.0);
+        }
         let trace_id = self.trace.as_ref().map(|cx| {
             use opentelemetry::KeyValue;
             let mut extra = vec![
@@ -141,7 +149,7 @@ impl Exchange {
         });
         HttpRecord {
             trace_id,
-            duration_ms: ms_since(self.started),
+            duration_ms,
             start: self.start,
             source: self.source,
             destination: self.destination,
