@@ -135,6 +135,8 @@ pub struct NodeState {
     pub node_addresses: HashMap<String, Ipv4Addr>,
     /// The authorization policies selecting each meshed workload (those with any), by IP.
     pub authz: HashMap<Ipv4Addr, crate::config::authz::Policies>,
+    /// The metrics name of each of those workloads (policy decisions are counted by it).
+    pub authz_apps: HashMap<Ipv4Addr, Arc<str>>,
 }
 
 impl NodeState {
@@ -326,7 +328,7 @@ impl NodeState {
             .collect();
         let policies: Vec<Arc<crate::config::authz::AuthorizationPolicy>> =
             cfg.authorization.iter().cloned().map(Arc::new).collect();
-        let authz = cfg
+        let authz: HashMap<Ipv4Addr, crate::config::authz::Policies> = cfg
             .workloads
             .iter()
             .filter(|w| w.meshed)
@@ -334,6 +336,12 @@ impl NodeState {
                 let selecting: Vec<_> = policies.iter().filter(|p| p.selects(w)).cloned().collect();
                 (!selecting.is_empty()).then_some((w.ip, crate::config::authz::Policies(selecting)))
             })
+            .collect();
+        let authz_apps = cfg
+            .workloads
+            .iter()
+            .filter(|w| authz.contains_key(&w.ip))
+            .map(|w| (w.ip, Arc::from(crate::telemetry::canonical_name(w))))
             .collect();
         Self {
             node: node.to_owned(),
@@ -347,6 +355,7 @@ impl NodeState {
             identities,
             node_addresses,
             authz,
+            authz_apps,
         }
     }
 

@@ -987,6 +987,13 @@ spec:
     let (status, reason, _) = curl_one(&c, "client", "http://10.96.0.10/other");
     assert_eq!((status, reason.as_str()), (404, "no-route"));
 
+    // The decisions are counted per destination workload.
+    let (_, metrics) = a.admin_text("/metrics").unwrap();
+    for (decision, n) in [("allow", 1), ("deny", 1)] {
+        let line = format!("weft_policy_decisions_total{{destination_workload=\"default/web\",decision=\"{decision}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+
     // The table is numbered steps and the outcome.
     let text = weftctl(
         &a,

@@ -30,13 +30,14 @@ pub const CLIENT_CERT_HEADER: HeaderName = HeaderName::from_static("x-forwarded-
 /// say besides. A denial is counted by the caller (an HTTP answer counts its reason).
 pub fn allowed(
     state: &NodeState,
-    m: &Metrics,
+    inputs: &super::ProxyInputs,
     src_ip: Ipv4Addr,
     source: Option<&SpiffeId>,
     dst: SocketAddrV4,
     http: Http<'_>,
     path: &'static str,
 ) -> bool {
+    let m = &*inputs.metrics;
     let d = state.authorize(
         *dst.ip(),
         &Request {
@@ -45,6 +46,17 @@ pub fn allowed(
             http,
         },
     );
+    // Counted per destination workload wherever a policy selects it.
+    if let Some(app) = state.authz_apps.get(dst.ip()) {
+        let f = &inputs.telemetry.families;
+        f.policy(app, if d.denied.is_some() { "deny" } else { "allow" });
+        if d.would_deny.is_some() {
+            f.policy(app, "would-deny");
+        }
+        if !d.audited.is_empty() {
+            f.policy(app, "audit");
+        }
+    }
     if d.denied.is_none() && d.would_deny.is_none() && d.audited.is_empty() {
         // Nothing to log: the common case costs no formatting.
         return true;

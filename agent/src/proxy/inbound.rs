@@ -55,7 +55,15 @@ async fn handle(ctx: ConnCtx, conn: TcpStream) {
         }
         // From outside the mesh: plaintext, no identity, no HTTP judged.
         let http = crate::config::authz::Http::Opaque;
-        if !super::authz::allowed(&state, m, *peer.ip(), None, orig, http, "inbound") {
+        if !super::authz::allowed(
+            &state,
+            ctx.inputs(),
+            *peer.ip(),
+            None,
+            orig,
+            http,
+            "inbound",
+        ) {
             Metrics::inc(&m.policy_denied);
             return;
         }

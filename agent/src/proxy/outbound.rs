@@ -129,7 +129,7 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
         let mut denied = 0;
         let mut allowed: Vec<(Endpoint, Reach)> = Vec::new();
         for e in svc.candidates(MAX_CONNECT_ATTEMPTS) {
-            if super::authz::allowed(&state, m, pod.ip, source, e.addr, Http::Opaque, "tcp") {
+            if super::authz::allowed(&state, inputs, pod.ip, source, e.addr, Http::Opaque, "tcp") {
                 allowed.push((e.clone(), Reach::of(&state, *e.addr.ip())));
             } else {
                 denied += 1;

@@ -92,6 +92,14 @@ pub struct EndpointLabels {
     pub destination_workload: Arc<str>,
 }
 
+/// An authorization decision about a workload's traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub destination_workload: Arc<str>,
+    /// `allow`, `deny`, `would-deny` (a dryRun policy), `audit`.
+    pub decision: &'static str,
+}
+
 /// A pre-fault warning about one endpoint.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WarningLabels {
@@ -195,6 +203,7 @@ pub struct Families {
     tcp_received: Bounded<TcpLabels, Counter>,
     ejections: Bounded<EndpointLabels, Counter>,
     warnings: Bounded<WarningLabels, Counter>,
+    policy: Bounded<PolicyLabels, Counter>,
     /// What the scraper read at scrape time, encoded by [`ScrapeTime`].
     scrape_time: Arc<Mutex<Vec<Sample>>>,
 }
@@ -269,6 +278,12 @@ impl Families {
             "Pre-fault warnings raised about an endpoint, by kind",
             Family::default(),
         );
+        let policy = Bounded::register(
+            (&mut registry, &overflow),
+            "policy_decisions",
+            "Authorization decisions on requests and connections to workloads a policy selects",
+            Family::default(),
+        );
         let scrape_time = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(Flat {
             metrics,
@@ -288,6 +303,7 @@ impl Families {
             tcp_received,
             ejections,
             warnings,
+            policy,
             scrape_time,
         }
     }
@@ -386,6 +402,20 @@ impl Families {
             .get(&l, |_| EndpointLabels {
                 destination_service: Arc::from(OTHER),
                 destination_workload: Arc::from(OTHER),
+            })
+            .inc();
+    }
+
+    /// An AuthorizationPolicy decided about traffic to `workload`.
+    pub fn policy(&self, workload: &Arc<str>, decision: &'static str) {
+        let l = PolicyLabels {
+            destination_workload: workload.clone(),
+            decision,
+        };
+        self.policy
+            .get(&l, |l| PolicyLabels {
+                destination_workload: Arc::from(OTHER),
+                decision: l.decision,
             })
             .inc();
     }

@@ -92,7 +92,15 @@ impl Attempts<'_> {
                     path: self.path.as_str(),
                     headers: &self.parts.headers,
                 };
-                if !authz::allowed(&state, m, self.ctx.pod.ip, source, ep.addr, http, "http") {
+                if !authz::allowed(
+                    &state,
+                    self.ctx.inputs(),
+                    self.ctx.pod.ip,
+                    source,
+                    ep.addr,
+                    http,
+                    "http",
+                ) {
                     return Err(Reason::PolicyDenied.into());
                 }
                 authz::client_identity(source, state.identities.get(ep.addr.ip()))

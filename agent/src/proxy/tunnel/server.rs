@@ -394,8 +394,15 @@ async fn stream(peer: &Peer, mut req: Request<Incoming>) -> Response<Empty<Bytes
     }
     let http = crate::config::authz::Http::JudgedBySender;
     let m = &inputs.metrics;
-    let allowed =
-        crate::proxy::authz::allowed(&state, m, src, Some(&peer.source), target, http, "tunnel");
+    let allowed = crate::proxy::authz::allowed(
+        &state,
+        inputs,
+        src,
+        Some(&peer.source),
+        target,
+        http,
+        "tunnel",
+    );
     drop(state);
     if !allowed {
         Metrics::inc(&m.policy_denied);
