@@ -130,6 +130,16 @@ pub struct Fault {
 pub struct RouteFilter {
     pub fault: Option<Fault>,
     pub rate_limit: Option<RateLimit>,
+    pub access_log: Option<AccessLogRule>,
+}
+
+/// Whether the requests of a rule are access-logged, and which share of the successful
+/// ones (failures always are, while the rule logs at all).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AccessLogRule {
+    pub enabled: bool,
+    /// `None`: the agent's `--access-log-sample`.
+    pub sample: Option<f64>,
 }
 
 // ---- the documents as written ----
@@ -212,6 +222,21 @@ pub(super) struct FilterSpec {
     fault: Option<RawFault>,
     #[serde(default)]
     rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
+    access_log: Option<RawAccessLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAccessLog {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    sample: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -433,8 +458,29 @@ pub(super) fn convert_filter(spec: FilterSpec) -> Res<RouteFilter> {
         .rate_limit
         .map(|r| rate_limit(r, "spec.rateLimit"))
         .transpose()?;
-    if fault.is_none() && rate_limit.is_none() {
-        return Err(("spec".into(), "needs fault or rateLimit".into()));
+    let access_log = match spec.access_log {
+        None => None,
+        Some(a) => {
+            if let Some(s) = a.sample {
+                if !(0.0..=1.0).contains(&s) {
+                    return Err((
+                        "spec.accessLog.sample".into(),
+                        format!("{s}: a share of requests, 0 to 1"),
+                    ));
+                }
+            }
+            Some(AccessLogRule {
+                enabled: a.enabled,
+                sample: a.sample,
+            })
+        }
+    };
+    if fault.is_none() && rate_limit.is_none() && access_log.is_none() {
+        return Err(("spec".into(), "needs fault, rateLimit or accessLog".into()));
     }
-    Ok(RouteFilter { fault, rate_limit })
+    Ok(RouteFilter {
+        fault,
+        rate_limit,
+        access_log,
+    })
 }

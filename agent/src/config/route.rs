@@ -104,10 +104,12 @@ pub enum Filter {
         port: u16,
         percent: u32,
     },
-    /// An `ExtensionRef` to a weft `HTTPRouteFilter`: fault injection and/or a rate limit.
+    /// An `ExtensionRef` to a weft `HTTPRouteFilter`: fault injection, a rate limit, the
+    /// rule's access logging.
     Extension {
         fault: Option<Fault>,
         rate_limit: Option<RateLimit>,
+        access_log: Option<super::policy::AccessLogRule>,
         /// Names this rule's token bucket, which outlives reloads:
         /// `namespace/route#rule/filter`.
         bucket: String,
@@ -901,7 +903,7 @@ fn convert_filter(f: RawFilter, ctx: &FilterCtx<'_>) -> Result<Filter, (String, 
             let Some(ext) = ctx.extensions.get(e.name.as_str()) else {
                 return Err((".extensionRef.name".into(), format!("no HTTPRouteFilter {namespace}/{} is declared", e.name)));
             };
-            Ok(Filter::Extension { fault: ext.fault.clone(), rate_limit: ext.rate_limit, bucket: format!("{}/{}", ctx.bucket_prefix, e.name) })
+            Ok(Filter::Extension { fault: ext.fault.clone(), rate_limit: ext.rate_limit, access_log: ext.access_log, bucket: format!("{}/{}", ctx.bucket_prefix, e.name) })
         }
         other => Err((".type".into(), format!("{other:?}: supported filters are RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect, RequestMirror and ExtensionRef"))),
     }

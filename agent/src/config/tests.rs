@@ -283,6 +283,13 @@ fn every_traffic_example_is_valid_with_its_cluster() {
         ),
         (100, 50, Some(200))
     );
+    let logging = example("access-log.yaml");
+    let rule = |i: usize| match &logging.routes[0].rules[i].filters[0] {
+        Filter::Extension { access_log, .. } => *access_log,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(rule(0).map(|a| a.enabled), Some(false));
+    assert_eq!(rule(1).and_then(|a| a.sample), Some(0.1));
     let f = &example("fault-injection.yaml").routes[0].rules[0].filters[0];
     assert!(matches!(f, Filter::Extension { fault: Some(x), .. } if x.abort == Some((503, 10))));
     let rl = example("rate-limit.yaml");
@@ -470,4 +477,13 @@ fn a_declared_quarantine_is_checked_and_kept_apart_from_run_time_ones() {
     );
     assert!(o.lift("default/web-2").unwrap());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_access_log_share_is_checked() {
+    let e = err("apiVersion: weft.dev/v1alpha1\nkind: HTTPRouteFilter\nmetadata: {name: f}\nspec: {accessLog: {sample: 2}}\n");
+    assert!(
+        e.contains("spec.accessLog.sample") && e.contains("0 to 1"),
+        "{e}"
+    );
 }

@@ -70,13 +70,17 @@ impl AccessLog {
 
     /// Queue `rec` to be written, if sampling keeps it: every failure (a status of 500 or
     /// more, an answer of the proxy's own, a TCP connection that did not end normally),
-    /// and `sample` of the rest.
+    /// and `sample` (or its route rule's) of the rest. A rule that turns logging off was
+    /// left out before this.
     pub fn write(&self, rec: Arc<Record>) {
-        let failed = match &*rec {
-            Record::Http(r) => r.status >= 500 || r.reason.is_some(),
-            Record::Tcp(r) => r.outcome != "done",
+        let (failed, sample) = match &*rec {
+            Record::Http(r) => (
+                r.status >= 500 || r.reason.is_some(),
+                r.access_log.and_then(|a| a.sample).unwrap_or(self.sample),
+            ),
+            Record::Tcp(r) => (r.outcome != "done", self.sample),
         };
-        if !failed && self.sample < 1.0 && fastrand::f64() >= self.sample {
+        if !failed && sample < 1.0 && fastrand::f64() >= sample {
             return;
         }
         match self.tx.try_send(rec) {

@@ -83,12 +83,13 @@ impl Telemetry {
     /// `cache` holds the last series its connection counted into.
     pub fn http(&self, rec: HttpRecord, cache: Option<&families::SeriesCache>) {
         self.families.http(&rec, cache);
-        if self.access_log.is_none() && !self.tap.listened() {
+        let logged = self.access_log.is_some() && rec.access_log.is_none_or(|r| r.enabled);
+        if !logged && !self.tap.listened() {
             return;
         }
         let rec = Arc::new(Record::Http(rec));
         self.tap.publish(&rec);
-        if let Some(log) = &self.access_log {
+        if let (Some(log), true) = (&self.access_log, logged) {
             log.write(rec);
         }
     }
@@ -169,6 +170,9 @@ pub struct HttpRecord {
     /// The W3C trace it belongs to, when tracing is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// Its route rule's access logging, when the rule says.
+    #[serde(skip)]
+    pub access_log: Option<crate::config::policy::AccessLogRule>,
 }
 
 /// What the request line and Host say: held as hyper's own values (shared, not copied)

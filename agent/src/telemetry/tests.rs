@@ -39,6 +39,7 @@ fn record(status: u16, path: &str) -> HttpRecord {
         retries: 1,
         incomplete: false,
         trace_id: None,
+        access_log: None,
     }
 }
 
@@ -203,4 +204,53 @@ fn canonical_names_prefer_the_app_labels() {
     w.labels
         .insert("app.kubernetes.io/name".into(), "storefront".into());
     assert_eq!(canonical_name(&w), "shop/storefront");
+}
+
+#[test]
+fn a_route_rule_turns_its_access_log_off_or_samples_it() {
+    use crate::config::policy::AccessLogRule;
+    let path = std::env::temp_dir().join(format!("weft-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let m = Arc::new(Metrics::default());
+    let log = access_log::AccessLog::start(&access_log::Target::File(path.clone()), 1.0, m.clone())
+        .unwrap();
+    let t = Telemetry::new(m).with_access_log(log);
+    let with = |status: u16, p: &str, rule: Option<AccessLogRule>| {
+        let mut r = record(status, p);
+        r.access_log = rule;
+        r
+    };
+    let off = Some(AccessLogRule {
+        enabled: false,
+        sample: None,
+    });
+    let none_ok = Some(AccessLogRule {
+        enabled: true,
+        sample: Some(0.0),
+    });
+    t.http_plain(with(200, "/healthz", off));
+    t.http_plain(with(503, "/healthz-failing", off));
+    t.http_plain(with(200, "/api/sampled-out", none_ok));
+    t.http_plain(with(503, "/api/failed", none_ok));
+    t.http_plain(with(200, "/default", None));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let paths: Vec<String> = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let paths: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        if paths.len() >= 2 || std::time::Instant::now() > deadline {
+            break paths;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(paths, ["/api/failed", "/default"]);
 }

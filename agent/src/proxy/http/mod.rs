@@ -375,6 +375,7 @@ impl HttpConn {
             ex.golden = Some(routed.backend.traffic.clone());
         }
         ex.route = routed.rule.map(|r| r.route.clone());
+        ex.access_log = routed.rule.and_then(|r| r.access_log);
         self.admit(&routed).await?;
         let prepared = self.prepare(req, &routed).await?;
         ex.body = prepared.fault.clone();

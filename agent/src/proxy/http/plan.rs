@@ -113,6 +113,9 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<Retry>,
+    /// Whether its requests are access-logged, and at which sample (the agent's default
+    /// when `None`).
+    pub access_log: Option<crate::config::policy::AccessLogRule>,
 }
 
 /// The rule a request matched, and the PathPrefix it matched by (for ReplacePrefixMatch).
@@ -295,6 +298,7 @@ impl RoutePlan {
                     mirrors: vec![],
                     faults: vec![],
                     rate_limits: vec![],
+                    access_log: None,
                     backends: rule
                         .backends
                         .iter()
@@ -346,9 +350,13 @@ impl RoutePlan {
                         Filter::Extension {
                             fault,
                             rate_limit,
+                            access_log,
                             bucket,
                         } => {
                             c.faults.extend(fault.clone());
+                            if access_log.is_some() {
+                                c.access_log = *access_log;
+                            }
                             if let (Some(l), Some(b)) = (rate_limit, r.buckets.get(bucket)) {
                                 c.rate_limits.push((*l, b.clone()));
                             }

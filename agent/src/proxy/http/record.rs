@@ -43,6 +43,8 @@ pub(super) struct Exchange {
     pub trace: Option<opentelemetry::Context>,
     /// The routed service's running totals (golden signals).
     pub golden: Option<Arc<crate::traffic::ServiceTraffic>>,
+    /// The route rule's access logging.
+    pub access_log: Option<crate::config::policy::AccessLogRule>,
 }
 
 impl Exchange {
@@ -71,6 +73,7 @@ impl Exchange {
                 body: ClientFault::default(),
                 trace: None,
                 golden: None,
+                access_log: None,
             };
         }
         let trace = telemetry.tracing.as_ref().map(|t| {
@@ -116,6 +119,7 @@ impl Exchange {
             body: ClientFault::default(),
             trace,
             golden: None,
+            access_log: None,
         }
     }
 
@@ -149,6 +153,7 @@ impl Exchange {
         });
         HttpRecord {
             trace_id,
+            access_log: self.access_log,
             duration_ms,
             start: self.start,
             source: self.source,
