@@ -299,10 +299,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         // SO_REUSEPORT: during a handoff both agents hold the port until the old one exits.
         let listener = crate::netns::listen_addr(addr, 128)
             .with_context(|| format!("binding the metrics address {addr} (--metrics-address)"))?;
-        tokio::spawn(admin::serve_metrics(
+        tokio::spawn(admin::serve(
             tokio::net::TcpListener::from_std(listener)
                 .context("registering the metrics listener")?,
             admin_state.clone(),
+            admin::Scope::Metrics,
             opts.proxy.timeouts.header_read,
         ));
     }
@@ -312,6 +313,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(
         admin_listener,
         admin_state,
+        admin::Scope::Full,
         opts.proxy.timeouts.header_read,
     ));
     let (successor_tx, mut successor_rx) = mpsc::channel(1);

@@ -409,11 +409,7 @@ fn dashboard_uses_only_exported_metrics(prom: &Prometheus, exposition: &str) {
 
 /// weftctl against agent `a`: its stdout, checked to have succeeded.
 fn weftctl(a: &Agent, args: &[&str]) -> String {
-    let out = Command::new(bin("weftctl"))
-        .args(["--admin-socket", &a.admin.display().to_string()])
-        .args(args)
-        .output()
-        .expect("weftctl");
+    let out = weftctl_output(a, args);
     assert!(
         out.status.success(),
         "weftctl {}: {}",
@@ -421,6 +417,15 @@ fn weftctl(a: &Agent, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// weftctl against agent `a`, whatever its outcome.
+fn weftctl_output(a: &Agent, args: &[&str]) -> std::process::Output {
+    Command::new(bin("weftctl"))
+        .args(["--admin-socket", &a.admin.display().to_string()])
+        .args(args)
+        .output()
+        .expect("weftctl")
 }
 
 fn weftctl_json(a: &Agent, args: &[&str]) -> Value {
@@ -670,15 +675,7 @@ spec:
         .as_str()
         .unwrap()
         .contains("weft_agent=debug"));
-    let refused = Command::new(bin("weftctl"))
-        .args([
-            "--admin-socket",
-            &a.admin.display().to_string(),
-            "log-level",
-            "no such=level=x",
-        ])
-        .output()
-        .expect("weftctl");
+    let refused = weftctl_output(&a, &["log-level", "no such=level=x"]);
     assert_eq!(refused.status.code(), Some(1));
 
     let metrics = weftctl(&a, &["metrics"]);
@@ -802,16 +799,7 @@ fn tap_shows_requests_as_they_happen_with_the_filter_applied() {
         );
     }
     // A bad filter is a clear error and exit code 1.
-    let bad = Command::new(bin("weftctl"))
-        .args([
-            "--admin-socket",
-            &a.admin.display().to_string(),
-            "tap",
-            "--status",
-            "5x",
-        ])
-        .output()
-        .expect("weftctl tap");
+    let bad = weftctl_output(&a, &["tap", "--status", "5x"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("status filter"));
 }
@@ -1024,16 +1012,7 @@ spec:
     );
 
     // A pod of another node is explained by its own agent.
-    let out = Command::new(bin("weftctl"))
-        .args([
-            "--admin-socket",
-            &a.admin.display().to_string(),
-            "explain",
-            "default/web-1",
-            "web",
-        ])
-        .output()
-        .expect("weftctl");
+    let out = weftctl_output(&a, &["explain", "default/web-1", "web"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ask that node's agent"));
 }

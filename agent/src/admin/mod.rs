@@ -164,63 +164,77 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Answer on the admin socket until the process ends. Only root may connect (the
-/// socket's peer is checked); a failing accept (out of file descriptors) backs off and
-/// tries again, never ending the loop.
-pub async fn serve(listener: UnixListener, admin: AdminState, header_read: Duration) {
+/// A listener the admin API answers on: the Unix socket (root peers only) or the scrape
+/// port.
+pub trait Listener: Send + 'static {
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What it is, for logs.
+    const WHAT: &'static str;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Conn>> + Send;
+    /// Whether to answer this peer at all.
+    fn admit(conn: &Self::Conn) -> bool;
+}
+
+impl Listener for UnixListener {
+    type Conn = tokio::net::UnixStream;
+    const WHAT: &'static str = "the admin socket";
+
+    async fn accept(&self) -> std::io::Result<Self::Conn> {
+        UnixListener::accept(self).await.map(|(c, _)| c)
+    }
+
+    fn admit(conn: &Self::Conn) -> bool {
+        match crate::peer::check_root(conn) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing an admin client");
+                false
+            }
+        }
+    }
+}
+
+impl Listener for TcpListener {
+    type Conn = tokio::net::TcpStream;
+    const WHAT: &'static str = "the metrics listener";
+
+    async fn accept(&self) -> std::io::Result<Self::Conn> {
+        TcpListener::accept(self).await.map(|(c, _)| c)
+    }
+
+    fn admit(_: &Self::Conn) -> bool {
+        true
+    }
+}
+
+/// Answer on `listener` until the process ends: the Unix socket with every path
+/// ([`Scope::Full`]), the scrape port with [`Scope::Metrics`]. A failing accept (out of
+/// file descriptors) backs off and tries again, never ending the loop.
+pub async fn serve<L: Listener>(
+    listener: L,
+    admin: AdminState,
+    scope: Scope,
+    header_read: Duration,
+) {
     let places = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let accept_errors = std::sync::atomic::AtomicU64::new(0);
     let mut backoff = crate::proxy::listener::Backoff::new(&accept_errors);
     loop {
         let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
+            Ok(conn) => conn,
             Err(e) => {
-                backoff.failed(&e, "the admin socket").await;
+                backoff.failed(&e, L::WHAT).await;
                 continue;
             }
         };
         backoff.succeeded();
-        if let Err(e) = crate::peer::check_root(&conn) {
-            tracing::warn!(error = %e, "refusing an admin client");
+        if !L::admit(&conn) {
             continue;
         }
         let Ok(place) = places.clone().acquire_owned().await else {
             continue;
         };
-        tokio::spawn(connection(
-            conn,
-            admin.clone(),
-            Scope::Full,
-            header_read,
-            place,
-        ));
-    }
-}
-
-/// Serve the scrape port until the process ends.
-pub async fn serve_metrics(listener: TcpListener, admin: AdminState, header_read: Duration) {
-    let places = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    let accept_errors = std::sync::atomic::AtomicU64::new(0);
-    let mut backoff = crate::proxy::listener::Backoff::new(&accept_errors);
-    loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
-            Err(e) => {
-                backoff.failed(&e, "the metrics listener").await;
-                continue;
-            }
-        };
-        backoff.succeeded();
-        let Ok(place) = places.clone().acquire_owned().await else {
-            continue;
-        };
-        tokio::spawn(connection(
-            conn,
-            admin.clone(),
-            Scope::Metrics,
-            header_read,
-            place,
-        ));
+        tokio::spawn(connection(conn, admin.clone(), scope, header_read, place));
     }
 }
 

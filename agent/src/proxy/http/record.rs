@@ -56,27 +56,44 @@ impl Exchange {
         service: &Arc<str>,
         telemetry: &Telemetry,
     ) -> Self {
+        let mut ex = Self {
+            started: Instant::now(),
+            start: SystemTime::UNIX_EPOCH,
+            source: Peer::default(),
+            request: RequestLine::default(),
+            protocol: "",
+            service: service.clone(),
+            route: None,
+            destination: Peer::default(),
+            endpoint: None,
+            upstream_ms: None,
+            retries: 0,
+            reason: None,
+            body: ClientFault::default(),
+            trace: None,
+            golden: None,
+            access_log: None,
+        };
         if !telemetry.enabled {
-            return Self {
-                started: Instant::now(),
-                start: SystemTime::UNIX_EPOCH,
-                source: Peer::default(),
-                request: RequestLine::default(),
-                protocol: "",
-                service: service.clone(),
-                route: None,
-                destination: Peer::default(),
-                endpoint: None,
-                upstream_ms: None,
-                retries: 0,
-                reason: None,
-                body: ClientFault::default(),
-                trace: None,
-                golden: None,
-                access_log: None,
-            };
+            return ex;
         }
-        let trace = telemetry.tracing.as_ref().map(|t| {
+        ex.start = SystemTime::now();
+        ex.source = source.clone();
+        ex.request = RequestLine {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: if req.uri().authority().is_some() {
+                None
+            } else {
+                req.headers().get(hyper::header::HOST).cloned()
+            },
+        };
+        ex.protocol = match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        ex.trace = telemetry.tracing.as_ref().map(|t| {
             use opentelemetry::KeyValue;
             let mut attrs = vec![
                 KeyValue::new("http.request.method", req.method().as_str().to_owned()),
@@ -91,36 +108,7 @@ impl Exchange {
             }
             t.request_span(req.headers(), format!("{} {service}", req.method()), attrs)
         });
-        Self {
-            started: Instant::now(),
-            start: SystemTime::now(),
-            source: source.clone(),
-            request: RequestLine {
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                host: if req.uri().authority().is_some() {
-                    None
-                } else {
-                    req.headers().get(hyper::header::HOST).cloned()
-                },
-            },
-            protocol: match req.version() {
-                Version::HTTP_2 => "HTTP/2",
-                Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            service: service.clone(),
-            route: None,
-            destination: Peer::default(),
-            endpoint: None,
-            upstream_ms: None,
-            retries: 0,
-            reason: None,
-            body: ClientFault::default(),
-            trace,
-            golden: None,
-            access_log: None,
-        }
+        ex
     }
 
     /// An attempt goes to `ep`.
