@@ -584,6 +584,11 @@ spec:
 
     let bpf = weftctl(&a, &["bpf"]);
     assert!(bpf.contains("capacity 262144 services"), "{bpf}");
+    assert!(
+        bpf.lines()
+            .any(|l| l.starts_with("weft_connect4") && l.contains("CGROUP_SOCK_ADDR")),
+        "{bpf}"
+    );
     assert!(bpf.lines().any(|l| l.starts_with("10.96.0.10:80")), "{bpf}");
     assert_eq!(
         weftctl_json(&a, &["bpf"])["services"]

@@ -47,7 +47,10 @@ pub const PATHS: &[(&str, &str)] = &[
         "/stats/services",
         "golden signals per service over the last minute: requests per second, success rate, latency quantiles",
     ),
-    ("/maps", "the service map as the kernel holds it"),
+    (
+        "/maps",
+        "the eBPF programs loaded and the service map as the kernel holds them",
+    ),
     ("/routes", "the HTTPRoute rules of every service, as compiled"),
     (
         "/policies",
@@ -439,6 +442,8 @@ async fn maps(admin: &AdminState) -> Value {
     let cap = dp.capacity();
     json!({
         "pin_root": dp.pin_root().display().to_string(),
+        "attachment": dp.attachment,
+        "programs": dp.programs(),
         "capacity": {"services": cap.services, "endpoints": cap.endpoints},
         "services": services,
     })

@@ -716,8 +716,24 @@ fn print_table(what: &What, v: &Value) {
         }
         What::Bpf => {
             println!(
-                "pinned under {}; capacity {} services, {} endpoints",
-                s(&v["pin_root"]),
+                "programs ({}), pinned under {}:",
+                s(&v["attachment"]),
+                s(&v["pin_root"])
+            );
+            let rows = items(&v["programs"])
+                .map(|p| {
+                    ["name", "type", "id", "tag", "jitted_bytes", "run_count"]
+                        .iter()
+                        .map(|k| s(&p[*k]))
+                        .collect()
+                })
+                .collect();
+            table(
+                &["PROGRAM", "TYPE", "ID", "TAG", "JITTED-BYTES", "RUNS"],
+                rows,
+            );
+            println!(
+                "service map: capacity {} services, {} endpoints",
                 s(&v["capacity"]["services"]),
                 s(&v["capacity"]["endpoints"])
             );

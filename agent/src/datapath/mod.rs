@@ -681,6 +681,28 @@ impl Datapath {
         Some((v.id, v.count))
     }
 
+    /// The programs this agent loaded, as the kernel describes them (`weftctl bpf`):
+    /// name, type, kernel id, tag, sizes; run counts and time when the kernel keeps them
+    /// (sysctl kernel.bpf_stats_enabled=1).
+    pub fn programs(&self) -> Vec<serde_json::Value> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let i = p.info().ok()?;
+                Some(serde_json::json!({
+                    "name": name,
+                    "type": format!("{:?}", i.program_type()),
+                    "id": i.id(),
+                    "tag": format!("{:016x}", i.tag()),
+                    "jitted_bytes": i.size_jitted(),
+                    "verified_instructions": i.verified_instruction_count(),
+                    "run_count": i.run_count(),
+                    "run_time_ns": i.run_time().as_nanos() as u64,
+                }))
+            })
+            .collect()
+    }
+
     /// The sizes of `SERVICES` and `ENDPOINTS` this agent writes within.
     pub fn capacity(&self) -> services::Capacity {
         self.capacity
