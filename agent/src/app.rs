@@ -294,6 +294,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         identities: identities.clone(),
         tunnels: inputs.tunnels.clone(),
         conns: inputs.conns.clone(),
+        pods: inputs.pods.clone(),
     };
     if let Some(addr) = opts.metrics_address {
         // SO_REUSEPORT: during a handoff both agents hold the port until the old one exits.

@@ -683,6 +683,15 @@ spec:
     let refused = weftctl_output(&a, &["log-level", "no such=level=x"]);
     assert_eq!(refused.status.code(), Some(1));
 
+    let conns = weftctl(&a, &["connections"]);
+    assert!(conns.contains("connection(s) held of"), "{conns}");
+    let pods_table = conns.lines().skip(1).collect::<Vec<_>>().join("
+");
+    let (h, _) = row(&pods_table, "default/client");
+    assert!(h.contains("HELD"), "{conns}");
+    let v = weftctl_json(&a, &["connections"]);
+    assert_eq!(v["pods"].as_array().unwrap().len(), 2, "{v}");
+
     let metrics = weftctl(&a, &["metrics"]);
     assert!(metrics.contains("weft_requests_total{"), "{metrics}");
 

@@ -204,9 +204,10 @@ fn a_quarantined_endpoint_leaves_balancing_under_load_and_stays_reachable_for_de
         "still refused after the restart"
     );
 
-    // Lifted: back in balancing.
-    let said = stdout_of(&a, &["unquarantine", "default/web-2"]);
-    assert!(said.contains("back in service"), "{said}");
+    // Lifted: back in balancing (-o json: the agent's answer).
+    let said = stdout_of(&a, &["unquarantine", "default/web-2", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&said).expect("JSON");
+    assert!(v["config_generation"].as_u64() > Some(1), "{said}");
     let services = stdout_of(&a, &["services"]);
     assert!(
         services

@@ -71,7 +71,7 @@ pub const PATHS: &[(&str, &str)] = &[
     ("/tunnels", "tunnel connections from other nodes' agents"),
     (
         "/connections",
-        "connections held against the node's and each pod's limit",
+        "connections held now against the node's limit, and by each enrolled pod against its own",
     ),
     ("/metrics", "Prometheus text format"),
     (
@@ -236,11 +236,28 @@ pub async fn answer(admin: &AdminState, scope: Scope, req: Request<Incoming>) ->
             "pooled_connections": admin.tunnels.pool.len(),
             "accepted": admin.tunnels.accepted.list(),
         })),
-        "/connections" => ok(json!({
-            "held": admin.conns.held(),
-            "limit": admin.conns.limits().per_node,
-            "per_pod_limit": admin.conns.limits().per_pod,
-        })),
+        "/connections" => {
+            let st = admin.state.load();
+            let mut pods: Vec<Value> = admin
+                .pods
+                .load()
+                .values()
+                .map(|p| {
+                    json!({
+                        "pod": st.local.get(&p.ip).map(|w| w.id()),
+                        "ip": p.ip.to_string(),
+                        "held": p.conns.held(),
+                    })
+                })
+                .collect();
+            pods.sort_by_key(|p| std::cmp::Reverse(p["held"].as_u64()));
+            ok(json!({
+                "held": admin.conns.held(),
+                "limit": admin.conns.limits().per_node,
+                "per_pod_limit": admin.conns.limits().per_pod,
+                "pods": pods,
+            }))
+        }
         "/metrics" => {
             let samples = scrape_time(admin).await;
             let text = admin.telemetry.families.encode(samples);

@@ -144,6 +144,9 @@ pub struct AdminState {
     pub tunnels: Arc<Tunnels>,
     /// The limits the proxy counts connections against.
     pub conns: Arc<crate::proxy::conn::ConnTracker>,
+    /// Enrolled pods, with the connections each holds.
+    pub pods:
+        Arc<ArcSwap<std::collections::HashMap<std::net::Ipv4Addr, Arc<crate::proxy::conn::Pod>>>>,
 }
 
 /// Admin connections answered at once, on each listener; more wait for a place.

@@ -62,6 +62,8 @@ enum What {
     },
     /// eBPF and proxy counters since the agent started.
     Counters,
+    /// Connections held now: the node's against its limit, each pod's against its own.
+    Connections,
     /// The service map as the kernel holds it, and its capacity.
     Bpf,
     /// HTTPRoute rules per service: what each matches, where it sends, what it does.
@@ -206,6 +208,7 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         What::Services | What::Endpoints => "/services".into(),
         What::Stats => "/stats/services".into(),
         What::Counters => "/stats".into(),
+        What::Connections => "/connections".into(),
         What::Top { iterations } => return top(socket, *iterations),
         What::Bpf => "/maps".into(),
         What::Certs => "/certificates".into(),
@@ -217,7 +220,8 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         What::LogLevel { level: Some(l) } => {
             let path = format!("/log-level?level={}", encode(l));
             let (status, v) = client::send_json(socket, "PUT", &path, None)?;
-            return Ok(changed_to(status, &v));
+            let done = format!("log filter now {}", s(&v["level"]));
+            return Ok(changed(cli.output, status, &v, &done));
         }
         What::Validate { .. } => unreachable!("answered without the agent"),
         What::Tunnels => "/tunnels".into(),
@@ -244,12 +248,22 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Result<ExitCode, ClientError> {
         } => {
             let ask = serde_json::json!({"pod": pod, "reason": reason, "allowFrom": allow_from});
             let (status, v) = client::send_json(socket, "POST", "/quarantine", Some(&ask))?;
-            return Ok(changed(status, &v, &format!("{pod} quarantined")));
+            return Ok(changed(
+                cli.output,
+                status,
+                &v,
+                &format!("{pod} quarantined"),
+            ));
         }
         What::Unquarantine { pod } => {
             let path = format!("/quarantine?pod={}", encode(pod));
             let (status, v) = client::send_json(socket, "DELETE", &path, None)?;
-            return Ok(changed(status, &v, &format!("{pod} is back in service")));
+            return Ok(changed(
+                cli.output,
+                status,
+                &v,
+                &format!("{pod} is back in service"),
+            ));
         }
         What::Completions { .. } => unreachable!("answered before the agent is asked"),
     };
@@ -305,18 +319,6 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn changed_to(status: u16, v: &Value) -> ExitCode {
-    if status >= 400 {
-        eprintln!(
-            "weftctl: refused: {}",
-            v["error"].as_str().unwrap_or("(no reason given)")
-        );
-        return ExitCode::from(EXIT_AGENT_ERROR);
-    }
-    println!("log filter now {}", s(&v["level"]));
-    ExitCode::SUCCESS
-}
-
 /// Golden signals per service, busiest first.
 fn print_signals(v: &Value) {
     let ms = |x: &Value| x.as_f64().map_or("-".into(), |m| format!("{m:.2}"));
@@ -367,8 +369,8 @@ fn top(socket: &std::path::Path, iterations: Option<u64>) -> Result<ExitCode, Cl
     }
 }
 
-/// Report a change's outcome.
-fn changed(status: u16, v: &Value, done: &str) -> ExitCode {
+/// Report a change's outcome: a sentence, or the agent's answer with -o json|yaml.
+fn changed(output: Output, status: u16, v: &Value, done: &str) -> ExitCode {
     if status >= 400 {
         eprintln!(
             "weftctl: refused: {}",
@@ -376,10 +378,14 @@ fn changed(status: u16, v: &Value, done: &str) -> ExitCode {
         );
         return ExitCode::from(EXIT_AGENT_ERROR);
     }
-    println!(
-        "{done} (configuration generation {})",
-        s(&v["config_generation"])
-    );
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Yaml => print!("{}", serde_norway::to_string(v).unwrap_or_default()),
+        Output::Table => match v["config_generation"].as_u64() {
+            Some(g) => println!("{done} (configuration generation {g})"),
+            None => println!("{done}"),
+        },
+    }
     ExitCode::SUCCESS
 }
 
@@ -705,6 +711,18 @@ fn print_table(what: &What, v: &Value) {
             );
         }
         What::Stats => print_signals(v),
+        What::Connections => {
+            println!(
+                "{} connection(s) held of {} for the node; each pod may hold {}",
+                s(&v["held"]),
+                s(&v["limit"]),
+                s(&v["per_pod_limit"])
+            );
+            let rows = items(&v["pods"])
+                .map(|p| vec![s(&p["pod"]), s(&p["ip"]), s(&p["held"])])
+                .collect();
+            table(&["POD", "IP", "HELD"], rows);
+        }
         What::Counters => {
             let mut rows = vec![];
             for section in ["ebpf", "proxy"] {
