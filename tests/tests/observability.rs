@@ -685,8 +685,7 @@ spec:
 
     let conns = weftctl(&a, &["connections"]);
     assert!(conns.contains("connection(s) held of"), "{conns}");
-    let pods_table = conns.lines().skip(1).collect::<Vec<_>>().join("
-");
+    let pods_table = conns.lines().skip(1).collect::<Vec<_>>().join("\n");
     let (h, _) = row(&pods_table, "default/client");
     assert!(h.contains("HELD"), "{conns}");
     let v = weftctl_json(&a, &["connections"]);
