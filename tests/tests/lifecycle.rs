@@ -420,7 +420,18 @@ fn refuses_with(agent: &std::path::Path, args: &[&str], what: &str, setup: impl 
     .args(args);
     setup(&mut cmd);
     let t0 = Instant::now();
-    let out = cmd.output().expect("run weft-agent");
+    // A binary copied just now can be briefly busy: another test thread may fork while
+    // the copy's descriptor is open, and its child holds it until it execs.
+    let mut tries = 0;
+    let out = loop {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => break r.expect("run weft-agent"),
+        }
+    };
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started anyway: {stderr}");
     assert!(t0.elapsed() < SECS5, "took {:?} to give up", t0.elapsed());
