@@ -126,7 +126,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // 2. Configuration, parsed and validated before anything binds, with the quarantines
     //    set at run time on this node (kept in the run directory).
     let mut overrides = Overrides::load(opts.run_dir.join("quarantine.json"));
-    let cfg = load_config(&opts, &overrides).context("the initial configuration is invalid")?;
+    let (cfg, mut accepted) =
+        load_config(&opts, &overrides, None).context("the initial configuration is invalid")?;
     if !cfg.nodes.contains_key(&opts.node) {
         bail!(
             "--node {:?} is not declared as a Node in {}",
@@ -262,6 +263,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             max_connections_per_pod: limits.per_pod,
         },
         config_source: opts.config.display().to_string(),
+        rejected: accepted.rejected.clone(),
         ..Status::default()
     }));
     tracing::info!(
@@ -362,11 +364,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
                 if changed {
-                    match load_config(&opts, &overrides).map_err(anyhow::Error::from).and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp)) {
-                        Ok(()) => {
+                    match load_config(&opts, &overrides, Some(&accepted)).map_err(anyhow::Error::from).and_then(|(cfg, loaded)| apply(&opts, &cfg, generation + 1, &state, &mut dp).map(|()| loaded)) {
+                        Ok(loaded) => {
                             generation += 1;
                             identities.want(state.load().local_identities());
-                            status.rcu(|s| Status { config_generation: generation, last_config_error: None, ..(**s).clone() });
+                            let rejected = loaded.rejected.clone();
+                            accepted = loaded;
+                            status.rcu(|s| Status { config_generation: generation, last_config_error: None, rejected: rejected.clone(), ..(**s).clone() });
                             tracing::info!(generation, "configuration reloaded");
                             release_parser_memory();
                         }
@@ -387,10 +391,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Some(cmd) = control_rx.recv() => {
                 let mut dp = datapath.lock().await;
                 let answer = control(cmd.what, &mut overrides, &state.load()).and_then(|()| {
-                    load_config(&opts, &overrides)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|cfg| apply(&opts, &cfg, generation + 1, &state, &mut dp))
-                        .map_err(|e| format!("{e:#}"))
+                    // The accepted configuration, with the changed quarantines on it.
+                    let mut cfg = accepted.config.clone();
+                    overrides.apply(&mut cfg);
+                    apply(&opts, &cfg, generation + 1, &state, &mut dp).map_err(|e| format!("{e:#}"))
                 });
                 if answer.is_ok() {
                     generation += 1;
@@ -447,11 +451,26 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The configuration file with this node's run-time quarantines on it.
-fn load_config(opts: &AgentOptions, overrides: &Overrides) -> Result<Config, config::ConfigError> {
-    let mut cfg = config::load_path(&opts.config)?;
+/// The configuration file with this node's run-time quarantines on it, and what it
+/// accepted before them (the versions a later change falls back to, object by object).
+/// Objects refused are logged.
+fn load_config(
+    opts: &AgentOptions,
+    overrides: &Overrides,
+    prev: Option<&config::Loaded>,
+) -> Result<(Config, config::Loaded), config::ConfigError> {
+    let loaded = config::load_objects(
+        [config::Source::Path(&opts.config)],
+        prev.map(|p| &p.config),
+    )?;
+    for r in &loaded.rejected {
+        if prev.is_none_or(|p| !p.rejected.contains(r)) {
+            tracing::error!(object = %format!("{} {}", r.kind, r.name), error = %r, "configuration object refused");
+        }
+    }
+    let mut cfg = loaded.config.clone();
     overrides.apply(&mut cfg);
-    Ok(cfg)
+    Ok((cfg, loaded))
 }
 
 /// Carry out a change asked for through the admin API (the caller applies it).

@@ -241,7 +241,13 @@ fn main() -> ExitCode {
         Command::Validate { paths } => {
             let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             match validate(&paths) {
-                Ok(cfg) => {
+                Ok(l) if !l.rejected.is_empty() => {
+                    for r in &l.rejected {
+                        eprintln!("invalid configuration: {r}");
+                    }
+                    ExitCode::FAILURE
+                }
+                Ok(config::Loaded { config: cfg, .. }) => {
                     println!(
                         "{}: valid ({} nodes, {} workloads, {} services)",
                         shown.join(" "),
@@ -261,8 +267,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Load the sources as one configuration (`-` is standard input).
-fn validate(paths: &[PathBuf]) -> Result<config::Config, config::ConfigError> {
+/// Load the sources as one configuration (`-` is standard input), every invalid object
+/// reported.
+fn validate(paths: &[PathBuf]) -> Result<config::Loaded, config::ConfigError> {
     let stdin_name = std::path::Path::new("<stdin>");
     let mut text = String::new();
     if paths.iter().any(|p| p.as_os_str() == "-") {
@@ -270,13 +277,16 @@ fn validate(paths: &[PathBuf]) -> Result<config::Config, config::ConfigError> {
             eprintln!("reading standard input: {e}");
         }
     }
-    config::load_sources(paths.iter().map(|p| {
-        if p.as_os_str() == "-" {
-            config::Source::Text(stdin_name, &text)
-        } else {
-            config::Source::Path(p)
-        }
-    }))
+    config::load_objects(
+        paths.iter().map(|p| {
+            if p.as_os_str() == "-" {
+                config::Source::Text(stdin_name, &text)
+            } else {
+                config::Source::Path(p)
+            }
+        }),
+        None,
+    )
 }
 
 fn run(args: RunArgs) -> ExitCode {

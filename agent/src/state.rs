@@ -14,7 +14,7 @@ use crate::{
     config::{
         policy::TrafficPolicy,
         route::{Filter, HttpRoute, Parent, TlsRoute},
-        AppProtocol, Config, Protocol, Service, TargetPort, Workload,
+        AppProtocol, Config, EndpointSlice, Protocol, Service, ServicePort, TargetPort, Workload,
     },
     identity::SpiffeId,
     proxy::http::plan::{Resolve, RoutePlan},
@@ -219,6 +219,21 @@ impl NodeState {
             service: &service_addr,
             buckets: &buckets,
         };
+        // Services with EndpointSlices take their endpoints from them; endpoints are
+        // matched to workloads by address.
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for s in &cfg.endpoint_slices {
+            slices
+                .entry((s.namespace.as_str(), s.service.as_str()))
+                .or_default()
+                .push(s);
+        }
+        let by_ip: HashMap<Ipv4Addr, usize> = cfg
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.ip, i))
+            .collect();
         let mut services = BTreeMap::new();
         let mut by_name: HashMap<String, HashMap<String, Vec<Arc<ServiceEntry>>>> = HashMap::new();
         for svc in &cfg.services {
@@ -243,36 +258,60 @@ impl NodeState {
             );
             for port in &svc.ports {
                 let before = prev.and_then(|p| p.service_in(&svc.namespace, &svc.name, port.port));
-                let quarantined = selected
+                let picked = match slices.get(&(svc.namespace.as_str(), svc.name.as_str())) {
+                    Some(sl) => from_slices(sl, port, &by_ip),
+                    None => selected
+                        .iter()
+                        .filter_map(|&i| {
+                            let w = &cfg.workloads[i];
+                            let target = match &port.target {
+                                TargetPort::Number(n) => *n,
+                                TargetPort::Name(name) => w.port_named(name)?,
+                            };
+                            Some((SocketAddrV4::new(w.ip, target), Some(i), None))
+                        })
+                        .collect(),
+                };
+                let quarantined = picked
                     .iter()
-                    .filter(|&&i| cfg.workloads[i].quarantine.is_some())
-                    .map(|&i| names[i].pod.clone())
+                    .filter_map(|&(_, i, _)| i)
+                    .filter(|&i| cfg.workloads[i].quarantine.is_some())
+                    .map(|i| names[i].pod.clone())
                     .collect();
-                let endpoints = selected
-                    .iter()
-                    .filter(|&&i| cfg.workloads[i].quarantine.is_none())
-                    .filter_map(|&i| {
-                        let w = &cfg.workloads[i];
-                        let target = match &port.target {
-                            TargetPort::Number(n) => *n,
-                            TargetPort::Name(name) => w.port_named(name)?,
-                        };
-                        let addr = SocketAddrV4::new(w.ip, target);
+                let endpoints = picked
+                    .into_iter()
+                    .filter(|&(_, i, _)| i.is_none_or(|i| cfg.workloads[i].quarantine.is_none()))
+                    .map(|(addr, i, node)| {
                         let stats = before
                             .and_then(|b| b.endpoints.iter().find(|e| e.addr == addr))
                             .map(|e| e.stats.clone())
                             .unwrap_or_default();
-                        Some(Endpoint {
-                            addr,
-                            authority: Authority::try_from(addr.to_string())
-                                .expect("an IPv4 address and port is an authority"),
-                            workload: names[i].pod.clone(),
-                            app: names[i].app.clone(),
-                            identity: names[i].identity.clone(),
-                            node: names[i].node.clone(),
-                            meshed: w.meshed,
-                            stats,
-                        })
+                        let authority = Authority::try_from(addr.to_string())
+                            .expect("an IPv4 address and port is an authority");
+                        match i {
+                            Some(i) => Endpoint {
+                                addr,
+                                authority,
+                                workload: names[i].pod.clone(),
+                                app: names[i].app.clone(),
+                                identity: names[i].identity.clone(),
+                                node: names[i].node.clone(),
+                                meshed: cfg.workloads[i].meshed,
+                                stats,
+                            },
+                            // Published in an EndpointSlice, and no pod weft knows: outside
+                            // the mesh, named by its address and its Service.
+                            None => Endpoint {
+                                addr,
+                                authority,
+                                workload: Arc::from(addr.ip().to_string()),
+                                app: Arc::from(svc.id()),
+                                identity: None,
+                                node: Arc::from(node.unwrap_or_default()),
+                                meshed: false,
+                                stats,
+                            },
+                        }
                     })
                     .collect();
                 let addr = ServiceAddr {
@@ -419,6 +458,46 @@ impl NodeState {
 
     pub fn service(&self, vip: SocketAddrV4, protocol: Protocol) -> Option<&Arc<ServiceEntry>> {
         self.services.get(&ServiceAddr { vip, protocol })
+    }
+}
+
+/// An endpoint picked for a service port: its address, the workload behind it when weft
+/// knows it (an index into the configuration's workloads), and its node.
+type Picked<'a> = (SocketAddrV4, Option<usize>, Option<&'a str>);
+
+/// The endpoints of `port` that its Service's EndpointSlices publish: the ready ones, or
+/// when none is, those still serving while they terminate (as kube-proxy does). Each
+/// address once, in the slices' order.
+fn from_slices<'a>(
+    slices: &[&'a EndpointSlice],
+    port: &ServicePort,
+    by_ip: &HashMap<Ipv4Addr, usize>,
+) -> Vec<Picked<'a>> {
+    let pick = |want: &dyn Fn(&crate::config::SliceEndpoint) -> bool| {
+        let mut out: Vec<Picked<'a>> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in slices {
+            let Some(sp) = s
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
+                continue;
+            };
+            for e in s.endpoints.iter().filter(|e| want(e)) {
+                let addr = SocketAddrV4::new(e.ip, sp.port);
+                if seen.insert(addr) {
+                    out.push((addr, by_ip.get(&e.ip).copied(), e.node.as_deref()));
+                }
+            }
+        }
+        out
+    };
+    let ready = pick(&|e| e.ready);
+    if ready.is_empty() {
+        pick(&|e| e.serving && e.terminating)
+    } else {
+        ready
     }
 }
 

@@ -153,6 +153,27 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// `weftctl ARGS` against this agent, whatever its outcome.
+    pub fn weftctl_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(crate::bin("weftctl"))
+            .args(["--admin-socket", &self.admin.display().to_string()])
+            .args(args)
+            .output()
+            .expect("running weftctl")
+    }
+
+    /// `weftctl ARGS` against this agent: its standard output; panics if it fails.
+    pub fn weftctl(&self, args: &[&str]) -> String {
+        let out = self.weftctl_output(args);
+        assert!(
+            out.status.success(),
+            "weftctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// One admin API request (`/status`, `/stats`, ...), as JSON.
     pub fn admin(&self, path: &str) -> std::io::Result<serde_json::Value> {
         admin_request(&self.admin, path)
@@ -227,6 +248,28 @@ impl Agent {
             assert!(
                 Instant::now() < deadline,
                 "the agent of {} never reported a refused change",
+                self.node
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until the agent reports configuration objects it refused, and return them
+    /// (`/status` `rejected`); panics if none comes within `timeout`.
+    pub fn wait_rejected(&self, timeout: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self
+                .admin("/status")
+                .ok()
+                .and_then(|s| s["rejected"].as_array().cloned())
+                .filter(|r| !r.is_empty())
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent of {} never reported a refused object",
                 self.node
             );
             std::thread::sleep(Duration::from_millis(50));

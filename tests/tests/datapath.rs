@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use weft_e2e::{bin, http_get, peer_ip, require_root, Cluster, PodSpec, ServiceSpec};
 
 const SECS5: Duration = Duration::from_secs(5);
@@ -312,8 +314,8 @@ fn accelerated_loopback_carries_requests_through_sk_msg() {
 }
 
 #[test]
-fn invalid_config_change_keeps_the_last_good_one() {
-    if !require_root("invalid_config_change_keeps_the_last_good_one") {
+fn an_invalid_object_keeps_its_last_good_version_while_the_rest_applies() {
+    if !require_root("an_invalid_object_keeps_its_last_good_version_while_the_rest_applies") {
         return;
     }
     let c = two_nodes("bad-config");
@@ -324,42 +326,53 @@ fn invalid_config_change_keeps_the_last_good_one() {
     c.pod("web").wait_listening(8080, SECS5);
     http_get(c.pod("client"), "http://10.96.0.10/").expect("works before the change");
 
+    // One change: web's address made invalid, and a valid new Service beside it.
     let good = c.config_yaml();
-    let bad = good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.999");
+    let mut bad = good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.999");
     assert_ne!(good, bad);
+    bad.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: extra}\nspec: {clusterIP: 10.96.0.20, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n---\n");
     c.write_config(&bad);
-    let err = agent.wait_config_error(SECS5);
-    assert!(
-        err.contains("cluster.yaml")
-            && err.contains("spec.clusterIP")
-            && err.contains("Service default/web"),
-        "{err}"
+    let rejected = agent.wait_rejected(SECS5);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    let r = &rejected[0];
+    assert_eq!(
+        (&r["kind"], &r["name"], &r["field"], &r["kept_previous"]),
+        (
+            &json!("Service"),
+            &json!("web"),
+            &json!("spec.clusterIP"),
+            &json!(true)
+        )
     );
+    assert!(r["at"].as_str().unwrap().contains("cluster.yaml"), "{r}");
     assert!(
         agent.proc.output().contains("spec.clusterIP"),
         "the log names the field"
     );
+    let status = agent.admin("/status").unwrap();
     assert_eq!(
-        agent.admin("/status").unwrap()["config_generation"],
-        1,
-        "nothing was applied"
+        status["config_generation"], 2,
+        "the rest of the change applied"
     );
+    assert!(status["last_config_error"].is_null());
     let still = http_get(c.pod("client"), "http://10.96.0.10/")
-        .expect("the last good configuration stays in force");
+        .expect("the refused Service keeps its last good version");
     assert_eq!(still["server"], "web");
+    http_get(c.pod("client"), "http://10.96.0.20/").expect("the valid new Service applied");
+    let text = agent.weftctl(&["status"]);
+    assert!(
+        text.contains("1 object(s) REFUSED") && text.contains("Service default/web"),
+        "{text}"
+    );
 
-    // A valid change is applied and clears the error.
+    // A valid change clears the report.
     c.write_config(&good.replace("10.96.0.10", "10.96.0.12"));
     assert!(
-        agent.wait_config_generation(2, SECS5),
+        agent.wait_config_generation(3, SECS5),
         "the valid change was not applied"
     );
-    assert_eq!(
-        agent.admin("/status").unwrap()["config_generation"],
-        2,
-        "exactly one change applied"
-    );
-    assert!(agent.admin("/status").unwrap()["last_config_error"].is_null());
+    let status = agent.admin("/status").unwrap();
+    assert_eq!(status["rejected"], json!([]));
     http_get(c.pod("client"), "http://10.96.0.12/").expect("the new service address works");
     http_get(c.pod("client"), "http://10.96.0.10/").expect_err("the old one is gone");
 }

@@ -407,31 +407,10 @@ fn dashboard_uses_only_exported_metrics(prom: &Prometheus, exposition: &str) {
     assert!(checked > 20, "the dashboard's queries were read");
 }
 
-/// weftctl against agent `a`: its stdout, checked to have succeeded.
-fn weftctl(a: &Agent, args: &[&str]) -> String {
-    let out = weftctl_output(a, args);
-    assert!(
-        out.status.success(),
-        "weftctl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// weftctl against agent `a`, whatever its outcome.
-fn weftctl_output(a: &Agent, args: &[&str]) -> std::process::Output {
-    Command::new(bin("weftctl"))
-        .args(["--admin-socket", &a.admin.display().to_string()])
-        .args(args)
-        .output()
-        .expect("weftctl")
-}
-
 fn weftctl_json(a: &Agent, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
-    let text = weftctl(a, &all);
+    let text = a.weftctl(&all);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("weftctl {args:?} -o json: {e}\n{text}"))
 }
 
@@ -477,7 +456,7 @@ spec:
     traffic_mix(&c);
 
     // status: sentences a newcomer can read.
-    let status = weftctl(&a, &["status"]);
+    let status = a.weftctl(&["status"]);
     assert!(
         status.starts_with(&format!("Node {}: ready", a.node)),
         "{status}"
@@ -494,14 +473,14 @@ spec:
     let v = weftctl_json(&a, &["status"]);
     assert_eq!(v["ready"], true);
     assert_eq!(v["config_generation"], 1);
-    let yaml = weftctl(&a, &["status", "-o", "yaml"]);
+    let yaml = a.weftctl(&["status", "-o", "yaml"]);
     assert!(yaml.contains("ready: true"), "{yaml}");
 
-    let version = weftctl(&a, &["version"]);
+    let version = a.weftctl(&["version"]);
     assert!(version.starts_with("weft-agent 0."), "{version}");
     assert!(weftctl_json(&a, &["version"])["abi"].is_u64());
 
-    let workloads = weftctl(&a, &["workloads"]);
+    let workloads = a.weftctl(&["workloads"]);
     let (h, r) = row(&workloads, "default/client");
     for col in ["WORKLOAD", "IP", "MESHED", "ENROLLED", "MTLS", "IDENTITY"] {
         assert!(h.contains(col), "{workloads}");
@@ -513,14 +492,14 @@ spec:
     let v = weftctl_json(&a, &["workloads"]);
     assert_eq!(v["workloads"].as_array().unwrap().len(), 2);
 
-    let services = weftctl(&a, &["services"]);
+    let services = a.weftctl(&["services"]);
     let (h, r) = row(&services, "default/web");
     assert!(h.contains("ENDPOINTS-READY"), "{services}");
     assert!(r.contains("10.96.0.10:80") && r.contains("2/2"), "{r}");
     let v = weftctl_json(&a, &["services"]);
     assert_eq!(v["services"].as_array().unwrap().len(), 3);
 
-    let endpoints = weftctl(&a, &["endpoints"]);
+    let endpoints = a.weftctl(&["endpoints"]);
     let header = endpoints.lines().next().unwrap();
     for col in [
         "SERVICE",
@@ -541,7 +520,7 @@ spec:
     let v = weftctl_json(&a, &["endpoints"]);
     assert!(v["services"][0]["endpoints"].is_array());
 
-    let counters = weftctl(&a, &["counters"]);
+    let counters = a.weftctl(&["counters"]);
     let (_, r) = row(&counters, "proxy");
     assert!(!r.is_empty());
     assert!(
@@ -571,18 +550,18 @@ spec:
     assert_eq!(signals["requests"], 20, "{signals}");
     assert_eq!(signals["success_rate"], 0.5, "{signals}");
     assert!(signals["rps"].as_f64().unwrap() > 0.0 && signals["p99_ms"].as_f64().unwrap() > 0.0);
-    let stats = weftctl(&a, &["stats"]);
+    let stats = a.weftctl(&["stats"]);
     let table = stats.lines().skip(1).collect::<Vec<_>>().join("\n");
     let (h, r) = row(&table, "default/flaky");
     assert!(h.contains("SUCCESS") && h.contains("P99-MS"), "{stats}");
     assert!(r.contains("50.00%"), "{stats}");
-    let top = weftctl(&a, &["top", "--iterations", "1"]);
+    let top = a.weftctl(&["top", "--iterations", "1"]);
     assert!(
         top.contains("default/flaky") && top.contains("\x1b[2J"),
         "{top}"
     );
 
-    let bpf = weftctl(&a, &["bpf"]);
+    let bpf = a.weftctl(&["bpf"]);
     assert!(bpf.contains("capacity 262144 services"), "{bpf}");
     assert!(
         bpf.lines()
@@ -598,21 +577,21 @@ spec:
         3
     );
 
-    let certs = weftctl(&a, &["certs"]);
+    let certs = a.weftctl(&["certs"]);
     assert!(
         certs.contains("spiffe://cluster.local/ns/default/sa/client"),
         "{certs}"
     );
     assert!(weftctl_json(&a, &["certs"])["certificates"].is_array());
 
-    let tunnels = weftctl(&a, &["tunnels"]);
+    let tunnels = a.weftctl(&["tunnels"]);
     assert!(
         tunnels.contains("pooled connection(s) to other nodes"),
         "{tunnels}"
     );
     assert!(weftctl_json(&a, &["tunnels"])["pooled_connections"].as_u64() > Some(0));
 
-    let routes = weftctl(&a, &["routes"]);
+    let routes = a.weftctl(&["routes"]);
     let (h, r) = row(&routes, "default/web");
     assert!(h.contains("HTTPROUTE") && h.contains("MATCHES"), "{routes}");
     assert!(
@@ -624,7 +603,7 @@ spec:
     let v = weftctl_json(&a, &["routes"]);
     assert_eq!(v["services"][0]["rules"].as_array().unwrap().len(), 2);
 
-    let policies = weftctl(&a, &["policies"]);
+    let policies = a.weftctl(&["policies"]);
     let (_, r) = row(&policies, "default/web-audit");
     assert!(
         r.contains("AUDIT") && r.contains("default/web-1"),
@@ -635,17 +614,17 @@ spec:
         "AUDIT"
     );
 
-    let dump = weftctl(&a, &["config", "dump"]);
+    let dump = a.weftctl(&["config", "dump"]);
     let v: Value = serde_json::from_str(&dump).expect("config dump is JSON");
     assert_eq!(v["generation"], 1);
     assert_eq!(v["source"], c.config_path().display().to_string(), "{v}");
     assert_eq!(v["services"].as_array().unwrap().len(), 3);
     assert_eq!(v["routes"][0]["rules"].as_array().unwrap().len(), 2);
-    let yaml = weftctl(&a, &["config", "dump", "-o", "yaml"]);
+    let yaml = a.weftctl(&["config", "dump", "-o", "yaml"]);
     assert!(yaml.contains("generation: 1"), "{yaml}");
 
     // validate needs no agent: the configuration file as the agent would read it.
-    let ok = weftctl(&a, &["validate", &c.config_path().display().to_string()]);
+    let ok = a.weftctl(&["validate", &c.config_path().display().to_string()]);
     assert!(
         ok.starts_with("valid: 2 node(s), 5 workload(s), 3 service(s), 1 HTTPRoute(s)"),
         "{ok}"
@@ -673,17 +652,17 @@ spec:
     );
 
     // The log filter, read and changed at run time.
-    assert_eq!(weftctl(&a, &["log-level"]).trim(), "info");
-    let said = weftctl(&a, &["log-level", "weft_agent=debug,info"]);
+    assert_eq!(a.weftctl(&["log-level"]).trim(), "info");
+    let said = a.weftctl(&["log-level", "weft_agent=debug,info"]);
     assert!(said.contains("log filter now"), "{said}");
     assert!(weftctl_json(&a, &["log-level"])["level"]
         .as_str()
         .unwrap()
         .contains("weft_agent=debug"));
-    let refused = weftctl_output(&a, &["log-level", "no such=level=x"]);
+    let refused = a.weftctl_output(&["log-level", "no such=level=x"]);
     assert_eq!(refused.status.code(), Some(1));
 
-    let conns = weftctl(&a, &["connections"]);
+    let conns = a.weftctl(&["connections"]);
     assert!(conns.contains("connection(s) held of"), "{conns}");
     let pods_table = conns.lines().skip(1).collect::<Vec<_>>().join("\n");
     let (h, _) = row(&pods_table, "default/client");
@@ -691,7 +670,7 @@ spec:
     let v = weftctl_json(&a, &["connections"]);
     assert_eq!(v["pods"].as_array().unwrap().len(), 2, "{v}");
 
-    let metrics = weftctl(&a, &["metrics"]);
+    let metrics = a.weftctl(&["metrics"]);
     assert!(metrics.contains("weft_requests_total{"), "{metrics}");
 
     // Completions need no agent.
@@ -812,7 +791,7 @@ fn tap_shows_requests_as_they_happen_with_the_filter_applied() {
         );
     }
     // A bad filter is a clear error and exit code 1.
-    let bad = weftctl_output(&a, &["tap", "--status", "5x"]);
+    let bad = a.weftctl_output(&["tap", "--status", "5x"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("status filter"));
 }
@@ -863,7 +842,7 @@ fn an_endpoint_slowing_down_is_reported_before_it_fails() {
         "warned {:?} after the start, it fails from 12 s",
         warned_at - started
     );
-    let events = weftctl(&a, &["events"]);
+    let events = a.weftctl(&["events"]);
     let row = events
         .lines()
         .find(|l| l.contains("latency-rising"))
@@ -996,16 +975,13 @@ spec:
     }
 
     // The table is numbered steps and the outcome.
-    let text = weftctl(
-        &a,
-        &[
-            "explain",
-            "default/client",
-            "10.96.0.10:80",
-            "--path",
-            "/api/x",
-        ],
-    );
+    let text = a.weftctl(&[
+        "explain",
+        "default/client",
+        "10.96.0.10:80",
+        "--path",
+        "/api/x",
+    ]);
     assert!(
         text.starts_with("1. connect4 sees default/client connect to 10.96.0.10:80"),
         "{text}"
@@ -1025,7 +1001,7 @@ spec:
     );
 
     // A pod of another node is explained by its own agent.
-    let out = weftctl_output(&a, &["explain", "default/web-1", "web"]);
+    let out = a.weftctl_output(&["explain", "default/web-1", "web"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ask that node's agent"));
 }

@@ -2,30 +2,11 @@
 //! request, gets no new request, keeps running and answers a debug source directly; the
 //! quarantine shows in weftctl and the metrics, survives the agent's restart, and lifts.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use weft_e2e::{bin, require_root, Agent, Cluster, PodSpec, ServiceSpec};
+use weft_e2e::{bin, require_root, Cluster, PodSpec, ServiceSpec};
 
 const SECS5: Duration = Duration::from_secs(5);
-
-fn weftctl(a: &Agent, args: &[&str]) -> std::process::Output {
-    Command::new(bin("weftctl"))
-        .args(["--admin-socket", &a.admin.display().to_string()])
-        .args(args)
-        .output()
-        .expect("weftctl")
-}
-
-fn stdout_of(a: &Agent, args: &[&str]) -> String {
-    let out = weftctl(a, args);
-    assert!(
-        out.status.success(),
-        "weftctl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Requests a server logged (`served PEER` lines).
 fn served(log: &str) -> usize {
@@ -107,17 +88,14 @@ fn a_quarantined_endpoint_leaves_balancing_under_load_and_stays_reachable_for_de
     std::thread::sleep(Duration::from_millis(1500));
     let before = served(&servers[1].output());
     assert!(before > 0, "web-2 served before its quarantine");
-    let said = stdout_of(
-        &a,
-        &[
-            "quarantine",
-            "default/web-2",
-            "--reason",
-            "memory grows; keep for a heap dump",
-            "--allow-from",
-            "10.244.2.0/24",
-        ],
-    );
+    let said = a.weftctl(&[
+        "quarantine",
+        "default/web-2",
+        "--reason",
+        "memory grows; keep for a heap dump",
+        "--allow-from",
+        "10.244.2.0/24",
+    ]);
     assert!(said.contains("default/web-2 quarantined"), "{said}");
     // The command returns once the new state is in force: at most the requests already
     // in flight still reach web-2.
@@ -163,7 +141,7 @@ fn a_quarantined_endpoint_leaves_balancing_under_load_and_stays_reachable_for_de
     assert!(a.stat("proxy", "quarantine_refused") >= 1);
 
     // Shown in weftctl and the metrics.
-    let workloads = stdout_of(&a, &["workloads"]);
+    let workloads = a.weftctl(&["workloads"]);
     let row = workloads
         .lines()
         .find(|l| l.starts_with("default/web-2"))
@@ -172,7 +150,7 @@ fn a_quarantined_endpoint_leaves_balancing_under_load_and_stays_reachable_for_de
         row.contains("yes (weftctl): memory grows; keep for a heap dump"),
         "{row}"
     );
-    let services = stdout_of(&a, &["services"]);
+    let services = a.weftctl(&["services"]);
     assert!(services.contains("2/2 (1 quarantined)"), "{services}");
     let (_, metrics) = a.admin_text("/metrics").expect("/metrics");
     assert!(
@@ -181,7 +159,7 @@ fn a_quarantined_endpoint_leaves_balancing_under_load_and_stays_reachable_for_de
     );
 
     // Refused with a reason: an unknown pod, lifting what is not quarantined.
-    let unknown = weftctl(&a, &["quarantine", "default/nope", "--reason", "x"]);
+    let unknown = a.weftctl_output(&["quarantine", "default/nope", "--reason", "x"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no workload default/nope"));
 
@@ -193,7 +171,7 @@ fn a_quarantined_endpoint_leaves_balancing_under_load_and_stays_reachable_for_de
     old.proc
         .wait_exit(Duration::from_secs(20))
         .expect("the old agent exits");
-    let services = stdout_of(&a, &["services"]);
+    let services = a.weftctl(&["services"]);
     assert!(
         services.contains("2/2 (1 quarantined)"),
         "after the restart: {services}"
@@ -205,17 +183,17 @@ fn a_quarantined_endpoint_leaves_balancing_under_load_and_stays_reachable_for_de
     );
 
     // Lifted: back in balancing (-o json: the agent's answer).
-    let said = stdout_of(&a, &["unquarantine", "default/web-2", "-o", "json"]);
+    let said = a.weftctl(&["unquarantine", "default/web-2", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&said).expect("JSON");
     assert!(v["config_generation"].as_u64() > Some(1), "{said}");
-    let services = stdout_of(&a, &["services"]);
+    let services = a.weftctl(&["services"]);
     assert!(
         services
             .lines()
             .any(|l| l.starts_with("default/web") && l.contains("3/3")),
         "{services}"
     );
-    let again = weftctl(&a, &["unquarantine", "default/web-2"]);
+    let again = a.weftctl_output(&["unquarantine", "default/web-2"]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not quarantined"));
     c.pod("web-2").wait_listening(8080, SECS5);

@@ -392,6 +392,7 @@ fn config(admin: &AdminState) -> Value {
         "generation": status.config_generation,
         "source": status.config_source,
         "last_config_error": status.last_config_error,
+        "rejected": status.rejected,
         "node": admin.state.load().node,
         "workloads": workloads(admin)["workloads"],
         "services": services(admin)["services"],
@@ -573,6 +574,13 @@ async fn scrape_time(admin: &AdminState) -> Vec<Sample> {
         Kind::Gauge,
         vec![],
         f64::from(u8::from(status.last_config_error.is_some())),
+    ));
+    out.push(sample(
+        "config_objects_rejected",
+        "Objects of the configuration in force that were refused (each keeps its last accepted version, if any).",
+        Kind::Gauge,
+        vec![],
+        status.rejected.len() as f64,
     ));
     out.push(sample(
         "enrolled_workloads",

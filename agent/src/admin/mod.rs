@@ -52,6 +52,9 @@ pub struct Status {
     pub config_source: String,
     /// Configuration changes refused since the agent started.
     pub config_reload_errors: u64,
+    /// Objects of the configuration in force that were refused (each kept its last
+    /// accepted version, if it had one, or is left out), and why.
+    pub rejected: Vec<crate::config::Rejected>,
 }
 
 /// Limits the agent runs under.

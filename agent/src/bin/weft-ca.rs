@@ -284,10 +284,17 @@ impl Server {
         let mut c = self.cfg.lock().unwrap_or_else(|p| p.into_inner());
         let fp = config::watch::fingerprint(&self.config);
         if fp != c.0 || c.1.is_none() {
-            match config::load_path(&self.config) {
-                Ok(cfg) => *c = (fp, Some(cfg)),
+            // Object by object, as the agents accept it: a refused object keeps its last
+            // accepted version.
+            match config::load_objects([config::Source::Path(&self.config)], c.1.as_ref()) {
+                Ok(l) => {
+                    for r in &l.rejected {
+                        tracing::warn!(error = %r, "configuration object refused");
+                    }
+                    *c = (fp, Some(l.config));
+                }
                 Err(e) if c.1.is_some() => {
-                    tracing::warn!(error = %e, "the configuration changed and is invalid; keeping the last good one")
+                    tracing::warn!(error = %e, "the configuration changed and cannot be read; keeping the last good one")
                 }
                 Err(e) => return Err(format!("no valid configuration: {e}")),
             }

@@ -300,8 +300,14 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
             weft_agent::config::Source::Path(p)
         }
     });
-    match weft_agent::config::load_sources(sources) {
-        Ok(cfg) => {
+    match weft_agent::config::load_objects(sources, None) {
+        Ok(l) if !l.rejected.is_empty() => {
+            for r in &l.rejected {
+                eprintln!("invalid: {r}");
+            }
+            ExitCode::from(EXIT_AGENT_ERROR)
+        }
+        Ok(weft_agent::config::Loaded { config: cfg, .. }) => {
             println!(
                 "valid: {} node(s), {} workload(s), {} service(s), {} HTTPRoute(s), {} AuthorizationPolicy(s)",
                 cfg.nodes.len(),
@@ -838,6 +844,31 @@ fn print_status(v: &Value) {
             "  Every change accepted ({} refused since start)",
             s(&v["config_reload_errors"])
         ),
+    }
+    let rejected: Vec<&Value> = items(&v["rejected"]).collect();
+    if rejected.is_empty() {
+        println!("  Every object accepted");
+    } else {
+        println!("  {} object(s) REFUSED:", rejected.len());
+        for r in rejected {
+            let ns = r["namespace"]
+                .as_str()
+                .map(|n| format!("{n}/"))
+                .unwrap_or_default();
+            println!(
+                "    {} {ns}{}: {}: field `{}`: {} ({})",
+                s(&r["kind"]),
+                s(&r["name"]),
+                s(&r["at"]),
+                s(&r["field"]),
+                s(&r["message"]),
+                if r["kept_previous"] == true {
+                    "its last accepted version stays in force"
+                } else {
+                    "left out"
+                }
+            );
+        }
     }
     println!("  Datapath: {}", s(&v["attachment"]));
     let enrolled: Vec<String> = items(&v["enrolled"]).map(s).collect();

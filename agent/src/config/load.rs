@@ -1,7 +1,14 @@
 //! Documents -> validated [`Config`]. A source is one YAML file or a directory of them
 //! (`*.yaml`, `*.yml`, read in name order), each holding any number of `---`-separated
-//! Kubernetes-shaped documents. Every error names the file, the document (index, kind and
-//! name) and the field, so an operator can fix it without guessing.
+//! Kubernetes-shaped documents (a `kind: List`, as `kubectl get -o yaml` prints, counts as
+//! its items), or objects read from the Kubernetes API. Every error names where the object
+//! came from (file, document, kind and name) and the field, so an operator can fix it
+//! without guessing.
+//!
+//! Acceptance is per object: an invalid object is reported ([`Rejected`]) and left out,
+//! or keeps its last accepted version when there is one, while everything around it
+//! applies. Only what cannot be attributed to an object (a file that cannot be read or
+//! is not YAML, a document without a kind or a name) refuses the whole change.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -11,11 +18,10 @@ use std::{
 };
 
 use serde::Deserialize;
-use serde_norway::Value;
+use serde_json::Value;
 
 use super::model::{
-    AgentDown, AppProtocol, Config, Mtls, Namespace, Node, Protocol, Service, ServicePort,
-    TargetPort, Workload, WorkloadPort,
+    AgentDown, Config, Mtls, Namespace, Node, Protocol, Service, Workload, WorkloadPort,
 };
 use super::{policy, route};
 
@@ -29,20 +35,49 @@ const RESERVED_PORTS: [u16; 3] = [
 /// Where in the configuration a problem is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
-    pub file: PathBuf,
-    /// 1-based index of the document in its file.
-    pub document: usize,
+    pub origin: Origin,
     /// `Kind namespace/name`, as far as it could be read.
     pub object: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    File {
+        file: PathBuf,
+        /// 1-based index of the document in its file.
+        document: usize,
+        /// 1-based index in a `kind: List` document's `items`.
+        item: Option<usize>,
+    },
+    /// Read from the Kubernetes API.
+    Api,
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: document {}", self.file.display(), self.document)?;
+        match &self.origin {
+            Origin::File {
+                file,
+                document,
+                item,
+            } => {
+                write!(f, "{}: document {document}", file.display())?;
+                if let Some(i) = item {
+                    write!(f, " item {i}")?;
+                }
+            }
+            Origin::Api => write!(f, "Kubernetes API")?,
+        }
         if !self.object.is_empty() {
             write!(f, " ({})", self.object)?;
         }
         Ok(())
+    }
+}
+
+impl serde::Serialize for Location {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -67,7 +102,11 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn field(at: &Location, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(super) fn field(
+        at: &Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self::Field {
             at: at.clone(),
             field: field.into(),
@@ -76,7 +115,58 @@ impl ConfigError {
     }
 }
 
-/// Read and validate every document under `path` (a file or a directory).
+/// An object that was not accepted, and why.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Rejected {
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    /// Where it was read.
+    pub at: Location,
+    pub field: String,
+    pub message: String,
+    /// Its last accepted version stays in force (otherwise it is left out).
+    pub kept_previous: bool,
+}
+
+impl Rejected {
+    /// The refusal as a [`ConfigError`].
+    pub fn error(&self) -> ConfigError {
+        ConfigError::field(&self.at, &self.field, &self.message)
+    }
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: field `{}`: {}", self.at, self.field, self.message)?;
+        if self.kept_previous {
+            write!(f, " (its last accepted version stays in force)")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a source holds: the accepted configuration and the objects refused.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub config: Config,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Loaded {
+    /// The configuration if every object was accepted, else the first refusal (for
+    /// `validate` and tests, where any invalid object is a failure).
+    pub fn strict(self) -> Result<Config, ConfigError> {
+        match self.rejected.first() {
+            Some(r) => Err(r.error()),
+            None => Ok(self.config),
+        }
+    }
+}
+
+/// Read and validate every document under `path` (a file or a directory); any invalid
+/// object is an error.
 pub fn load_path(path: &Path) -> Result<Config, ConfigError> {
     load_sources(std::iter::once(Source::Path(path)))
 }
@@ -89,10 +179,21 @@ pub enum Source<'a> {
     Text(&'a Path, &'a str),
 }
 
-/// Read and validate the documents of every source together, as one configuration.
+/// Read and validate the documents of every source together, as one configuration; any
+/// invalid object is an error.
 pub fn load_sources<'a>(
     sources: impl IntoIterator<Item = Source<'a>>,
 ) -> Result<Config, ConfigError> {
+    load_objects(sources, None)?.strict()
+}
+
+/// Read the documents of every source together and accept them object by object: an
+/// invalid object is reported and keeps its version in `prev` if it had one there. Errors
+/// only when a file cannot be read or parsed, or a document names no object.
+pub fn load_objects<'a>(
+    sources: impl IntoIterator<Item = Source<'a>>,
+    prev: Option<&Config>,
+) -> Result<Loaded, ConfigError> {
     let mut docs = Vec::new();
     for source in sources {
         match source {
@@ -103,18 +204,55 @@ pub fn load_sources<'a>(
                             path: file.clone(),
                             source,
                         })?;
-                    docs.extend(split_documents(&file, &text)?);
+                    split_documents(&file, &text, &mut docs)?;
                 }
             }
-            Source::Text(name, text) => docs.extend(split_documents(name, text)?),
+            Source::Text(name, text) => split_documents(name, text, &mut docs)?,
         }
     }
-    build(docs)
+    Ok(build(docs, prev, Strictness::File))
 }
 
-/// Parse configuration text as if it came from `name` (tests and `validate -`).
+/// Parse configuration text as if it came from `name` (tests and `validate -`); any
+/// invalid object is an error.
 pub fn load_str(name: &Path, text: &str) -> Result<Config, ConfigError> {
-    build(split_documents(name, text)?)
+    let mut docs = Vec::new();
+    split_documents(name, text, &mut docs)?;
+    build(docs, None, Strictness::File).strict()
+}
+
+/// Objects as the Kubernetes API serves them (JSON), accepted one by one like a file's
+/// documents. Fields weft does not know are ignored in Kubernetes' own kinds (the API
+/// server has validated them, and newer servers add fields); an object without a kind or
+/// a name is reported and left out.
+pub fn from_api<'a>(objects: impl IntoIterator<Item = &'a Value>, prev: Option<&Config>) -> Loaded {
+    let mut docs = Vec::new();
+    let mut unnamed = Vec::new();
+    for o in objects {
+        let at = Location {
+            origin: Origin::Api,
+            object: String::new(),
+        };
+        match doc_of(at, o.clone()) {
+            Ok(d) => docs.push(d),
+            Err(e) => unnamed.push(e),
+        }
+    }
+    let mut loaded = build(docs, prev, Strictness::Api);
+    for e in unnamed {
+        if let ConfigError::Field { at, field, message } = e {
+            loaded.rejected.push(Rejected {
+                kind: String::new(),
+                namespace: None,
+                name: String::new(),
+                at,
+                field,
+                message,
+                kept_previous: false,
+            });
+        }
+    }
+    loaded
 }
 
 fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
@@ -137,6 +275,15 @@ fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(files)
 }
 
+/// How closely Kubernetes' own kinds are checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Strictness {
+    /// Hand-written files: an unknown field is a mistake and refused.
+    File,
+    /// The API server validated the object; fields newer than weft are ignored.
+    Api,
+}
+
 /// One document, with where it came from.
 struct Doc {
     at: Location,
@@ -144,91 +291,149 @@ struct Doc {
     kind: String,
     meta: Metadata,
     spec: Value,
+    status: Value,
+    /// Top-level fields besides apiVersion, kind, metadata, spec and status (an
+    /// EndpointSlice keeps its content there).
+    rest: serde_json::Map<String, Value>,
 }
 
+impl Doc {
+    fn namespace(&self) -> String {
+        self.meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned())
+    }
+
+    /// Refuse top-level fields the kind does not have.
+    fn no_rest(&self) -> Result<(), ConfigError> {
+        match self.rest.keys().next() {
+            Some(k) => Err(ConfigError::field(&self.at, k, "unknown top-level field")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `metadata`, with every field of Kubernetes' ObjectMeta accepted so objects read back
+/// from a cluster parse; weft reads the name, namespace, labels and annotations.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Metadata {
-    name: String,
+#[expect(dead_code, reason = "the rest of ObjectMeta is accepted and not read")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct Metadata {
+    pub(super) name: String,
     #[serde(default)]
-    namespace: Option<String>,
+    pub(super) namespace: Option<String>,
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    pub(super) labels: BTreeMap<String, String>,
     #[serde(default)]
-    #[expect(
-        dead_code,
-        reason = "accepted so Kubernetes-style documents parse; no annotation has a meaning yet"
-    )]
-    annotations: BTreeMap<String, String>,
+    pub(super) annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) uid: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) resource_version: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) generation: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) creation_timestamp: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) deletion_timestamp: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) deletion_grace_period_seconds: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) generate_name: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) owner_references: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) finalizers: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) managed_fields: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) self_link: Option<serde::de::IgnoredAny>,
 }
 
-fn split_documents(file: &Path, text: &str) -> Result<Vec<Doc>, ConfigError> {
-    let mut out = Vec::new();
+fn split_documents(file: &Path, text: &str, out: &mut Vec<Doc>) -> Result<(), ConfigError> {
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(de).map_err(|source| ConfigError::Syntax {
             path: file.to_owned(),
             source,
         })?;
-        let mut at = Location {
-            file: file.to_owned(),
-            document: i + 1,
+        let at = |item| Location {
+            origin: Origin::File {
+                file: file.to_owned(),
+                document: i + 1,
+                item,
+            },
             object: String::new(),
         };
-        let Value::Mapping(mut map) = value else {
-            if value.is_null() {
-                continue; // an empty document, e.g. after a trailing `---`
-            }
-            return Err(ConfigError::field(&at, "", "a document must be a mapping"));
-        };
-        let mut take_str = |key: &str| -> Result<String, ConfigError> {
-            match map.remove(key) {
-                Some(Value::String(s)) => Ok(s),
-                Some(_) => Err(ConfigError::field(&at, key, "must be a string")),
-                None => Err(ConfigError::field(&at, key, "is required")),
-            }
-        };
-        let api_version = take_str("apiVersion")?;
-        let kind = take_str("kind")?;
-        let meta: Metadata = match map.remove("metadata") {
-            None => return Err(ConfigError::field(&at, "metadata", "is required")),
-            Some(v) => typed(&at, "metadata", v)?,
-        };
-        at.object = match (kind.as_str(), &meta.namespace) {
-            ("Mesh" | "Node" | "Namespace", _) => format!("{kind} {}", meta.name),
-            (_, ns) => format!(
-                "{kind} {}/{}",
-                ns.as_deref().unwrap_or("default"),
-                meta.name
-            ),
-        };
-        let spec = map.remove("spec").unwrap_or(Value::Null);
-        if let Some((k, _)) = map.into_iter().next() {
-            let key = k.as_str().unwrap_or("?").to_owned();
-            return Err(ConfigError::field(&at, key, "unknown top-level field"));
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
         }
-        out.push(Doc {
-            at,
-            api_version,
-            kind,
-            meta,
-            spec,
-        });
+        // `kubectl get -o yaml` of several objects prints one `kind: List`.
+        if value.get("kind").and_then(Value::as_str) == Some("List") {
+            let Some(Value::Array(items)) = value.get("items") else {
+                return Err(ConfigError::field(&at(None), "items", "a List needs items"));
+            };
+            for (j, item) in items.iter().enumerate() {
+                out.push(doc_of(at(Some(j + 1)), item.clone())?);
+            }
+            continue;
+        }
+        out.push(doc_of(at(None), value)?);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Split an object into its kind, metadata and content.
+fn doc_of(mut at: Location, value: Value) -> Result<Doc, ConfigError> {
+    let Value::Object(mut map) = value else {
+        return Err(ConfigError::field(&at, "", "a document must be a mapping"));
+    };
+    let mut take_str = |key: &str| -> Result<String, ConfigError> {
+        match map.remove(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(ConfigError::field(&at, key, "must be a string")),
+            None => Err(ConfigError::field(&at, key, "is required")),
+        }
+    };
+    let api_version = take_str("apiVersion")?;
+    let kind = take_str("kind")?;
+    let meta: Metadata = match map.remove("metadata") {
+        None => return Err(ConfigError::field(&at, "metadata", "is required")),
+        Some(v) => typed(&at, "metadata", v)?,
+    };
+    at.object = match (kind.as_str(), &meta.namespace) {
+        ("Mesh" | "Node" | "Namespace", _) => format!("{kind} {}", meta.name),
+        (_, ns) => format!(
+            "{kind} {}/{}",
+            ns.as_deref().unwrap_or("default"),
+            meta.name
+        ),
+    };
+    let spec = map.remove("spec").unwrap_or(Value::Null);
+    let status = map.remove("status").unwrap_or(Value::Null);
+    Ok(Doc {
+        at,
+        api_version,
+        kind,
+        meta,
+        spec,
+        status,
+        rest: map,
+    })
 }
 
 /// Deserialize `value` into `T`, reporting the failing field as `prefix.path`.
-fn typed<T: serde::de::DeserializeOwned>(
+pub(super) fn typed<T: serde::de::DeserializeOwned>(
     at: &Location,
     prefix: &str,
     value: Value,
 ) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.path().to_string();
-        let field = if inner == "." {
-            prefix.to_owned()
-        } else {
-            format!("{prefix}.{inner}")
+        let field = match (prefix, inner.as_str()) {
+            (p, ".") => p.to_owned(),
+            ("", i) => i.to_owned(),
+            (p, i) => format!("{p}.{i}"),
         };
         ConfigError::field(at, field, e.inner().to_string())
     })
@@ -249,79 +454,40 @@ struct MeshSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct WorkloadSpec {
-    node: String,
-    ip: Ipv4Addr,
+pub(super) struct WorkloadSpec {
+    pub(super) node: String,
+    pub(super) ip: Ipv4Addr,
     #[serde(default)]
-    service_account: Option<String>,
+    pub(super) service_account: Option<String>,
     #[serde(default)]
-    ports: Vec<RawWorkloadPort>,
+    pub(super) ports: Vec<RawWorkloadPort>,
     #[serde(default)]
-    netns: Option<PathBuf>,
+    pub(super) netns: Option<PathBuf>,
     #[serde(default)]
-    cgroup: Option<PathBuf>,
+    pub(super) cgroup: Option<PathBuf>,
     #[serde(default)]
-    mesh: Option<MeshMode>,
+    pub(super) mesh: Option<MeshMode>,
     #[serde(default)]
-    agent_down: Option<AgentDown>,
+    pub(super) agent_down: Option<AgentDown>,
     #[serde(default)]
-    mtls: Option<Mtls>,
+    pub(super) mtls: Option<Mtls>,
     #[serde(default)]
-    quarantine: Option<super::quarantine::Quarantine>,
+    pub(super) quarantine: Option<super::quarantine::Quarantine>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
-enum MeshMode {
+pub(super) enum MeshMode {
     Enabled,
     Disabled,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawWorkloadPort {
+pub(super) struct RawWorkloadPort {
     #[serde(default)]
-    name: Option<String>,
-    port: u16,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ServiceSpec {
-    #[serde(rename = "clusterIP")]
-    cluster_ip: Ipv4Addr,
-    #[serde(default)]
-    selector: BTreeMap<String, String>,
-    ports: Vec<RawServicePort>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawServicePort {
-    #[serde(default)]
-    name: Option<String>,
-    port: u16,
-    #[serde(default)]
-    target_port: Option<RawTargetPort>,
-    #[serde(default)]
-    protocol: Option<RawProtocol>,
-    #[serde(default)]
-    app_protocol: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawTargetPort {
-    Number(u16),
-    Name(String),
-}
-
-#[derive(Deserialize, Clone, Copy)]
-enum RawProtocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
+    pub(super) name: Option<String>,
+    pub(super) port: u16,
 }
 
 const WEFT_API: &str = "weft.dev/v1alpha1";
@@ -329,246 +495,562 @@ const WEFT_API: &str = "weft.dev/v1alpha1";
 pub const LABEL_MESH: &str = "weft.dev/mesh";
 pub const LABEL_AGENT_DOWN: &str = "weft.dev/agent-down";
 pub const LABEL_MTLS: &str = "weft.dev/mtls";
+/// Pod annotations: the pod's network namespace and cgroup, where no CNI plugin hands
+/// them to the agent (file mode, snapshots).
+pub const ANNOTATION_NETNS: &str = "weft.dev/netns";
+pub const ANNOTATION_CGROUP: &str = "weft.dev/cgroup";
 
-fn build(docs: Vec<Doc>) -> Result<Config, ConfigError> {
-    let mut cfg = Config::default();
+/// The kinds weft reads, as `apiVersion` and `kind`.
+const KINDS: &[(&str, &str)] = &[
+    (WEFT_API, "Mesh"),
+    (WEFT_API, "Node"),
+    (WEFT_API, "Workload"),
+    (WEFT_API, "TrafficPolicy"),
+    (WEFT_API, "HTTPRouteFilter"),
+    (WEFT_API, "AuthorizationPolicy"),
+    ("v1", "Node"),
+    ("v1", "Namespace"),
+    ("v1", "Pod"),
+    ("v1", "Service"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1alpha2", "TLSRoute"),
+];
+
+/// Which model object a document declares: documents of two kinds can declare the same
+/// one (a weft `Node` and a `v1 Node`, a `Workload` and a `Pod`).
+fn model_kind(kind: &str) -> &str {
+    match kind {
+        "Pod" => "Workload",
+        k => k,
+    }
+}
+
+/// The configuration being built, and what was refused on the way.
+struct Builder<'p> {
+    cfg: Config,
+    prev: Option<&'p Config>,
+    rejected: Vec<Rejected>,
+    /// Service ports already taken, by address, port and protocol.
+    vips: HashMap<(Ipv4Addr, u16, Protocol), String>,
+}
+
+impl Builder<'_> {
+    /// Report `e` against the object of `doc`'s kind and name, keeping its previous
+    /// version if there is one.
+    fn reject(&mut self, kind: &str, namespace: Option<&str>, name: &str, e: ConfigError) {
+        let ConfigError::Field { at, field, message } = e else {
+            unreachable!("objects are refused for their fields");
+        };
+        let kept_previous = self.keep_previous(kind, namespace.unwrap_or("default"), name);
+        self.rejected.push(Rejected {
+            kind: kind.to_owned(),
+            namespace: namespace.map(str::to_owned),
+            name: name.to_owned(),
+            at,
+            field,
+            message,
+            kept_previous,
+        });
+    }
+
+    /// Put the previously accepted version of an object back, if there is one that still
+    /// fits beside the rest.
+    fn keep_previous(&mut self, kind: &str, ns: &str, name: &str) -> bool {
+        let Some(prev) = self.prev else {
+            return false;
+        };
+        let same = |n: &str, m: &str| n == ns && m == name;
+        match model_kind(kind) {
+            "Mesh" => {
+                self.cfg.trust_domain = prev.trust_domain.clone();
+                true
+            }
+            "Node" => prev
+                .nodes
+                .get(name)
+                .map(|n| self.cfg.nodes.insert(name.to_owned(), n.clone()))
+                .is_some(),
+            "Namespace" => prev
+                .namespaces
+                .get(name)
+                .map(|n| self.cfg.namespaces.insert(name.to_owned(), n.clone()))
+                .is_some(),
+            "Workload" => {
+                let Some(w) = prev.workloads.iter().find(|w| same(&w.namespace, &w.name)) else {
+                    return false;
+                };
+                if self.cfg.workloads.iter().any(|o| o.ip == w.ip) {
+                    return false;
+                }
+                self.cfg.workloads.push(w.clone());
+                true
+            }
+            "Service" => {
+                let Some(s) = prev.services.iter().find(|s| same(&s.namespace, &s.name)) else {
+                    return false;
+                };
+                self.add_service(s.clone()).is_ok()
+            }
+            "EndpointSlice" => prev
+                .endpoint_slices
+                .iter()
+                .find(|s| same(&s.namespace, &s.name))
+                .map(|s| self.cfg.endpoint_slices.push(s.clone()))
+                .is_some(),
+            "HTTPRoute" => prev
+                .routes
+                .iter()
+                .find(|r| same(&r.namespace, &r.name))
+                .map(|r| self.cfg.routes.push(r.clone()))
+                .is_some(),
+            "TLSRoute" => prev
+                .tls_routes
+                .iter()
+                .find(|r| same(&r.namespace, &r.name))
+                .map(|r| self.cfg.tls_routes.push(r.clone()))
+                .is_some(),
+            "TrafficPolicy" => {
+                let Some(p) = prev.policies.iter().find(|p| same(&p.namespace, &p.name)) else {
+                    return false;
+                };
+                if self
+                    .cfg
+                    .policies
+                    .iter()
+                    .any(|o| o.namespace == p.namespace && o.service == p.service)
+                {
+                    return false;
+                }
+                self.cfg.policies.push(p.clone());
+                true
+            }
+            "AuthorizationPolicy" => prev
+                .authorization
+                .iter()
+                .find(|p| same(&p.namespace, &p.name))
+                .map(|p| self.cfg.authorization.push(p.clone()))
+                .is_some(),
+            _ => false,
+        }
+    }
+
+    /// Add a Service whose ports no other Service serves.
+    fn add_service(&mut self, svc: Service) -> Result<(), (usize, String)> {
+        for (i, p) in svc.ports.iter().enumerate() {
+            if let Some(other) = self.vips.get(&(svc.cluster_ip, p.port, p.protocol)) {
+                return Err((
+                    i,
+                    format!(
+                        "{}:{}/{:?} is already served by Service {other}",
+                        svc.cluster_ip, p.port, p.protocol
+                    ),
+                ));
+            }
+        }
+        for p in &svc.ports {
+            self.vips
+                .insert((svc.cluster_ip, p.port, p.protocol), svc.id());
+        }
+        self.cfg.services.push(svc);
+        Ok(())
+    }
+}
+
+/// A document waiting for the objects it refers to.
+struct Pending<S> {
+    at: Location,
+    kind: String,
+    meta: Metadata,
+    ns: String,
+    spec: S,
+}
+
+fn build(docs: Vec<Doc>, prev: Option<&Config>, strictness: Strictness) -> Loaded {
+    let mut b = Builder {
+        cfg: Config::default(),
+        prev,
+        rejected: Vec::new(),
+        vips: HashMap::new(),
+    };
     let mut seen: HashMap<(String, String, String), Location> = HashMap::new();
-    let mut pending_workloads = Vec::new();
+    let mut pending_workloads: Vec<Pending<WorkloadSpec>> = Vec::new();
     let mut pending_routes = Vec::new();
     let mut pending_policies = Vec::new();
     let mut pending_authz = Vec::new();
     let mut pending_tls = Vec::new();
     // HTTPRouteFilters by (namespace, name), for the routes that reference them.
     let mut route_filters: BTreeMap<(String, String), policy::RouteFilter> = BTreeMap::new();
-    let mut vips: HashMap<(Ipv4Addr, u16, Protocol), String> = HashMap::new();
     let mut mesh_at: Option<Location> = None;
-    for doc in docs {
-        let Doc {
+    // The Mesh document first: authorization policies and identities depend on it.
+    let (mesh, docs): (Vec<Doc>, Vec<Doc>) = docs
+        .into_iter()
+        .partition(|d| d.kind == "Mesh" && d.api_version == WEFT_API);
+    for doc in mesh.into_iter().chain(docs) {
+        let ns = doc.namespace();
+        let cluster_scoped = matches!(doc.kind.as_str(), "Mesh" | "Node" | "Namespace");
+        let ns_of = (!cluster_scoped).then_some(ns.as_str());
+        let kind = doc.kind.clone();
+        let name = doc.meta.name.clone();
+        let identity = (model_kind(&kind).to_owned(), ns.clone(), name.clone());
+        if let Some(first) = seen.get(&identity) {
+            let e = ConfigError::field(
+                &doc.at,
+                "metadata.name",
+                format!("duplicate {}, first declared at {first}", doc.at.object),
+            );
+            // The first declaration stands: nothing of the duplicate is kept.
+            let ConfigError::Field { at, field, message } = e else {
+                unreachable!()
+            };
+            b.rejected.push(Rejected {
+                kind,
+                namespace: ns_of.map(str::to_owned),
+                name,
+                at,
+                field,
+                message,
+                kept_previous: false,
+            });
+            continue;
+        }
+        seen.insert(identity, doc.at.clone());
+        let res = accept(
+            &mut b,
+            doc,
+            ns.clone(),
+            strictness,
+            &mut mesh_at,
+            &mut pending_workloads,
+            &mut pending_routes,
+            &mut pending_policies,
+            &mut pending_authz,
+            &mut pending_tls,
+            &mut route_filters,
+        );
+        if let Err(e) = res {
+            b.reject(&kind, ns_of, &name, e);
+        }
+    }
+    // Workloads next: they refer to nodes and namespaces declared anywhere in the source.
+    let mut ips: HashMap<Ipv4Addr, String> =
+        b.cfg.workloads.iter().map(|w| (w.ip, w.id())).collect();
+    for p in pending_workloads {
+        let (kind, ns, name) = (p.kind.clone(), p.ns.clone(), p.meta.name.clone());
+        let res = workload(&b.cfg, p).and_then(|(w, at)| {
+            // Its identity names it in certificates and DNS names: both parts must be
+            // labels.
+            if let Err(e) = crate::identity::SpiffeId::workload(
+                b.cfg.trust_domain(),
+                &w.namespace,
+                &w.service_account,
+            ) {
+                return Err(ConfigError::field(
+                    &at,
+                    if kind == "Pod" {
+                        "spec.serviceAccountName"
+                    } else {
+                        "spec.serviceAccount"
+                    },
+                    format!("gives no valid workload identity: {e}"),
+                ));
+            }
+            if let Some(other) = ips.get(&w.ip) {
+                return Err(ConfigError::field(
+                    &at,
+                    if kind == "Pod" {
+                        "status.podIP"
+                    } else {
+                        "spec.ip"
+                    },
+                    format!("{} is already the address of workload {other}", w.ip),
+                ));
+            }
+            Ok(w)
+        });
+        match res {
+            Ok(w) => {
+                ips.insert(w.ip, w.id());
+                b.cfg.workloads.push(w);
+            }
+            Err(e) => {
+                b.reject(&kind, Some(&ns), &name, e);
+                if let Some(w) = b.cfg.workloads.last() {
+                    ips.insert(w.ip, w.id());
+                }
+            }
+        }
+    }
+    // Routes: they refer to Services declared anywhere in the source.
+    for p in pending_routes {
+        let Pending {
             at,
-            api_version,
             kind,
             meta,
+            ns,
             spec,
-        } = doc;
-        let ns = meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned());
-        let identity = (kind.clone(), ns.clone(), meta.name.clone());
-        if let Some(first) = seen.insert(identity, at.clone()) {
-            return Err(ConfigError::field(
-                &at,
-                "metadata.name",
-                format!("duplicate {}, first declared at {first}", at.object),
-            ));
-        }
-        check_name(&at, "metadata.name", &meta.name)?;
-        match (api_version.as_str(), kind.as_str()) {
-            (WEFT_API, "Node") => {
-                let spec: NodeSpec = typed(&at, "spec", spec)?;
-                let node = Node {
-                    name: meta.name.clone(),
-                    address: spec.address,
-                };
-                cfg.nodes.insert(meta.name, node);
-            }
-            (WEFT_API, "Mesh") => {
-                let spec: MeshSpec = typed(&at, "spec", spec)?;
-                if let Some(first) = &mesh_at {
-                    return Err(ConfigError::field(
-                        &at,
-                        "kind",
-                        format!("only one Mesh document may be declared; the first is at {first}"),
-                    ));
-                }
-                if let Some(td) = &spec.trust_domain {
-                    crate::identity::check_trust_domain(td)
-                        .map_err(|e| ConfigError::field(&at, "spec.trustDomain", e.to_string()))?;
-                }
-                cfg.trust_domain = spec.trust_domain;
-                mesh_at = Some(at);
-            }
-            ("v1", "Namespace") => {
-                cfg.namespaces
-                    .insert(meta.name.clone(), namespace_from_labels(&at, &meta)?);
-            }
-            (WEFT_API, "Workload") => {
-                let spec: WorkloadSpec = typed(&at, "spec", spec)?;
-                pending_workloads.push((at, meta, ns, spec));
-            }
-            ("v1", "Service") => {
-                let spec: ServiceSpec = typed(&at, "spec", spec)?;
-                let svc = service(&at, meta, ns, spec)?;
-                for (i, p) in svc.ports.iter().enumerate() {
-                    if let Some(other) = vips.insert((svc.cluster_ip, p.port, p.protocol), svc.id())
-                    {
-                        return Err(ConfigError::field(
-                            &at,
-                            format!("spec.ports[{i}]"),
-                            format!(
-                                "{}:{}/{:?} is already served by Service {other}",
-                                svc.cluster_ip, p.port, p.protocol
-                            ),
-                        ));
-                    }
-                }
-                cfg.services.push(svc);
-            }
-            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-                let spec: route::RouteSpec = typed(&at, "spec", spec)?;
-                pending_routes.push((at, meta, ns, spec));
-            }
-            (WEFT_API, "TrafficPolicy") => {
-                let spec: policy::PolicySpec = typed(&at, "spec", spec)?;
-                pending_policies.push((at, meta, ns, spec));
-            }
-            (WEFT_API, "AuthorizationPolicy") => {
-                let spec: super::authz::AuthzSpec = typed(&at, "spec", spec)?;
-                pending_authz.push((at, meta, ns, spec));
-            }
-            (WEFT_API, "HTTPRouteFilter") => {
-                let spec: policy::FilterSpec = typed(&at, "spec", spec)?;
-                let f = policy::convert_filter(spec)
-                    .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
-                route_filters.insert((ns, meta.name), f);
-            }
-            ("gateway.networking.k8s.io/v1alpha2", "TLSRoute") => {
-                let spec: route::TlsRouteSpec = typed(&at, "spec", spec)?;
-                pending_tls.push((at, meta, ns, spec));
-            }
-            (_, "TLSRoute") => {
-                return Err(ConfigError::field(
-                    &at,
-                    "apiVersion",
-                    "must be gateway.networking.k8s.io/v1alpha2",
-                ));
-            }
-            (_, "HTTPRoute") => {
-                return Err(ConfigError::field(
-                    &at,
-                    "apiVersion",
-                    "must be gateway.networking.k8s.io/v1",
-                ));
-            }
-            (
-                _,
-                "Mesh"
-                | "Node"
-                | "Workload"
-                | "TrafficPolicy"
-                | "HTTPRouteFilter"
-                | "AuthorizationPolicy",
-            ) => {
-                return Err(ConfigError::field(
-                    &at,
-                    "apiVersion",
-                    format!("must be {WEFT_API}"),
-                ));
-            }
-            (_, "Service" | "Namespace") => {
-                return Err(ConfigError::field(&at, "apiVersion", "must be v1"));
-            }
-            _ => {
-                return Err(ConfigError::field(
-                    &at,
-                    "kind",
-                    format!("unknown kind {kind:?}; expected Mesh, Node, Namespace, Workload, Service, HTTPRoute, TLSRoute, TrafficPolicy, HTTPRouteFilter or AuthorizationPolicy"),
-                ));
-            }
-        }
-    }
-    // Workloads last: they refer to nodes and namespaces declared anywhere in the source.
-    let mut ips: HashMap<Ipv4Addr, String> = HashMap::new();
-    for (at, meta, ns, spec) in pending_workloads {
-        let w = workload(&cfg, &at, meta, ns, spec)?;
-        // Its identity names it in certificates and DNS names: both parts must be labels.
-        if let Err(e) = crate::identity::SpiffeId::workload(
-            cfg.trust_domain(),
-            &w.namespace,
-            &w.service_account,
-        ) {
-            return Err(ConfigError::field(
-                &at,
-                "spec.serviceAccount",
-                format!("gives no valid workload identity: {e}"),
-            ));
-        }
-        if let Some(other) = ips.insert(w.ip, w.id()) {
-            return Err(ConfigError::field(
-                &at,
-                "spec.ip",
-                format!("{} is already the address of workload {other}", w.ip),
-            ));
-        }
-        cfg.workloads.push(w);
-    }
-    // Routes last: they refer to Services declared anywhere in the source.
-    for (at, meta, ns, spec) in pending_routes {
-        let ports = service_ports(&cfg.services, &ns);
+        } = p;
+        let ports = service_ports(&b.cfg.services, &ns);
         let filters: route::RouteFilters<'_> = route_filters
             .iter()
             .filter(|((n, _), _)| *n == ns)
             .map(|((_, name), f)| (name.as_str(), f))
             .collect();
-        let r = route::convert(meta.name, ns, spec, &ports, &filters)
-            .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
-        cfg.routes.push(r);
+        let name = meta.name.clone();
+        match route::convert(meta.name, ns.clone(), spec, &ports, &filters) {
+            Ok(r) => b.cfg.routes.push(r),
+            Err((field, message)) => b.reject(
+                &kind,
+                Some(&ns),
+                &name,
+                ConfigError::Field { at, field, message },
+            ),
+        }
     }
-    for (at, meta, ns, spec) in pending_tls {
-        let ports = service_ports(&cfg.services, &ns);
-        let r = route::convert_tls(meta.name, ns, spec, &ports)
-            .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
-        cfg.tls_routes.push(r);
+    for p in pending_tls {
+        let Pending {
+            at,
+            kind,
+            meta,
+            ns,
+            spec,
+        } = p;
+        let ports = service_ports(&b.cfg.services, &ns);
+        let name = meta.name.clone();
+        match route::convert_tls(meta.name, ns.clone(), spec, &ports) {
+            Ok(r) => b.cfg.tls_routes.push(r),
+            Err((field, message)) => b.reject(
+                &kind,
+                Some(&ns),
+                &name,
+                ConfigError::Field { at, field, message },
+            ),
+        }
     }
     // Policies last too, and at most one per Service.
-    let mut targeted: HashMap<(String, String), Location> = HashMap::new();
-    for (at, meta, ns, spec) in pending_policies {
-        let names: Vec<&str> = cfg
+    for p in pending_policies {
+        let Pending {
+            at,
+            kind,
+            meta,
+            ns,
+            spec,
+        } = p;
+        let names: Vec<&str> = b
+            .cfg
             .services
             .iter()
             .filter(|s| s.namespace == ns)
             .map(|s| s.name.as_str())
             .collect();
-        let p =
-            policy::convert_policy(meta.name, ns, spec, &names).map_err(|(field, message)| {
-                ConfigError::Field {
-                    at: at.clone(),
-                    field,
-                    message,
+        let name = meta.name.clone();
+        let res = policy::convert_policy(meta.name, ns.clone(), spec, &names)
+            .map_err(|(field, message)| ConfigError::Field {
+                at: at.clone(),
+                field,
+                message,
+            })
+            .and_then(|p| {
+                match b
+                    .cfg
+                    .policies
+                    .iter()
+                    .find(|o| o.namespace == p.namespace && o.service == p.service)
+                {
+                    Some(first) => Err(ConfigError::field(
+                        &at,
+                        "spec.targetRef",
+                        format!(
+                            "Service {}/{} already has a TrafficPolicy, {}",
+                            p.namespace, p.service, first.name
+                        ),
+                    )),
+                    None => Ok(p),
                 }
-            })?;
-        if let Some(first) = targeted.insert((p.namespace.clone(), p.service.clone()), at.clone()) {
+            });
+        match res {
+            Ok(p) => b.cfg.policies.push(p),
+            Err(e) => b.reject(&kind, Some(&ns), &name, e),
+        }
+    }
+    // Authorization policies after the Mesh document: principals are of its trust domain.
+    for p in pending_authz {
+        let Pending {
+            at,
+            kind,
+            meta,
+            ns,
+            spec,
+        } = p;
+        let td = b.cfg.trust_domain().to_owned();
+        let name = meta.name.clone();
+        match super::authz::convert(meta.name, ns.clone(), &td, spec) {
+            Ok(p) => b.cfg.authorization.push(p),
+            Err((field, message)) => b.reject(
+                &kind,
+                Some(&ns),
+                &name,
+                ConfigError::Field { at, field, message },
+            ),
+        }
+    }
+    Loaded {
+        config: b.cfg,
+        rejected: b.rejected,
+    }
+}
+
+/// Take in one document: convert what stands alone, queue what refers to others.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the builder's queues, one per kind"
+)]
+fn accept(
+    b: &mut Builder<'_>,
+    doc: Doc,
+    ns: String,
+    strictness: Strictness,
+    mesh_at: &mut Option<Location>,
+    pending_workloads: &mut Vec<Pending<WorkloadSpec>>,
+    pending_routes: &mut Vec<Pending<route::RouteSpec>>,
+    pending_policies: &mut Vec<Pending<policy::PolicySpec>>,
+    pending_authz: &mut Vec<Pending<super::authz::AuthzSpec>>,
+    pending_tls: &mut Vec<Pending<route::TlsRouteSpec>>,
+    route_filters: &mut BTreeMap<(String, String), policy::RouteFilter>,
+) -> Result<(), ConfigError> {
+    let at = doc.at.clone();
+    check_name(&at, "metadata.name", &doc.meta.name)?;
+    macro_rules! pending {
+        ($meta:expr, $spec:expr) => {
+            Pending {
+                at: at.clone(),
+                kind: doc.kind.clone(),
+                meta: $meta,
+                ns: ns.clone(),
+                spec: $spec,
+            }
+        };
+    }
+    let known = |v: &str, k: &str| KINDS.contains(&(v, k));
+    if !known(&doc.api_version, &doc.kind) {
+        let versions: Vec<&str> = KINDS
+            .iter()
+            .filter(|(_, k)| *k == doc.kind)
+            .map(|(v, _)| *v)
+            .collect();
+        if versions.is_empty() {
+            let kinds: BTreeSet<&str> = KINDS.iter().map(|(_, k)| *k).collect();
             return Err(ConfigError::field(
                 &at,
-                "spec.targetRef",
+                "kind",
                 format!(
-                    "Service {}/{} already has a TrafficPolicy, at {first}",
-                    p.namespace, p.service
+                    "unknown kind {:?}; expected one of {}",
+                    doc.kind,
+                    kinds.into_iter().collect::<Vec<_>>().join(", ")
                 ),
             ));
         }
-        cfg.policies.push(p);
+        return Err(ConfigError::field(
+            &at,
+            "apiVersion",
+            format!("must be {}", versions.join(" or ")),
+        ));
     }
-    // Authorization policies after the Mesh document: principals are of its trust domain.
-    for (at, meta, ns, spec) in pending_authz {
-        let td = cfg.trust_domain().to_owned();
-        let p = super::authz::convert(meta.name, ns, &td, spec)
-            .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
-        cfg.authorization.push(p);
+    match (doc.api_version.as_str(), doc.kind.as_str()) {
+        (WEFT_API, "Node") => {
+            doc.no_rest()?;
+            let spec: NodeSpec = typed(&at, "spec", doc.spec)?;
+            let node = Node {
+                name: doc.meta.name.clone(),
+                address: spec.address,
+            };
+            b.cfg.nodes.insert(doc.meta.name, node);
+        }
+        ("v1", "Node") => {
+            let node = super::kube_shapes::node(&at, &doc.meta.name, doc.status)?;
+            b.cfg.nodes.insert(doc.meta.name, node);
+        }
+        (WEFT_API, "Mesh") => {
+            doc.no_rest()?;
+            let spec: MeshSpec = typed(&at, "spec", doc.spec)?;
+            if let Some(first) = &mesh_at {
+                return Err(ConfigError::field(
+                    &at,
+                    "kind",
+                    format!("only one Mesh document may be declared; the first is at {first}"),
+                ));
+            }
+            if let Some(td) = &spec.trust_domain {
+                crate::identity::check_trust_domain(td)
+                    .map_err(|e| ConfigError::field(&at, "spec.trustDomain", e.to_string()))?;
+            }
+            b.cfg.trust_domain = spec.trust_domain;
+            *mesh_at = Some(at);
+        }
+        ("v1", "Namespace") => {
+            b.cfg.namespaces.insert(
+                doc.meta.name.clone(),
+                namespace_from_labels(&at, &doc.meta)?,
+            );
+        }
+        (WEFT_API, "Workload") => {
+            doc.no_rest()?;
+            let spec: WorkloadSpec = typed(&at, "spec", doc.spec)?;
+            pending_workloads.push(pending!(doc.meta, spec));
+        }
+        ("v1", "Pod") => {
+            // Pods that have no address yet, have finished, or share the node's network
+            // are not workloads of the mesh: nothing to refuse.
+            if let Some(spec) = super::kube_shapes::pod(&at, &doc.meta, doc.spec, doc.status)? {
+                pending_workloads.push(pending!(doc.meta, spec));
+            }
+        }
+        ("v1", "Service") => {
+            if strictness == Strictness::File {
+                doc.no_rest()?;
+            }
+            let Some(svc) = super::kube_shapes::service(&at, doc.meta, ns, doc.spec, strictness)?
+            else {
+                return Ok(()); // headless or ExternalName: no address to serve
+            };
+            b.add_service(svc)
+                .map_err(|(i, m)| ConfigError::field(&at, format!("spec.ports[{i}]"), m))?;
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            if let Some(s) = super::kube_shapes::endpoint_slice(&at, doc.meta, ns, doc.rest)? {
+                b.cfg.endpoint_slices.push(s);
+            }
+        }
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            doc.no_rest()?;
+            let spec: route::RouteSpec = typed(&at, "spec", doc.spec)?;
+            pending_routes.push(pending!(doc.meta, spec));
+        }
+        (WEFT_API, "TrafficPolicy") => {
+            doc.no_rest()?;
+            let spec: policy::PolicySpec = typed(&at, "spec", doc.spec)?;
+            pending_policies.push(pending!(doc.meta, spec));
+        }
+        (WEFT_API, "AuthorizationPolicy") => {
+            doc.no_rest()?;
+            let spec: super::authz::AuthzSpec = typed(&at, "spec", doc.spec)?;
+            pending_authz.push(pending!(doc.meta, spec));
+        }
+        (WEFT_API, "HTTPRouteFilter") => {
+            doc.no_rest()?;
+            let spec: policy::FilterSpec = typed(&at, "spec", doc.spec)?;
+            let f = policy::convert_filter(spec)
+                .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
+            route_filters.insert((ns, doc.meta.name), f);
+        }
+        ("gateway.networking.k8s.io/v1alpha2", "TLSRoute") => {
+            doc.no_rest()?;
+            let spec: route::TlsRouteSpec = typed(&at, "spec", doc.spec)?;
+            pending_tls.push(pending!(doc.meta, spec));
+        }
+        _ => unreachable!("every kind of KINDS is handled"),
     }
-    Ok(cfg)
-}
-
-/// The Services of `namespace` and their TCP ports, for routes to refer to.
-fn service_ports<'a>(services: &'a [Service], namespace: &str) -> route::ServicePorts<'a> {
-    services
-        .iter()
-        .filter(|s| s.namespace == namespace)
-        .map(|s| {
-            let tcp = s.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
-            (s.name.as_str(), tcp.map(|p| p.port).collect())
-        })
-        .collect()
+    Ok(())
 }
 
 fn check_name(at: &Location, field: &str, name: &str) -> Result<(), ConfigError> {
@@ -635,18 +1117,33 @@ fn label_choice<T: Copy>(
     }
 }
 
-fn workload(
-    cfg: &Config,
-    at: &Location,
-    meta: Metadata,
-    namespace: String,
-    spec: WorkloadSpec,
-) -> Result<Workload, ConfigError> {
+/// The Services of `namespace` and their TCP ports, for routes to refer to.
+fn service_ports<'a>(services: &'a [Service], namespace: &str) -> route::ServicePorts<'a> {
+    services
+        .iter()
+        .filter(|s| s.namespace == namespace)
+        .map(|s| {
+            let tcp = s.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
+            (s.name.as_str(), tcp.map(|p| p.port).collect())
+        })
+        .collect()
+}
+
+/// A `Workload`, or a `Pod` read as one: its fields are named as the document names them.
+fn workload(cfg: &Config, p: Pending<WorkloadSpec>) -> Result<(Workload, Location), ConfigError> {
+    let Pending {
+        at,
+        kind,
+        meta,
+        ns: namespace,
+        spec,
+    } = p;
+    let pod = kind == "Pod";
     if !cfg.nodes.contains_key(&spec.node) {
         let known: Vec<_> = cfg.nodes.keys().cloned().collect();
         return Err(ConfigError::field(
-            at,
-            "spec.node",
+            &at,
+            if pod { "spec.nodeName" } else { "spec.node" },
             format!(
                 "no Node named {:?} is declared (known: {})",
                 spec.node,
@@ -657,10 +1154,17 @@ fn workload(
     let mut ports = Vec::new();
     let mut names = BTreeSet::new();
     for (i, p) in spec.ports.into_iter().enumerate() {
+        let field = |f: &str| {
+            if pod {
+                format!("spec.containers[].ports[{i}].{f}")
+            } else {
+                format!("spec.ports[{i}].{f}")
+            }
+        };
         if p.port == 0 || RESERVED_PORTS.contains(&p.port) {
             return Err(ConfigError::field(
-                at,
-                format!("spec.ports[{i}].port"),
+                &at,
+                field(if pod { "containerPort" } else { "port" }),
                 format!(
                     "{} is not usable: 0 and the agent's ports {RESERVED_PORTS:?} are reserved",
                     p.port
@@ -670,8 +1174,8 @@ fn workload(
         if let Some(n) = &p.name {
             if !names.insert(n.clone()) {
                 return Err(ConfigError::field(
-                    at,
-                    format!("spec.ports[{i}].name"),
+                    &at,
+                    field("name"),
                     format!("duplicate port name {n:?}"),
                 ));
             }
@@ -682,16 +1186,22 @@ fn workload(
         });
     }
     let ns_defaults = cfg.namespaces.get(&namespace).cloned().unwrap_or_default();
+    // A Workload is meshed unless it or its namespace says otherwise; a Pod only when its
+    // namespace or itself opts in, as in a cluster where the mesh is being rolled out.
     let meshed = match spec.mesh {
         Some(MeshMode::Enabled) => true,
         Some(MeshMode::Disabled) => false,
-        None => ns_defaults.mesh.unwrap_or(true),
+        None => ns_defaults.mesh.unwrap_or(!pod),
     };
     if let Some(cg) = &spec.cgroup {
         if cg.is_absolute() {
             return Err(ConfigError::field(
-                at,
-                "spec.cgroup",
+                &at,
+                if pod {
+                    format!("metadata.annotations.{ANNOTATION_CGROUP}")
+                } else {
+                    "spec.cgroup".to_owned()
+                },
                 "must be relative to the cgroup2 mount, e.g. weft/node-a/pod-1",
             ));
         }
@@ -703,10 +1213,10 @@ fn workload(
             } else {
                 format!("spec.quarantine.allowFrom[{i}]")
             };
-            ConfigError::field(at, field, message)
+            ConfigError::field(&at, field, message)
         })?;
     }
-    Ok(Workload {
+    let w = Workload {
         name: meta.name,
         namespace,
         node: spec.node,
@@ -728,74 +1238,6 @@ fn workload(
                 ..q
             })
         }),
-    })
-}
-
-fn service(
-    at: &Location,
-    meta: Metadata,
-    namespace: String,
-    spec: ServiceSpec,
-) -> Result<Service, ConfigError> {
-    if spec.ports.is_empty() {
-        return Err(ConfigError::field(
-            at,
-            "spec.ports",
-            "a Service needs at least one port",
-        ));
-    }
-    let mut ports = Vec::new();
-    for (i, p) in spec.ports.into_iter().enumerate() {
-        if p.port == 0 {
-            return Err(ConfigError::field(
-                at,
-                format!("spec.ports[{i}].port"),
-                "must be 1-65535",
-            ));
-        }
-        let target = match p.target_port {
-            None => TargetPort::Number(p.port),
-            Some(RawTargetPort::Number(0)) => {
-                return Err(ConfigError::field(
-                    at,
-                    format!("spec.ports[{i}].targetPort"),
-                    "must be 1-65535",
-                ));
-            }
-            Some(RawTargetPort::Number(n)) => TargetPort::Number(n),
-            Some(RawTargetPort::Name(n)) => TargetPort::Name(n),
-        };
-        let protocol = match p.protocol {
-            None | Some(RawProtocol::Tcp) => Protocol::Tcp,
-            Some(RawProtocol::Udp) => Protocol::Udp,
-        };
-        let app_protocol = match p.app_protocol.as_deref() {
-            None => None,
-            Some("http" | "kubernetes.io/http") => Some(AppProtocol::Http),
-            Some("http2" | "h2c" | "kubernetes.io/h2c" | "grpc") => Some(AppProtocol::Http2),
-            Some("tcp") => Some(AppProtocol::Tcp),
-            Some("tls" | "https") => Some(AppProtocol::Tls),
-            Some(other) => {
-                return Err(ConfigError::field(
-                    at,
-                    format!("spec.ports[{i}].appProtocol"),
-                    format!("{other:?}: expected http, http2 (h2c, grpc), tcp or tls"),
-                ));
-            }
-        };
-        ports.push(ServicePort {
-            name: p.name,
-            port: p.port,
-            target,
-            protocol,
-            app_protocol,
-        });
-    }
-    Ok(Service {
-        name: meta.name,
-        namespace,
-        cluster_ip: spec.cluster_ip,
-        selector: spec.selector,
-        ports,
-    })
+    };
+    Ok((w, at))
 }

@@ -1,8 +1,10 @@
-//! Configuration: Kubernetes-shaped YAML documents -> a validated [`Config`] (file mode).
+//! Configuration: Kubernetes-shaped documents (YAML files, or objects from the Kubernetes
+//! API) -> a validated [`Config`].
 //! Parsing and validation never bind a port or touch the kernel, so `weft-agent validate`
 //! and the reload path share them.
 
 pub mod authz;
+mod kube_shapes;
 mod load;
 mod model;
 pub mod policy;
@@ -10,13 +12,15 @@ pub mod quarantine;
 pub mod route;
 pub mod watch;
 
+pub use kube_shapes::LABEL_SERVICE_NAME;
 pub use load::{
-    load_path, load_sources, load_str, ConfigError, Location, Source, LABEL_AGENT_DOWN, LABEL_MESH,
+    from_api, load_objects, load_path, load_sources, load_str, ConfigError, Loaded, Location,
+    Origin, Rejected, Source, ANNOTATION_CGROUP, ANNOTATION_NETNS, LABEL_AGENT_DOWN, LABEL_MESH,
     LABEL_MTLS,
 };
 pub use model::{
-    AgentDown, AppProtocol, Config, Mtls, Namespace, Node, Protocol, Service, ServicePort,
-    TargetPort, Workload, WorkloadPort,
+    AgentDown, AppProtocol, Config, EndpointSlice, Mtls, Namespace, Node, Protocol, Service,
+    ServicePort, SliceEndpoint, SlicePort, TargetPort, Workload, WorkloadPort,
 };
 
 #[cfg(test)]

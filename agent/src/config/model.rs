@@ -11,6 +11,9 @@ pub struct Config {
     pub namespaces: BTreeMap<String, Namespace>,
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
+    /// Endpoints as the cluster published them; a Service with any takes its endpoints
+    /// from them instead of from its selector.
+    pub endpoint_slices: Vec<EndpointSlice>,
     pub routes: Vec<super::route::HttpRoute>,
     pub tls_routes: Vec<super::route::TlsRoute>,
     pub policies: Vec<super::policy::ServicePolicy>,
@@ -166,4 +169,33 @@ pub enum Protocol {
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
+}
+
+/// A `discovery.k8s.io/v1 EndpointSlice`: some of a Service's endpoints, as the cluster's
+/// endpoint controller (or whoever wrote it) published them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSlice {
+    pub name: String,
+    pub namespace: String,
+    /// The Service of its namespace it belongs to.
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlicePort {
+    /// The Service port's name it serves (unnamed for a Service's single unnamed port).
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceEndpoint {
+    pub ip: Ipv4Addr,
+    pub node: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
 }
