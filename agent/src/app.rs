@@ -41,10 +41,84 @@ use crate::{
 };
 use config::quarantine::{Overrides, SetBy};
 
+/// Where the configuration comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    /// A YAML file or a directory of them, polled for changes.
+    Files(PathBuf),
+    /// The Kubernetes API, watched.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Files(p) => write!(f, "{}", p.display()),
+            Self::Kubernetes { kubeconfig: None } => write!(f, "the Kubernetes API"),
+            Self::Kubernetes {
+                kubeconfig: Some(k),
+            } => write!(f, "the Kubernetes API ({})", k.display()),
+        }
+    }
+}
+
+/// The configuration source, opened.
+enum Feed {
+    Files(PathBuf),
+    Kubernetes(crate::k8s::Cluster),
+}
+
+impl Feed {
+    async fn open(source: &ConfigSource) -> anyhow::Result<Self> {
+        match source {
+            ConfigSource::Files(p) => Ok(Self::Files(p.clone())),
+            ConfigSource::Kubernetes { kubeconfig } => {
+                let client = crate::k8s::client(kubeconfig.as_deref()).await?;
+                let cluster = crate::k8s::Cluster::watch(&client);
+                // Nothing can be served before the cluster is known: wait, saying why.
+                loop {
+                    match cluster.synced(Duration::from_secs(10)).await {
+                        Ok(()) => break,
+                        Err(missing) => tracing::warn!(
+                            kinds = %missing.join(", "),
+                            "still waiting for the first list from the Kubernetes API"
+                        ),
+                    }
+                }
+                Ok(Self::Kubernetes(cluster))
+            }
+        }
+    }
+
+    /// Everything the source holds now, accepted object by object against `prev`.
+    fn load(&self, prev: Option<&Config>) -> Result<config::Loaded, config::ConfigError> {
+        match self {
+            Self::Files(p) => config::load_objects([config::Source::Path(p)], prev),
+            Self::Kubernetes(c) => Ok(config::from_api(c.objects().iter(), prev)),
+        }
+    }
+
+    /// Resolves when the source says it changed (never for files: they are polled).
+    async fn changed(&self) {
+        match self {
+            Self::Files(_) => std::future::pending().await,
+            Self::Kubernetes(c) => c.changed.notified().await,
+        }
+    }
+
+    /// A value that moves when the files change (`None` for the API: it says so itself).
+    fn fingerprint(&self) -> Option<u64> {
+        match self {
+            Self::Files(p) => config::watch::fingerprint(p),
+            Self::Kubernetes(_) => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub node: String,
-    pub config: PathBuf,
+    pub config: ConfigSource,
     /// The pods' cgroup v2 directory: absolute, or relative to the cgroup2 mount.
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
@@ -126,13 +200,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // 2. Configuration, parsed and validated before anything binds, with the quarantines
     //    set at run time on this node (kept in the run directory).
     let mut overrides = Overrides::load(opts.run_dir.join("quarantine.json"));
+    let feed = Feed::open(&opts.config).await?;
     let (cfg, mut accepted) =
-        load_config(&opts, &overrides, None).context("the initial configuration is invalid")?;
+        load_config(&feed, &overrides, None).context("the initial configuration is invalid")?;
     if !cfg.nodes.contains_key(&opts.node) {
         bail!(
             "--node {:?} is not declared as a Node in {}",
             opts.node,
-            opts.config.display()
+            opts.config
         );
     }
 
@@ -262,7 +337,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             max_connections: limits.per_node,
             max_connections_per_pod: limits.per_pod,
         },
-        config_source: opts.config.display().to_string(),
+        config_source: opts.config.to_string(),
         rejected: accepted.rejected.clone(),
         ..Status::default()
     }));
@@ -343,7 +418,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(opts.reload_interval);
-    let mut fingerprint = config::watch::fingerprint(&opts.config);
+    let mut fingerprint = feed.fingerprint();
+    // Set when the Kubernetes API reported a change; applied on the next tick, which
+    // comes at once (changes arriving together are applied together).
+    let mut notified = false;
     let mut generation = 1;
     let mut terminating: Option<tokio::time::Instant> = None;
     loop {
@@ -351,8 +429,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 // Unreadable for now (out of descriptors, say): look again next tick.
-                let fp = config::watch::fingerprint(&opts.config).or(fingerprint);
-                let changed = fp != fingerprint;
+                let fp = feed.fingerprint().or(fingerprint);
+                let changed = fp != fingerprint || std::mem::take(&mut notified);
                 fingerprint = fp;
                 let mut dp = datapath.lock().await;
                 if dp.is_dirty() {
@@ -364,7 +442,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
                 if changed {
-                    match load_config(&opts, &overrides, Some(&accepted)).map_err(anyhow::Error::from).and_then(|(cfg, loaded)| apply(&opts, &cfg, generation + 1, &state, &mut dp).map(|()| loaded)) {
+                    match load_config(&feed, &overrides, Some(&accepted)).map_err(anyhow::Error::from).and_then(|(cfg, loaded)| apply(&opts, &cfg, generation + 1, &state, &mut dp).map(|()| loaded)) {
                         Ok(loaded) => {
                             generation += 1;
                             identities.want(state.load().local_identities());
@@ -387,6 +465,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 if names != status.load().enrolled {
                     status.rcu(|s| Status { enrolled: names.clone(), ..(**s).clone() });
                 }
+            }
+            () = feed.changed() => {
+                notified = true;
+                // Let the rest of a burst of events land in the caches first.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                tick.reset_immediately();
             }
             Some(cmd) = control_rx.recv() => {
                 let mut dp = datapath.lock().await;
@@ -455,14 +539,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 /// accepted before them (the versions a later change falls back to, object by object).
 /// Objects refused are logged.
 fn load_config(
-    opts: &AgentOptions,
+    feed: &Feed,
     overrides: &Overrides,
     prev: Option<&config::Loaded>,
 ) -> Result<(Config, config::Loaded), config::ConfigError> {
-    let loaded = config::load_objects(
-        [config::Source::Path(&opts.config)],
-        prev.map(|p| &p.config),
-    )?;
+    let loaded = feed.load(prev.map(|p| &p.config))?;
     for r in &loaded.rejected {
         if prev.is_none_or(|p| !p.rejected.contains(r)) {
             tracing::error!(object = %format!("{} {}", r.kind, r.name), error = %r, "configuration object refused");

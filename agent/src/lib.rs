@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod enroll;
 pub mod handoff;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod peer;

@@ -46,12 +46,24 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// This node's name, as declared by a `Node` document.
-    #[arg(long)]
+    /// This node's name, as declared by a `Node` document (or the Kubernetes Node).
+    #[arg(long, env = "WEFT_NODE")]
     node: String,
     /// Configuration: a YAML file or a directory of them; reloaded on change.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config: Option<PathBuf>,
+    /// Take the configuration from the Kubernetes API (watching Nodes, Namespaces, Pods,
+    /// Services, EndpointSlices, Gateway API routes and weft's CRDs) instead of files.
     #[arg(long)]
-    config: PathBuf,
+    kubernetes: bool,
+    /// The kubeconfig for --kubernetes [default: KUBECONFIG, ~/.kube/config, then the
+    /// pod's service account].
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     /// The cgroup v2 directory the node's pods run under (absolute, or relative to the
     /// cgroup2 mount). The agent itself must run outside it.
     #[arg(long)]
@@ -316,7 +328,12 @@ fn run(args: RunArgs) -> ExitCode {
             .run_dir
             .unwrap_or_else(|| PathBuf::from("/run/weft").join(&args.node)),
         node: args.node,
-        config: args.config,
+        config: match args.config {
+            Some(path) => app::ConfigSource::Files(path),
+            None => app::ConfigSource::Kubernetes {
+                kubeconfig: args.kubeconfig,
+            },
+        },
         cgroup: args.cgroup,
         bpffs: args.bpffs,
         btf: args.btf,

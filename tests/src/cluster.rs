@@ -699,6 +699,154 @@ impl Cluster {
         y
     }
 
+    /// The cluster as the Kubernetes API would serve it, in the JSON the API server
+    /// sends: v1 Nodes (InternalIP), Pods (with the netns and cgroup annotations a CNI
+    /// plugin would otherwise hand over), Services, and the EndpointSlices the endpoint
+    /// controller would publish for them. The same cluster [`Self::config_yaml`] declares
+    /// in weft's shorthand.
+    pub fn kube_objects(&self) -> Vec<serde_json::Value> {
+        use serde_json::json;
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            out.push(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n.full, "labels": {"kubernetes.io/hostname": n.full, "kubernetes.io/os": "linux"}},
+                "spec": {"podCIDR": format!("10.244.{}.0/24", n.index)},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": format!("192.168.250.{}", n.index)},
+                        {"type": "Hostname", "address": n.full}
+                    ],
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]
+                }
+            }));
+        }
+        out.push(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "default", "labels": {"kubernetes.io/metadata.name": "default"}},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}
+        }));
+        for p in &self.pods {
+            let s = &p.spec;
+            let ns = s.namespace.as_deref().unwrap_or("default");
+            let labels: serde_json::Map<String, serde_json::Value> = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            let mut annotations = json!({
+                "weft.dev/mesh": if s.mesh { "enabled" } else { "disabled" },
+                "weft.dev/netns": p.netns_path().display().to_string(),
+                "weft.dev/cgroup": p.cgroup.strip_prefix(&self.cg2).expect("pod cgroup under cgroup2").display().to_string(),
+            });
+            if let Some(mode) = s.agent_down {
+                annotations["weft.dev/agent-down"] = json!(mode);
+            }
+            if let Some(mode) = s.mtls {
+                annotations["weft.dev/mtls"] = json!(mode);
+            }
+            let ports: Vec<_> = s
+                .ports
+                .iter()
+                .map(|p| json!({"containerPort": p, "protocol": "TCP"}))
+                .collect();
+            out.push(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": s.name, "namespace": ns, "labels": labels, "annotations": annotations,
+                             "generateName": format!("{}-", s.name)},
+                "spec": {
+                    "containers": [{"name": "app", "image": "registry.example/weft-testpod:1", "ports": ports,
+                                    "imagePullPolicy": "IfNotPresent", "resources": {},
+                                    "terminationMessagePath": "/dev/termination-log"}],
+                    "dnsPolicy": "ClusterFirst", "enableServiceLinks": true,
+                    "nodeName": p.node_full, "restartPolicy": "Always", "schedulerName": "default-scheduler",
+                    "serviceAccount": s.account.as_deref().unwrap_or("default"),
+                    "serviceAccountName": s.account.as_deref().unwrap_or("default"),
+                    "terminationGracePeriodSeconds": 30
+                },
+                "status": {
+                    "phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}],
+                    "hostIP": format!("192.168.250.{}", self.nodes.iter().find(|n| n.full == p.node_full).map_or(0, |n| n.index)),
+                    "qosClass": "BestEffort",
+                    "conditions": [{"type": "Ready", "status": "True"}]
+                }
+            }));
+        }
+        for svc in &self.services {
+            let ports: Vec<_> = svc
+                .ports
+                .iter()
+                .map(|(p, t, proto)| json!({"port": p, "targetPort": t, "protocol": proto}))
+                .collect();
+            let selector: serde_json::Map<String, serde_json::Value> = svc
+                .selector
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            out.push(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": svc.name, "namespace": "default"},
+                "spec": {
+                    "clusterIP": svc.cluster_ip, "clusterIPs": [svc.cluster_ip],
+                    "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                    "ports": ports, "selector": selector, "sessionAffinity": "None", "type": "ClusterIP"
+                },
+                "status": {"loadBalancer": {}}
+            }));
+            out.push(self.endpoint_slice(svc, &[]));
+        }
+        out
+    }
+
+    /// The EndpointSlice the endpoint controller would publish for `svc`, leaving out
+    /// the pods named in `without`.
+    pub fn endpoint_slice(&self, svc: &ServiceSpec, without: &[&str]) -> serde_json::Value {
+        use serde_json::json;
+        let endpoints: Vec<_> = self
+            .pods
+            .iter()
+            .filter(|p| {
+                p.spec.namespace.as_deref().unwrap_or("default") == "default"
+                    && !svc.selector.is_empty()
+                    && svc.selector.iter().all(|l| p.spec.labels.contains(l))
+                    && !without.contains(&p.spec.name.as_str())
+            })
+            .map(|p| {
+                json!({
+                    "addresses": [p.ip.to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": p.node_full,
+                    "targetRef": {"kind": "Pod", "name": p.spec.name, "namespace": "default"}
+                })
+            })
+            .collect();
+        let ports: Vec<_> = svc
+            .ports
+            .iter()
+            .map(|(_, t, proto)| json!({"name": "", "port": t, "protocol": proto}))
+            .collect();
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{}-abcde", svc.name), "namespace": "default", "generateName": format!("{}-", svc.name),
+                "labels": {"endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                           "kubernetes.io/service-name": svc.name},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc.name, "controller": true, "blockOwnerDeletion": true}]
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": ports
+        })
+    }
+
+    /// The Service `name` as the harness declared it.
+    pub fn service_spec(&self, name: &str) -> &ServiceSpec {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
     /// Replace the configuration the agents read (atomically: write, then rename).
     pub fn write_config(&self, yaml: &str) {
         let dir = self.config_path();
@@ -749,13 +897,15 @@ impl Cluster {
             "run",
             "--node",
             &n.full,
-            "--config",
-            &config,
             "--cgroup",
             &cgroup,
             "--run-dir",
             &run,
         ];
+        // From files unless the test takes it from the Kubernetes API.
+        if !extra.contains(&"--kubernetes") {
+            args.extend(["--config", &config]);
+        }
         if !extra.contains(&"--reload-interval") {
             args.extend(["--reload-interval", "100ms"]);
         }

@@ -13,6 +13,7 @@
 
 pub mod bench;
 mod cluster;
+pub mod kube_api;
 mod proc;
 
 pub use cluster::{Cluster, ClusterBuilder, Node, Pod, PodSpec, ServiceSpec};

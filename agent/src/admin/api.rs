@@ -321,6 +321,7 @@ fn services(admin: &AdminState) -> Value {
                 "address": s.addr.vip.to_string(),
                 "protocol": s.addr.protocol,
                 "routes": s.routes.route_names(),
+                "balancer": s.policy.balancer,
                 "endpoints": s.endpoints,
                 "quarantined": s.quarantined,
             })

@@ -1,0 +1,283 @@
+//! Kubernetes mode: the cluster's objects, watched through the API server with kube-rs
+//! and read into the same model as file mode (`config::from_api`), so the datapath and
+//! the proxy cannot tell the sources apart.
+//!
+//! Each kind has a watcher (list, then watch from the list's resourceVersion, with
+//! bookmarks; a 410 Gone or a broken stream starts a fresh list; API errors back off
+//! exponentially) feeding a reflector cache. A change to any cache wakes the agent's
+//! control loop, which rebuilds the configuration from the caches. Objects are trimmed
+//! before they are cached: `managedFields`, the last-applied annotation, and every field
+//! of a Pod weft does not read.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use kube::{
+    api::{Api, ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{reflector, watcher, WatchStreamExt as _},
+    Client,
+};
+use serde_json::Value;
+use tokio::{sync::Notify, task::JoinHandle};
+
+/// A kind weft watches.
+struct Kind {
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    /// Whether the agent waits for it before it starts: Kubernetes' own kinds are always
+    /// there; the Gateway API's and weft's own CRDs may not be installed (yet).
+    required: bool,
+}
+
+const KINDS: &[Kind] = &[
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Node",
+        plural: "nodes",
+        required: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        required: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        required: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+        required: true,
+    },
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        required: true,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        required: false,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1alpha2",
+        kind: "TLSRoute",
+        plural: "tlsroutes",
+        required: false,
+    },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "Mesh",
+        plural: "meshes",
+        required: false,
+    },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "TrafficPolicy",
+        plural: "trafficpolicies",
+        required: false,
+    },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "HTTPRouteFilter",
+        plural: "httproutefilters",
+        required: false,
+    },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        required: false,
+    },
+];
+
+/// The API server weft reads, from a kubeconfig file or, without one, as kube-rs infers
+/// it (`KUBECONFIG`, `~/.kube/config`, then the pod's service account in a cluster).
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API (no kubeconfig, not in a cluster)")?,
+    };
+    let url = config.cluster_url.to_string();
+    Client::try_from(config).with_context(|| format!("connecting to the Kubernetes API at {url}"))
+}
+
+/// The caches of every watched kind.
+pub struct Cluster {
+    caches: Vec<(&'static Kind, ApiResource, reflector::Store<DynamicObject>)>,
+    /// Woken whenever a cache changed (an object applied or deleted, or a re-list done).
+    pub changed: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Cluster {
+    /// Start watching every kind.
+    pub fn watch(client: &Client) -> Self {
+        let changed = Arc::new(Notify::new());
+        let mut caches = Vec::new();
+        let mut tasks = Vec::new();
+        for kind in KINDS {
+            let gvk = GroupVersionKind::gvk(kind.group, kind.version, kind.kind);
+            let ar = ApiResource::from_gvk_with_plural(&gvk, kind.plural);
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let writer = reflector::store::Writer::new(ar.clone());
+            caches.push((kind, ar.clone(), writer.as_reader()));
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .modify(move |o: &mut DynamicObject| trim(kind.kind, o))
+                .reflect(writer);
+            let changed = changed.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                let mut failing = false;
+                while let Some(event) = stream.next().await {
+                    match event {
+                        Ok(
+                            watcher::Event::Apply(_)
+                            | watcher::Event::Delete(_)
+                            | watcher::Event::InitDone,
+                        ) => {
+                            if std::mem::take(&mut failing) {
+                                tracing::info!(kind = kind.kind, "watching again");
+                            }
+                            changed.notify_one();
+                        }
+                        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                        // The watcher backs off and retries (a fresh list after 410 Gone).
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!(kind = kind.kind, error = %e, "watching failed; retrying with backoff");
+                        }
+                        Err(e) => {
+                            tracing::debug!(kind = kind.kind, error = %e, "watching still fails")
+                        }
+                    }
+                }
+            }));
+        }
+        Self {
+            caches,
+            changed,
+            tasks,
+        }
+    }
+
+    /// Wait until every required kind has been listed once; the kinds still missing when
+    /// `timeout` passes are returned.
+    pub async fn synced(&self, timeout: Duration) -> Result<(), Vec<&'static str>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut missing = Vec::new();
+        for (kind, _, store) in self.caches.iter().filter(|(k, _, _)| k.required) {
+            if tokio::time::timeout_at(deadline, store.wait_until_ready())
+                .await
+                .is_err()
+            {
+                missing.push(kind.kind);
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing)
+        }
+    }
+
+    /// Every cached object, as the API serves it (apiVersion and kind filled in).
+    pub fn objects(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for (_, ar, store) in &self.caches {
+            for o in store.state() {
+                let Ok(mut v) = serde_json::to_value(&*o) else {
+                    continue;
+                };
+                if let Value::Object(m) = &mut v {
+                    m.insert("apiVersion".into(), Value::from(ar.api_version.as_str()));
+                    m.insert("kind".into(), Value::from(ar.kind.as_str()));
+                }
+                out.push(v);
+            }
+        }
+        out
+    }
+}
+
+/// Drop what weft never reads before an object is cached.
+fn trim(kind: &str, o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    if kind != "Pod" {
+        return;
+    }
+    let keep = |v: &Value, fields: &[&str]| -> Value {
+        let mut m = serde_json::Map::new();
+        for f in fields {
+            if let Some(x) = v.get(*f) {
+                m.insert((*f).to_owned(), x.clone());
+            }
+        }
+        Value::Object(m)
+    };
+    let containers = |v: Option<&Value>| -> Value {
+        Value::Array(
+            v.and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|c| keep(c, &["name", "ports", "restartPolicy"]))
+                .collect(),
+        )
+    };
+    let spec = o.data.get("spec").cloned().unwrap_or(Value::Null);
+    let mut s = keep(
+        &spec,
+        &[
+            "nodeName",
+            "hostNetwork",
+            "serviceAccountName",
+            "restartPolicy",
+        ],
+    );
+    s["containers"] = containers(spec.get("containers"));
+    s["initContainers"] = containers(spec.get("initContainers"));
+    let status = o.data.get("status").cloned().unwrap_or(Value::Null);
+    let st = keep(&status, &["phase", "podIP", "podIPs"]);
+    o.data = serde_json::json!({"spec": s, "status": st});
+}

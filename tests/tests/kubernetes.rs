@@ -1,0 +1,354 @@
+//! Kubernetes mode, against the in-test API server (`weft_e2e::kube_api`): the agent
+//! takes the cluster from list/watch, reads it into the same model as file mode, and
+//! follows changes, deletions and a 410 Gone re-list.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use weft_e2e::{
+    bin, http_get, kube_api::ApiServer, require_root, Agent, Cluster, PodSpec, ServiceSpec,
+};
+
+const SECS5: Duration = Duration::from_secs(5);
+
+fn testpod() -> std::path::PathBuf {
+    bin("weft-testpod")
+}
+
+fn cluster(test: &str) -> Cluster {
+    Cluster::builder(test)
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").label("app", "client"))
+        .pod(PodSpec::new("web-1", "a").label("app", "web").port(8080))
+        .pod(PodSpec::new("web-2", "b").label("app", "web").port(8080))
+        .pod(
+            PodSpec::new("db", "b")
+                .label("app", "db")
+                .port(5432)
+                .unmeshed(),
+        )
+        .service(
+            ServiceSpec::new("web", "10.96.0.10")
+                .select("app", "web")
+                .tcp(80, 8080),
+        )
+        .service(
+            ServiceSpec::new("db", "10.96.0.11")
+                .select("app", "db")
+                .tcp(5432, 5432),
+        )
+        .build()
+}
+
+/// An API server in the cluster's fabric (where every node reaches it) serving the
+/// cluster's objects, and a kubeconfig naming it.
+fn api_server(c: &Cluster) -> (ApiServer, String) {
+    let api = ApiServer::start(
+        Some(&Path::new("/var/run/netns").join(&c.fabric)),
+        "192.168.250.254:6443",
+    );
+    for o in c.kube_objects() {
+        api.apply(o);
+    }
+    let kubeconfig = c.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    (api, kubeconfig.display().to_string())
+}
+
+/// The effective configuration, without what says where it came from or how often it
+/// changed.
+fn dump(agent: &Agent) -> Value {
+    let mut v = agent.admin("/config").unwrap();
+    let m = v.as_object_mut().unwrap();
+    for k in ["generation", "source", "last_config_error"] {
+        m.remove(k);
+    }
+    // What each endpoint is, not what traffic has run up on it (latency estimates move
+    // with time).
+    for s in m["services"].as_array_mut().unwrap() {
+        for e in s["endpoints"].as_array_mut().unwrap() {
+            e.as_object_mut().unwrap().retain(|k, _| {
+                ["addr", "app", "identity", "meshed", "node", "workload"].contains(&k.as_str())
+            });
+        }
+    }
+    v
+}
+
+/// The endpoints of the service at `vip` this agent balances over.
+fn endpoints(agent: &Agent, vip: &str) -> Vec<String> {
+    let services = agent.admin("/services").unwrap();
+    services["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"].as_str() == Some(vip))
+        .map(|s| {
+            s["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["addr"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn kubernetes_mode_routes_as_file_mode_does() {
+    if !require_root("kubernetes_mode_routes_as_file_mode_does") {
+        return;
+    }
+    let c = cluster("k8s-same");
+    let (api, kubeconfig) = api_server(&c);
+    let _web1 = c
+        .pod("web-1")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
+    let _web2 = c
+        .pod("web-2")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-2"]);
+    let _db = c
+        .pod("db")
+        .spawn(&c.dir, &testpod(), &["http-server", "5432", "db"]);
+    c.pod("web-1").wait_listening(8080, SECS5);
+    c.pod("web-2").wait_listening(8080, SECS5);
+
+    // File mode first, then the same node from the Kubernetes API.
+    let from_files = {
+        let a = c.start_agent("a", &[]);
+        dump(&a)
+    };
+    let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let from_api = dump(&a);
+    assert_eq!(
+        from_api, from_files,
+        "the same cluster from files and from the API"
+    );
+    assert_eq!(
+        a.admin("/status").unwrap()["config_source"],
+        json!(format!("the Kubernetes API ({kubeconfig})"))
+    );
+    // A list, then a watch, for every kind: the CRDs too (this server has them all).
+    let reqs = api.requests();
+    for path in ["/api/v1/pods?", "/apis/discovery.k8s.io/v1/endpointslices?"] {
+        let lists = reqs
+            .iter()
+            .filter(|r| r.contains(path) && !r.contains("watch=true"))
+            .count();
+        assert_eq!(lists, 1, "{path} listed once: {reqs:#?}");
+        assert!(
+            reqs.iter()
+                .any(|r| r.contains(path) && r.contains("watch=true")),
+            "{path} watched: {reqs:#?}"
+        );
+    }
+
+    // Traffic goes exactly as in file mode: balanced over both web pods (web-2 through
+    // node b's agent), db unmeshed.
+    let _b = c.start_agent("b", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    // weft's own CRDs are watched too: round robin, so both endpoints are seen (the
+    // default balancer prefers the endpoint on the client's node).
+    api.apply(json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": "web", "namespace": "default", "generation": 1},
+        "spec": {"targetRef": {"group": "", "kind": "Service", "name": "web"}, "loadBalancer": "RoundRobin"}
+    }));
+    wait_for("the TrafficPolicy applies", SECS5, || {
+        a.admin("/services")
+            .unwrap()
+            .to_string()
+            .contains("RoundRobin")
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+        seen.insert(answer["server"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "both endpoints serve"
+    );
+    let answer = http_get(c.pod("client"), "http://10.96.0.11:5432/").expect("db answers");
+    assert_eq!(answer["server"], "db");
+
+    // An endpoint deleted from the EndpointSlice leaves balancing within a second.
+    let web = c.service_spec("web").clone();
+    assert_eq!(endpoints(&a, "10.96.0.10:80").len(), 2);
+    api.apply(c.endpoint_slice(&web, &["web-2"]));
+    let took = wait_for(
+        "web-2 leaves the service after its endpoint is deleted",
+        Duration::from_secs(1),
+        || endpoints(&a, "10.96.0.10:80").len() == 1,
+    );
+    eprintln!("endpoint removal reached the agent in {took:?}");
+    for _ in 0..6 {
+        let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+        assert_eq!(answer["server"], "web-1", "web-2 is out of balancing");
+    }
+    // The eBPF service map agrees (what unmeshed pods' connects use).
+    let maps = a.admin("/maps").unwrap();
+    let web_map = maps["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"] == "10.96.0.10:80")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        web_map["endpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{web_map}"
+    );
+
+    // A Service deleted goes away; one added appears.
+    api.delete("v1", "Service", "default", "db");
+    wait_for("db's Service is removed", Duration::from_secs(1), || {
+        endpoints(&a, "10.96.0.11:5432").is_empty()
+    });
+    http_get(c.pod("client"), "http://10.96.0.11:5432/").expect_err("db's address is gone");
+}
+
+#[test]
+fn a_410_gone_relists_once_and_watching_goes_on() {
+    if !require_root("a_410_gone_relists_once_and_watching_goes_on") {
+        return;
+    }
+    let c = cluster("k8s-gone");
+    let (api, kubeconfig) = api_server(&c);
+    let _web1 = c
+        .pod("web-1")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
+    c.pod("web-1").wait_listening(8080, SECS5);
+    let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+
+    // History compacted while watching: every watcher comes back to a 410 Gone and lists
+    // again, once per kind; a change made after is seen.
+    let lists = |reqs: &[String]| {
+        reqs.iter()
+            .filter(|r| r.contains("/api/v1/services?") && !r.contains("watch=true"))
+            .count()
+    };
+    let before = lists(&api.requests());
+    api.expire();
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-again", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "type": "ClusterIP",
+                 "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+    }));
+    let mut slice = c.endpoint_slice(c.service_spec("web"), &[]);
+    slice["metadata"]["name"] = json!("web-again-xyz12");
+    slice["metadata"]["labels"]["kubernetes.io/service-name"] = json!("web-again");
+    api.apply(slice);
+    wait_for(
+        "the Service added after the 410 is served",
+        Duration::from_secs(10),
+        || endpoints(&a, "10.96.0.20:80").len() == 2,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let reqs = api.requests();
+    assert_eq!(
+        lists(&reqs) - before,
+        1,
+        "one clean re-list, no storm: {reqs:#?}"
+    );
+    assert!(
+        a.proc.output().contains("410") || a.proc.output().contains("watching"),
+        "the agent noticed"
+    );
+    http_get(c.pod("client"), "http://10.96.0.20/").expect("the new service answers");
+    assert_eq!(a.admin("/status").unwrap()["rejected"], json!([]));
+}
+
+#[test]
+fn an_invalid_route_from_the_api_is_refused_alone() {
+    if !require_root("an_invalid_route_from_the_api_is_refused_alone") {
+        return;
+    }
+    let c = cluster("k8s-route");
+    let (api, kubeconfig) = api_server(&c);
+    // The gateway API's TLSRoute CRD is not installed: the agent starts regardless.
+    api.without("gateway.networking.k8s.io/v1alpha2/tlsroutes");
+    let _web1 = c
+        .pod("web-1")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
+    let _web2 = c
+        .pod("web-2")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-2"]);
+    c.pod("web-1").wait_listening(8080, SECS5);
+    c.pod("web-2").wait_listening(8080, SECS5);
+    let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let _b = c.start_agent("b", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let route = |name: &str, backend: &str, weight: u32| {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "default", "generation": 1},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "backendRefs": [{"group": "", "kind": "Service", "name": backend, "port": 80, "weight": weight}]
+                }]
+            }
+        })
+    };
+    // All of web's traffic to a Service that selects web-2 only.
+    let mut only2 = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-two", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.30", "type": "ClusterIP", "selector": {"app": "web", "pod": "2"},
+                 "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+    });
+    api.apply(only2.clone());
+    let mut slice = c.endpoint_slice(c.service_spec("web"), &["web-1"]);
+    slice["metadata"]["name"] = json!("web-two-aaaaa");
+    slice["metadata"]["labels"]["kubernetes.io/service-name"] = json!("web-two");
+    api.apply(slice);
+    api.apply(route("to-two", "web-two", 1));
+    wait_for("the route applies", SECS5, || {
+        (0..4).all(|_| {
+            http_get(c.pod("client"), "http://10.96.0.10/").is_ok_and(|a| a["server"] == "web-2")
+        })
+    });
+
+    // One update: the route made invalid (weight out of range) and a valid change to
+    // another object beside it.
+    api.apply(route("to-two", "web-two", 5_000_000));
+    only2["spec"]["clusterIP"] = json!("10.96.0.31");
+    api.apply(only2);
+    let rejected = a.wait_rejected(SECS5);
+    assert_eq!(rejected[0]["kind"], "HTTPRoute", "{rejected:?}");
+    assert_eq!(rejected[0]["kept_previous"], true);
+    assert!(
+        rejected[0]["at"]
+            .as_str()
+            .unwrap()
+            .starts_with("Kubernetes API (HTTPRoute default/to-two)"),
+        "{rejected:?}"
+    );
+    wait_for("the valid change beside it applies", SECS5, || {
+        endpoints(&a, "10.96.0.31:80").len() == 1
+    });
+    for _ in 0..4 {
+        let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+        assert_eq!(
+            answer["server"], "web-2",
+            "the route's last good version routes"
+        );
+    }
+}
