@@ -119,6 +119,8 @@ impl Feed {
 pub struct AgentOptions {
     pub node: String,
     pub config: ConfigSource,
+    /// Where `weft-cni` records the pods it sets up (their network namespaces).
+    pub cni_dir: Option<PathBuf>,
     /// The pods' cgroup v2 directory: absolute, or relative to the cgroup2 mount.
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
@@ -201,8 +203,19 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     //    set at run time on this node (kept in the run directory).
     let mut overrides = Overrides::load(opts.run_dir.join("quarantine.json"));
     let feed = Feed::open(&opts.config).await?;
-    let (cfg, mut accepted) =
-        load_config(&feed, &overrides, None).context("the initial configuration is invalid")?;
+    // The CNI plugin's notices, listened for before the first read of its records so no
+    // pod set up meanwhile waits for the next change.
+    let cni_changed = Arc::new(tokio::sync::Notify::new());
+    if let Some(dir) = &opts.cni_dir {
+        crate::cni::serve(dir, cni_changed.clone()).with_context(|| {
+            format!(
+                "listening for the CNI plugin in {} (--cni-state-dir)",
+                dir.display()
+            )
+        })?;
+    }
+    let (cfg, mut accepted) = load_config(&feed, &opts, &overrides, None)
+        .context("the initial configuration is invalid")?;
     if !cfg.nodes.contains_key(&opts.node) {
         bail!(
             "--node {:?} is not declared as a Node in {}",
@@ -419,7 +432,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(opts.reload_interval);
     let mut fingerprint = feed.fingerprint();
-    // Set when the Kubernetes API reported a change; applied on the next tick, which
+    // Set when the Kubernetes API or the CNI plugin reported a change; applied on the next tick, which
     // comes at once (changes arriving together are applied together).
     let mut notified = false;
     let mut generation = 1;
@@ -442,7 +455,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                 }
                 if changed {
-                    match load_config(&feed, &overrides, Some(&accepted)).map_err(anyhow::Error::from).and_then(|(cfg, loaded)| apply(&opts, &cfg, generation + 1, &state, &mut dp).map(|()| loaded)) {
+                    match load_config(&feed, &opts, &overrides, Some(&accepted)).map_err(anyhow::Error::from).and_then(|(cfg, loaded)| apply(&opts, &cfg, generation + 1, &state, &mut dp).map(|()| loaded)) {
                         Ok(loaded) => {
                             generation += 1;
                             identities.want(state.load().local_identities());
@@ -472,12 +485,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 tick.reset_immediately();
             }
+            () = cni_changed.notified() => {
+                // A pod set up or torn down on this node: its record is in the directory.
+                notified = true;
+                tick.reset_immediately();
+            }
             Some(cmd) = control_rx.recv() => {
                 let mut dp = datapath.lock().await;
                 let answer = control(cmd.what, &mut overrides, &state.load()).and_then(|()| {
                     // The accepted configuration, with the changed quarantines on it.
-                    let mut cfg = accepted.config.clone();
-                    overrides.apply(&mut cfg);
+                    let cfg = effective(&accepted.config, &opts, &overrides);
                     apply(&opts, &cfg, generation + 1, &state, &mut dp).map_err(|e| format!("{e:#}"))
                 });
                 if answer.is_ok() {
@@ -535,11 +552,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The configuration file with this node's run-time quarantines on it, and what it
-/// accepted before them (the versions a later change falls back to, object by object).
+/// The source's configuration as this node applies it (see [`effective`]), and what the
+/// source accepted (the versions a later change falls back to, object by object).
 /// Objects refused are logged.
 fn load_config(
     feed: &Feed,
+    opts: &AgentOptions,
     overrides: &Overrides,
     prev: Option<&config::Loaded>,
 ) -> Result<(Config, config::Loaded), config::ConfigError> {
@@ -549,9 +567,18 @@ fn load_config(
             tracing::error!(object = %format!("{} {}", r.kind, r.name), error = %r, "configuration object refused");
         }
     }
-    let mut cfg = loaded.config.clone();
+    Ok((effective(&loaded.config, opts, overrides), loaded))
+}
+
+/// The accepted configuration with what only this node knows on it: the quarantines set
+/// here at run time, and the network namespaces the CNI plugin recorded.
+fn effective(accepted: &Config, opts: &AgentOptions, overrides: &Overrides) -> Config {
+    let mut cfg = accepted.clone();
     overrides.apply(&mut cfg);
-    Ok((cfg, loaded))
+    if let Some(dir) = &opts.cni_dir {
+        crate::cni::apply(&crate::cni::load(dir), &mut cfg, &opts.node);
+    }
+    cfg
 }
 
 /// Carry out a change asked for through the admin API (the caller applies it).

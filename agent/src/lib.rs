@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod enroll;

@@ -64,6 +64,10 @@ struct RunArgs {
     /// pod's service account].
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// Where the weft-cni plugin records the pods it sets up, and the agent listens for
+    /// it [default with --kubernetes: /var/run/weft/cni; without: not used].
+    #[arg(long)]
+    cni_state_dir: Option<PathBuf>,
     /// The cgroup v2 directory the node's pods run under (absolute, or relative to the
     /// cgroup2 mount). The agent itself must run outside it.
     #[arg(long)]
@@ -328,6 +332,10 @@ fn run(args: RunArgs) -> ExitCode {
             .run_dir
             .unwrap_or_else(|| PathBuf::from("/run/weft").join(&args.node)),
         node: args.node,
+        cni_dir: args.cni_state_dir.or_else(|| {
+            args.kubernetes
+                .then(|| PathBuf::from(weft_agent::cni::DEFAULT_DIR))
+        }),
         config: match args.config {
             Some(path) => app::ConfigSource::Files(path),
             None => app::ConfigSource::Kubernetes {

@@ -705,6 +705,12 @@ impl Cluster {
     /// controller would publish for them. The same cluster [`Self::config_yaml`] declares
     /// in weft's shorthand.
     pub fn kube_objects(&self) -> Vec<serde_json::Value> {
+        self.kube_objects_with(true)
+    }
+
+    /// [`Self::kube_objects`], the Pods without the netns and cgroup annotations unless
+    /// `annotated` (in a real cluster the CNI plugin hands those over).
+    pub fn kube_objects_with(&self, annotated: bool) -> Vec<serde_json::Value> {
         use serde_json::json;
         let mut out = Vec::new();
         for n in &self.nodes {
@@ -739,6 +745,11 @@ impl Cluster {
                 "weft.dev/netns": p.netns_path().display().to_string(),
                 "weft.dev/cgroup": p.cgroup.strip_prefix(&self.cg2).expect("pod cgroup under cgroup2").display().to_string(),
             });
+            if !annotated {
+                let a = annotations.as_object_mut().unwrap();
+                a.remove("weft.dev/netns");
+                a.remove("weft.dev/cgroup");
+            }
             if let Some(mode) = s.agent_down {
                 annotations["weft.dev/agent-down"] = json!(mode);
             }
@@ -902,9 +913,13 @@ impl Cluster {
             "--run-dir",
             &run,
         ];
-        // From files unless the test takes it from the Kubernetes API.
+        // From files unless the test takes it from the Kubernetes API; the CNI plugin's
+        // records in the node's own run directory, not the host's.
+        let cni = run_dir.join("cni").display().to_string();
         if !extra.contains(&"--kubernetes") {
             args.extend(["--config", &config]);
+        } else if !extra.contains(&"--cni-state-dir") {
+            args.extend(["--cni-state-dir", &cni]);
         }
         if !extra.contains(&"--reload-interval") {
             args.extend(["--reload-interval", "100ms"]);

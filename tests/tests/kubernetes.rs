@@ -352,3 +352,207 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
         );
     }
 }
+
+/// Run `weft-cni` as a container runtime does: the CNI_* environment and nothing else,
+/// the network configuration on standard input. Its exit status, standard output (JSON,
+/// or null when empty) and standard error.
+fn weft_cni(command: &str, env: &[(&str, &str)], stdin: &Value) -> (bool, Value, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(bin("weft-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running weft-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("weft-cni {command}: {e}: {text}"))
+    };
+    (
+        out.status.success(),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The network configuration a runtime passes a chained plugin after the main one (as
+/// containerd does with a bridge plugin first): its result in `prevResult`.
+fn net_conf(state_dir: &Path, ip: &str) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "weft-cni",
+        "stateDir": state_dir,
+        "runtimeConfig": {"cgroupPath": "/kubepods/besteffort/pod1234"},
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [
+                {"name": "cni0", "mac": "0a:58:0a:f4:01:01"},
+                {"name": "veth1a2b3c4d", "mac": "9e:2d:4f:11:22:33"},
+                {"name": "eth0", "mac": "0a:58:0a:f4:01:0b", "sandbox": "/var/run/netns/cni-1234"}
+            ],
+            "ips": [{"interface": 2, "address": format!("{ip}/24"), "gateway": "10.244.1.1"}],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dns": {}
+        }
+    })
+}
+
+fn enrolled(a: &Agent) -> Vec<String> {
+    a.admin("/status").unwrap()["enrolled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn weft_cni_hands_pods_to_the_agent_as_a_runtime_invokes_it() {
+    if !require_root("weft_cni_hands_pods_to_the_agent_as_a_runtime_invokes_it") {
+        return;
+    }
+    let c = cluster("k8s-cni");
+    // Pods as a real API server has them: nothing says where their network namespace is.
+    let api = ApiServer::start(
+        Some(&Path::new("/var/run/netns").join(&c.fabric)),
+        "192.168.250.254:6443",
+    );
+    for o in c.kube_objects_with(false) {
+        api.apply(o);
+    }
+    let kubeconfig = c.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    let dir = c.dir.join("cni-a");
+    let dir_s = dir.display().to_string();
+    let args = [
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig,
+        "--cni-state-dir",
+        &dir_s,
+    ];
+    let _web1 = c
+        .pod("web-1")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
+    c.pod("web-1").wait_listening(8080, SECS5);
+
+    let (ok, v, _) = weft_cni("VERSION", &[], &json!({"cniVersion": "1.1.0"}));
+    assert!(ok);
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+
+    let a = c.start_agent("a", &args);
+    assert_eq!(enrolled(&a), Vec::<String>::new(), "no pod handed over yet");
+
+    // ADD: the previous plugin's result comes back unchanged; the agent enrolls the pod.
+    let web1 = c.pod("web-1");
+    let netns = web1.netns_path().display().to_string();
+    let cni_args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1;K8S_POD_INFRA_CONTAINER_ID=c0ffee01;K8S_POD_UID=4f1c2d3e-0000-4000-8000-000000000001";
+    let env = [
+        ("CNI_CONTAINERID", "c0ffee01"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", cni_args),
+    ];
+    let conf = net_conf(&dir, &web1.ip.to_string());
+    let (ok, result, err) = weft_cni("ADD", &env, &conf);
+    assert!(ok, "ADD failed: {result} {err}");
+    assert_eq!(
+        result, conf["prevResult"],
+        "a chained plugin passes the result on"
+    );
+    let took = wait_for("web-1 enrolled after ADD", Duration::from_secs(1), || {
+        enrolled(&a).contains(&"default/web-1".to_owned())
+    });
+    eprintln!("ADD to enrolled: {took:?}");
+    let (ok, v, _) = weft_cni("CHECK", &env, &conf);
+    assert!(ok, "CHECK: {v}");
+    // Until the client's sandbox is handed over, its agent cannot capture it: its
+    // connects are balanced in the kernel, straight to web-1.
+    http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+    assert_eq!(a.stat("proxy", "outbound_accepted"), 0, "not captured yet");
+    let client_netns = c.pod("client").netns_path().display().to_string();
+    let client_env = [
+        ("CNI_CONTAINERID", "c0ffee03"),
+        ("CNI_NETNS", client_netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=client"),
+    ];
+    let (ok, _, err) = weft_cni(
+        "ADD",
+        &client_env,
+        &net_conf(&dir, &c.pod("client").ip.to_string()),
+    );
+    assert!(ok, "{err}");
+    wait_for("client enrolled after ADD", Duration::from_secs(1), || {
+        enrolled(&a).contains(&"default/client".to_owned())
+    });
+    let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+    assert_eq!(answer["server"], "web-1");
+    assert!(
+        a.stat("proxy", "outbound_accepted") >= 1,
+        "through the agent"
+    );
+
+    // DEL: the pod is let go.
+    let (ok, v, _) = weft_cni("DEL", &env, &conf);
+    assert!(ok && v.is_null(), "DEL: {v}");
+    wait_for("web-1 let go after DEL", Duration::from_secs(1), || {
+        !enrolled(&a).contains(&"default/web-1".to_owned())
+    });
+    let (ok, v, _) = weft_cni("CHECK", &env, &conf);
+    assert!(!ok && v["code"] == 100, "CHECK after DEL: {v}");
+    let (ok, _, _) = weft_cni("DEL", &env, &conf);
+    assert!(ok, "DEL is idempotent");
+    let (ok, _, _) = weft_cni("DEL", &client_env, &conf);
+    assert!(ok);
+
+    // With no agent running, ADD still succeeds, and the next agent enrolls the pod.
+    drop(a);
+    let client = c.pod("client");
+    let netns = client.netns_path().display().to_string();
+    let cni_args =
+        "K8S_POD_NAMESPACE=default;K8S_POD_NAME=client;K8S_POD_INFRA_CONTAINER_ID=c0ffee02";
+    let env = [
+        ("CNI_CONTAINERID", "c0ffee02"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", cni_args),
+    ];
+    let (ok, result, err) = weft_cni("ADD", &env, &net_conf(&dir, &client.ip.to_string()));
+    assert!(ok, "ADD with the agent down: {result} {err}");
+    assert!(
+        err.contains("enrolls default/client when it starts"),
+        "{err}"
+    );
+    let a = c.start_agent("a", &args);
+    assert_eq!(enrolled(&a), ["default/client"], "enrolled at start");
+
+    // Bad input gets a CNI error naming what is wrong.
+    let (ok, v, _) = weft_cni("ADD", &[("CNI_CONTAINERID", "x")], &conf);
+    assert!(
+        !ok && v["code"] == 4 && v["msg"] == "CNI_NETNS is not set",
+        "{v}"
+    );
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("0.2.0");
+    let (ok, v, _) = weft_cni("ADD", &env, &old);
+    assert!(!ok && v["code"] == 1, "{v}");
+}
