@@ -556,3 +556,117 @@ fn weft_cni_hands_pods_to_the_agent_as_a_runtime_invokes_it() {
     let (ok, v, _) = weft_cni("ADD", &env, &old);
     assert!(!ok && v["code"] == 1, "{v}");
 }
+
+#[test]
+fn the_installer_chains_weft_cni_after_the_network_plugin() {
+    // Files only: no root needed.
+    let dir = std::env::temp_dir().join(format!("weft-cni-install-{}", std::process::id()));
+    let (bin_dir, conf_dir) = (dir.join("bin"), dir.join("net.d"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    // Flannel's list, as its DaemonSet writes it, and a later file the runtime ignores.
+    let flannel = json!({
+        "name": "cbr0", "cniVersion": "1.0.0",
+        "plugins": [
+            {"type": "flannel", "delegate": {"hairpinMode": true, "isDefaultGateway": true}},
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    });
+    std::fs::write(conf_dir.join("10-flannel.conflist"), flannel.to_string()).unwrap();
+    std::fs::write(
+        conf_dir.join("99-loopback.conf"),
+        r#"{"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}"#,
+    )
+    .unwrap();
+    let run = |verb: &str| {
+        let out = std::process::Command::new(bin("weft-cni"))
+            .args([verb, "--cni-bin-dir"])
+            .arg(&bin_dir)
+            .arg("--cni-conf-dir")
+            .arg(&conf_dir)
+            .args(["--state-dir", "/var/run/weft/cni", "--wait-seconds", "1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let read = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join(name)).unwrap()).unwrap()
+    };
+    let said = run("install");
+    assert!(said.contains("chained weft-cni in"), "{said}");
+    run("install"); // again: still one entry
+    let list = read("10-flannel.conflist");
+    let types: Vec<_> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        ["flannel", "portmap", "weft-cni"],
+        "appended last, once"
+    );
+    assert_eq!(list["plugins"][2]["stateDir"], "/var/run/weft/cni");
+    assert_eq!(list["plugins"][2]["capabilities"]["cgroupPath"], true);
+    assert_eq!(
+        read("99-loopback.conf")["type"],
+        "loopback",
+        "other files untouched"
+    );
+    let installed = bin_dir.join("weft-cni");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    // The installed copy is the plugin.
+    let out = std::process::Command::new(&installed)
+        .env("CNI_COMMAND", "VERSION")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("supportedVersions"));
+    run("uninstall");
+    assert_eq!(read("10-flannel.conflist"), flannel, "back as it was");
+    assert!(!installed.exists());
+
+    // A single-plugin .conf becomes a list with weft-cni after the plugin.
+    std::fs::remove_file(conf_dir.join("10-flannel.conflist")).unwrap();
+    std::fs::write(
+        conf_dir.join("10-bridge.conf"),
+        r#"{"cniVersion": "0.4.0", "name": "mynet", "type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.244.1.0/24"}}"#,
+    )
+    .unwrap();
+    run("install");
+    assert!(!conf_dir.join("10-bridge.conf").exists());
+    let list = read("10-bridge.conflist");
+    assert_eq!(
+        (&list["name"], &list["cniVersion"]),
+        (&json!("mynet"), &json!("0.4.0"))
+    );
+    assert_eq!(list["plugins"][0]["bridge"], "cni0");
+    assert_eq!(list["plugins"][1]["type"], "weft-cni");
+
+    // Nothing to chain after: a clear error once the wait is over.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = std::process::Command::new(bin("weft-cni"))
+        .args(["install", "--cni-conf-dir"])
+        .arg(&empty)
+        .args(["--cni-bin-dir"])
+        .arg(&bin_dir)
+        .args(["--wait-seconds", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chains after the cluster's network plugin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -10,6 +10,11 @@
 //! `K8S_POD_NAME`, `K8S_POD_UID`) in the environment; the network configuration (with
 //! `prevResult`, `runtimeConfig.cgroupPath` when the runtime passes it, and weft's own
 //! `stateDir`) on standard input; the result or an error on standard output.
+//!
+//! `weft-cni install` is the node installer (the DaemonSet's init container): it copies
+//! the binary into the CNI bin directory and appends weft-cni to the node's CNI network
+//! configuration, the first one in name order, which is the one runtimes use; `weft-cni
+//! uninstall` takes both out again.
 
 use std::{
     io::Read as _,
@@ -51,6 +56,19 @@ fn cni_arg(args: &str, key: &str) -> Option<String> {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(verb @ ("install" | "uninstall")) = argv.first().map(String::as_str) {
+        return match install::run(verb == "install", &argv[1..]) {
+            Ok(said) => {
+                println!("{said}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weft-cni {verb}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let command = env("CNI_COMMAND").unwrap_or_default();
     if command == "VERSION" {
         println!(
@@ -235,4 +253,146 @@ fn gc(config: &Value, dir: &Path) -> Result<Option<Value>, Failure> {
     }
     let _ = cni::notify(dir, "GC");
     Ok(None)
+}
+
+mod install {
+    use std::path::{Path, PathBuf};
+
+    use serde_json::{json, Value};
+
+    struct Options {
+        bin_dir: PathBuf,
+        conf_dir: PathBuf,
+        state_dir: PathBuf,
+        wait: std::time::Duration,
+    }
+
+    fn options(args: &[String]) -> Result<Options, String> {
+        let mut o = Options {
+            bin_dir: PathBuf::from("/opt/cni/bin"),
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            state_dir: PathBuf::from(weft_agent::cni::DEFAULT_DIR),
+            wait: std::time::Duration::from_secs(300),
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            match flag.as_str() {
+                "--cni-bin-dir" => o.bin_dir = value.into(),
+                "--cni-conf-dir" => o.conf_dir = value.into(),
+                "--state-dir" => o.state_dir = value.into(),
+                "--wait-seconds" => {
+                    o.wait = std::time::Duration::from_secs(
+                        value
+                            .parse()
+                            .map_err(|_| format!("--wait-seconds {value:?}: not a number"))?,
+                    )
+                }
+                other => {
+                    return Err(format!(
+                        "unknown option {other}; expected --cni-bin-dir, --cni-conf-dir, --state-dir, --wait-seconds"
+                    ))
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// The network configuration the runtime uses: the first `.conflist`, `.conf` or
+    /// `.json` file in name order.
+    fn primary(dir: &Path) -> Option<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("conflist" | "conf" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        files.into_iter().next()
+    }
+
+    /// Write `text` to `path` through a temporary file and a rename, so a runtime reading
+    /// the directory never sees half a file.
+    fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = path.with_extension("weft-tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn run(install: bool, args: &[String]) -> Result<String, String> {
+        let o = options(args)?;
+        let deadline = std::time::Instant::now() + o.wait;
+        // The primary network plugin may install its configuration after this runs.
+        let conf = loop {
+            match primary(&o.conf_dir) {
+                Some(p) => break p,
+                None if !install => {
+                    return Ok(format!("no CNI configuration in {}", o.conf_dir.display()))
+                }
+                None if std::time::Instant::now() >= deadline => {
+                    return Err(format!(
+                        "no CNI network configuration appeared in {} within {:?}: weft-cni chains after the cluster's network plugin",
+                        o.conf_dir.display(),
+                        o.wait
+                    ))
+                }
+                None => std::thread::sleep(std::time::Duration::from_secs(1)),
+            }
+        };
+        let text =
+            std::fs::read_to_string(&conf).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let mut v: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not JSON: {e}", conf.display()))?;
+        // A single-plugin `.conf` becomes a list, as chaining needs.
+        let mut target = conf.clone();
+        if v.get("plugins").is_none() {
+            let mut plugin = v.clone();
+            let m = plugin
+                .as_object_mut()
+                .ok_or("the configuration is not an object")?;
+            m.remove("name");
+            m.remove("cniVersion");
+            v = json!({"cniVersion": v["cniVersion"], "name": v["name"], "plugins": [plugin]});
+            target = conf.with_extension("conflist");
+        }
+        let plugins = v["plugins"]
+            .as_array_mut()
+            .ok_or_else(|| format!("{}: `plugins` is not a list", conf.display()))?;
+        plugins.retain(|p| p["type"] != "weft-cni");
+        let said = if install {
+            plugins.push(json!({
+                "type": "weft-cni",
+                "stateDir": o.state_dir,
+                "capabilities": {"cgroupPath": true}
+            }));
+            let exe = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
+            let bytes = std::fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+            std::fs::create_dir_all(&o.bin_dir)
+                .map_err(|e| format!("{}: {e}", o.bin_dir.display()))?;
+            write_atomic(&o.bin_dir.join("weft-cni"), &bytes, 0o755)?;
+            format!(
+                "installed {} and chained weft-cni in {}",
+                o.bin_dir.join("weft-cni").display(),
+                target.display()
+            )
+        } else {
+            let _ = std::fs::remove_file(o.bin_dir.join("weft-cni"));
+            format!("removed weft-cni from {}", target.display())
+        };
+        let mut out = serde_json::to_vec_pretty(&v).map_err(|e| e.to_string())?;
+        out.push(b'\n');
+        write_atomic(&target, &out, 0o644)?;
+        if target != conf {
+            std::fs::remove_file(&conf).map_err(|e| format!("{}: {e}", conf.display()))?;
+        }
+        Ok(said)
+    }
 }
