@@ -340,6 +340,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         node: opts.node.clone(),
         config_generation: 1,
         attachment: Some(dp.attachment),
+        foreign_programs: dp.foreign.clone(),
         startup_ms: Some(started.elapsed().as_millis() as u64),
         inherited_listeners: inherited_count,
         enrolled: pods.names(),

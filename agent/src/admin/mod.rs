@@ -37,6 +37,9 @@ pub struct Status {
     /// is accepted).
     pub last_config_error: Option<String>,
     pub attachment: Option<crate::datapath::Attachment>,
+    /// Other owners' programs on weft's cgroup hooks, in the order they run relative to
+    /// weft's; `conflict` when one runs first where it can take connections from weft.
+    pub foreign_programs: Vec<crate::datapath::coexist::Foreign>,
     /// Milliseconds from process start to ready (capturing in every enrolled pod).
     pub startup_ms: Option<u64>,
     pub inherited_listeners: usize,

@@ -871,6 +871,29 @@ fn print_status(v: &Value) {
         }
     }
     println!("  Datapath: {}", s(&v["attachment"]));
+    for f in items(&v["foreign_programs"]) {
+        println!(
+            "  {}: {} program {:?} (id {}) of another owner runs {} weft's{}",
+            if f["conflict"] == true {
+                "CONFLICT"
+            } else {
+                "Beside weft"
+            },
+            s(&f["hook"]),
+            s(&f["name"]),
+            s(&f["id"]),
+            if f["before_weft"] == true {
+                "before"
+            } else {
+                "after"
+            },
+            if f["conflict"] == true {
+                ": it can rewrite a service address first, and weft would not capture that connection"
+            } else {
+                ""
+            }
+        );
+    }
     let enrolled: Vec<String> = items(&v["enrolled"]).map(s).collect();
     println!(
         "  Capturing for {} pod(s): {}",

@@ -8,6 +8,7 @@
 //! program is byte-identical (same kernel tag) to its own, replaces the others, and removes
 //! directories of other ABI versions.
 
+pub mod coexist;
 pub mod mounts;
 pub mod preflight;
 pub mod services;
@@ -334,6 +335,8 @@ pub struct Datapath {
     dirty: bool,
     pods: HashMap<u64, PodEntry>,
     pub attachment: Attachment,
+    /// Other owners' programs on weft's cgroup hooks, found at start.
+    pub foreign: Vec<coexist::Foreign>,
     accelerate: bool,
 }
 
@@ -405,6 +408,36 @@ impl Datapath {
             })?);
         }
 
+        // Other owners' programs on the same hooks: named at start, never touched.
+        let ours: Vec<u32> = [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+            programs::SENDMSG4,
+            programs::RECVMSG4,
+            programs::SOCKOPS,
+        ]
+        .iter()
+        .filter_map(|name| {
+            FdLink::from(PinnedLink::from_pin(links.join(name)).ok()?)
+                .info()
+                .ok()
+        })
+        .map(|i| i.program_id())
+        .collect();
+        let foreign = coexist::foreign(&cgroup, &ours).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the other programs on the pods' cgroup hooks");
+            Vec::new()
+        });
+        for f in &foreign {
+            if f.conflict {
+                tracing::warn!(cgroup = %opts.cgroup.display(), "{f}; attach weft's programs first, or to a cgroup below the other's (docs/install.md, \"Beside another CNI\")");
+            } else {
+                tracing::info!(cgroup = %opts.cgroup.display(), "{f}");
+            }
+        }
+
         let local_socks: SockHash<MapData, SockPairKey> = take_map(&mut ebpf, maps::LOCAL_SOCKS)?;
         {
             let name = programs::SK_MSG;
@@ -455,6 +488,7 @@ impl Datapath {
             ebpf,
             root,
             attachment,
+            foreign,
         };
         Ok((dp, capture))
     }
