@@ -670,3 +670,75 @@ fn the_installer_chains_weft_cni_after_the_network_plugin() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn meshing_a_namespace_or_a_pod_enrolls_running_pods_within_a_second() {
+    if !require_root("meshing_a_namespace_or_a_pod_enrolls_running_pods_within_a_second") {
+        return;
+    }
+    let c = cluster("k8s-switch");
+    // Pods that say nothing themselves: their namespace decides.
+    let api = ApiServer::start(
+        Some(&Path::new("/var/run/netns").join(&c.fabric)),
+        "192.168.250.254:6443",
+    );
+    let mut pods = std::collections::BTreeMap::new();
+    for mut o in c.kube_objects() {
+        if o["kind"] == "Pod" {
+            o["metadata"]["annotations"]
+                .as_object_mut()
+                .unwrap()
+                .remove("weft.dev/mesh");
+            pods.insert(
+                o["metadata"]["name"].as_str().unwrap().to_owned(),
+                o.clone(),
+            );
+        }
+        api.apply(o);
+    }
+    let kubeconfig = c.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    let _web1 = c
+        .pod("web-1")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
+    c.pod("web-1").wait_listening(8080, SECS5);
+    let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    assert_eq!(enrolled(&a), Vec::<String>::new(), "nothing meshed yet");
+    http_get(c.pod("client"), "http://10.96.0.10/").expect("balanced in the kernel");
+    assert_eq!(a.stat("proxy", "outbound_accepted"), 0);
+
+    let namespace = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "default", "labels": labels}, "spec": {"finalizers": ["kubernetes"]}})
+    };
+    api.apply(namespace(
+        json!({"kubernetes.io/metadata.name": "default", "weft.dev/mesh": "enabled"}),
+    ));
+    let took = wait_for(
+        "the namespace's pods enrolled",
+        Duration::from_secs(1),
+        || enrolled(&a) == ["default/client", "default/web-1"],
+    );
+    eprintln!("namespace label to enrolled: {took:?}");
+    let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+    assert_eq!(answer["server"], "web-1");
+    assert!(a.stat("proxy", "outbound_accepted") >= 1, "captured now");
+
+    // One pod opts out by annotation; the rest of the namespace stays meshed.
+    let mut web1 = pods["web-1"].clone();
+    web1["metadata"]["annotations"]["weft.dev/mesh"] = json!("disabled");
+    api.apply(web1);
+    wait_for("web-1 let go", Duration::from_secs(1), || {
+        enrolled(&a) == ["default/client"]
+    });
+    http_get(c.pod("client"), "http://10.96.0.10/").expect("web-1 still answers, unmeshed");
+
+    // The label off again: nothing is meshed.
+    api.apply(namespace(json!({"kubernetes.io/metadata.name": "default"})));
+    wait_for(
+        "the namespace's pods let go",
+        Duration::from_secs(1),
+        || enrolled(&a).is_empty(),
+    );
+}

@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use super::load::{
     typed, ConfigError, Location, MeshMode, Metadata, RawWorkloadPort, Strictness, WorkloadSpec,
-    ANNOTATION_CGROUP, ANNOTATION_NETNS, LABEL_AGENT_DOWN, LABEL_MESH, LABEL_MTLS,
+    ANNOTATION_CGROUP, ANNOTATION_NETNS, ANNOTATION_QUARANTINE, ANNOTATION_QUARANTINE_ALLOW_FROM,
+    LABEL_AGENT_DOWN, LABEL_MESH, LABEL_MTLS,
 };
 use super::model::{
     AgentDown, AppProtocol, EndpointSlice, Mtls, Node, Protocol, Service, ServicePort,
@@ -179,7 +180,22 @@ pub(super) fn pod(
             LABEL_MTLS,
             [("strict", Mtls::Strict), ("permissive", Mtls::Permissive)],
         )?,
-        quarantine: None,
+        quarantine: annotations.get(ANNOTATION_QUARANTINE).map(|reason| {
+            super::quarantine::Quarantine {
+                reason: reason.clone(),
+                allow_from: annotations
+                    .get(ANNOTATION_QUARANTINE_ALLOW_FROM)
+                    .map(|a| {
+                        a.split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                set_by: super::quarantine::SetBy::Configuration,
+            }
+        }),
     }))
 }
 

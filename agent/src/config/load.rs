@@ -499,6 +499,10 @@ pub const LABEL_MTLS: &str = "weft.dev/mtls";
 /// them to the agent (file mode, snapshots).
 pub const ANNOTATION_NETNS: &str = "weft.dev/netns";
 pub const ANNOTATION_CGROUP: &str = "weft.dev/cgroup";
+/// Pod annotations that quarantine it: the reason, and the debug sources still allowed
+/// (comma-separated, as `spec.quarantine.allowFrom` of a Workload).
+pub const ANNOTATION_QUARANTINE: &str = "weft.dev/quarantine";
+pub const ANNOTATION_QUARANTINE_ALLOW_FROM: &str = "weft.dev/quarantine-allow-from";
 
 /// The kinds weft reads, as `apiVersion` and `kind`.
 const KINDS: &[(&str, &str)] = &[
@@ -1208,10 +1212,13 @@ fn workload(cfg: &Config, p: Pending<WorkloadSpec>) -> Result<(Workload, Locatio
     }
     if let Some(q) = &spec.quarantine {
         q.check().map_err(|(i, message)| {
-            let field = if i == usize::MAX {
-                "spec.quarantine.reason".to_owned()
-            } else {
-                format!("spec.quarantine.allowFrom[{i}]")
+            let field = match (pod, i == usize::MAX) {
+                (false, true) => "spec.quarantine.reason".to_owned(),
+                (false, false) => format!("spec.quarantine.allowFrom[{i}]"),
+                (true, true) => format!("metadata.annotations.{ANNOTATION_QUARANTINE}"),
+                (true, false) => {
+                    format!("metadata.annotations.{ANNOTATION_QUARANTINE_ALLOW_FROM}[{i}]")
+                }
             };
             ConfigError::field(&at, field, message)
         })?;

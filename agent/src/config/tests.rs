@@ -748,3 +748,27 @@ fn a_list_item_is_located_by_document_and_item() {
         "{e}"
     );
 }
+
+#[test]
+fn a_pod_is_quarantined_by_its_annotations() {
+    let pod = |annotations: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p, annotations: {{{annotations}}}}}\nspec: {{nodeName: a, containers: [{{name: c}}]}}\nstatus: {{podIP: 10.0.0.1}}\n")
+    };
+    let cfg = parse(&pod(
+        "weft.dev/quarantine: leaking memory, weft.dev/quarantine-allow-from: \"10.0.9.0/24, spiffe://cluster.local/ns/ops/sa/debug\"",
+    ))
+    .unwrap();
+    let q = cfg.workloads[0].quarantine.as_deref().unwrap();
+    assert_eq!(q.reason, "leaking memory");
+    assert_eq!(
+        q.allow_from,
+        ["10.0.9.0/24", "spiffe://cluster.local/ns/ops/sa/debug"]
+    );
+    let e = err(&pod(
+        "weft.dev/quarantine: x, weft.dev/quarantine-allow-from: nonsense",
+    ));
+    assert!(
+        e.contains("field `metadata.annotations.weft.dev/quarantine-allow-from[0]`"),
+        "{e}"
+    );
+}
