@@ -46,17 +46,23 @@ use config::quarantine::{Overrides, SetBy};
 pub enum ConfigSource {
     /// A YAML file or a directory of them, polled for changes.
     Files(PathBuf),
-    /// The Kubernetes API, watched.
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    /// The Kubernetes API, watched; `namespace` holds the status writer's Lease.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        namespace: String,
+    },
 }
 
 impl std::fmt::Display for ConfigSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Files(p) => write!(f, "{}", p.display()),
-            Self::Kubernetes { kubeconfig: None } => write!(f, "the Kubernetes API"),
+            Self::Kubernetes {
+                kubeconfig: None, ..
+            } => write!(f, "the Kubernetes API"),
             Self::Kubernetes {
                 kubeconfig: Some(k),
+                ..
             } => write!(f, "the Kubernetes API ({})", k.display()),
         }
     }
@@ -65,16 +71,25 @@ impl std::fmt::Display for ConfigSource {
 /// The configuration source, opened.
 enum Feed {
     Files(PathBuf),
-    Kubernetes(crate::k8s::Cluster),
+    Kubernetes(crate::k8s::Cluster, crate::k8s::status::StatusWriter),
 }
 
 impl Feed {
-    async fn open(source: &ConfigSource) -> anyhow::Result<Self> {
-        match source {
+    async fn open(opts: &AgentOptions) -> anyhow::Result<Self> {
+        match &opts.config {
             ConfigSource::Files(p) => Ok(Self::Files(p.clone())),
-            ConfigSource::Kubernetes { kubeconfig } => {
+            ConfigSource::Kubernetes {
+                kubeconfig,
+                namespace,
+            } => {
                 let client = crate::k8s::client(kubeconfig.as_deref()).await?;
                 let cluster = crate::k8s::Cluster::watch(&client);
+                let writer = crate::k8s::status::StatusWriter::start(
+                    client.clone(),
+                    cluster.caches(),
+                    opts.node.clone(),
+                    namespace.clone(),
+                );
                 // Nothing can be served before the cluster is known: wait, saying why.
                 loop {
                     match cluster.synced(Duration::from_secs(10)).await {
@@ -85,8 +100,16 @@ impl Feed {
                         ),
                     }
                 }
-                Ok(Self::Kubernetes(cluster))
+                Ok(Self::Kubernetes(cluster, writer))
             }
+        }
+    }
+
+    /// The configuration `loaded` was applied: what it made of each object goes into the
+    /// objects' status (Kubernetes; files have `weftctl status`).
+    fn applied(&self, loaded: &config::Loaded) {
+        if let Self::Kubernetes(_, writer) = self {
+            writer.publish(loaded);
         }
     }
 
@@ -94,7 +117,7 @@ impl Feed {
     fn load(&self, prev: Option<&Config>) -> Result<config::Loaded, config::ConfigError> {
         match self {
             Self::Files(p) => config::load_objects([config::Source::Path(p)], prev),
-            Self::Kubernetes(c) => Ok(config::from_api(c.objects().iter(), prev)),
+            Self::Kubernetes(c, _) => Ok(config::from_api(c.objects().iter(), prev)),
         }
     }
 
@@ -102,7 +125,7 @@ impl Feed {
     async fn changed(&self) {
         match self {
             Self::Files(_) => std::future::pending().await,
-            Self::Kubernetes(c) => c.changed.notified().await,
+            Self::Kubernetes(c, _) => c.changed.notified().await,
         }
     }
 
@@ -110,7 +133,7 @@ impl Feed {
     fn fingerprint(&self) -> Option<u64> {
         match self {
             Self::Files(p) => config::watch::fingerprint(p),
-            Self::Kubernetes(_) => None,
+            Self::Kubernetes(..) => None,
         }
     }
 }
@@ -202,7 +225,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // 2. Configuration, parsed and validated before anything binds, with the quarantines
     //    set at run time on this node (kept in the run directory).
     let mut overrides = Overrides::load(opts.run_dir.join("quarantine.json"));
-    let feed = Feed::open(&opts.config).await?;
+    let feed = Feed::open(&opts).await?;
     // The CNI plugin's notices, listened for before the first read of its records so no
     // pod set up meanwhile waits for the next change.
     let cni_changed = Arc::new(tokio::sync::Notify::new());
@@ -216,6 +239,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     let (cfg, mut accepted) = load_config(&feed, &opts, &overrides, None)
         .context("the initial configuration is invalid")?;
+    feed.applied(&accepted);
     if !cfg.nodes.contains_key(&opts.node) {
         bail!(
             "--node {:?} is not declared as a Node in {}",
@@ -461,6 +485,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                             generation += 1;
                             identities.want(state.load().local_identities());
                             let rejected = loaded.rejected.clone();
+                            feed.applied(&loaded);
                             accepted = loaded;
                             status.rcu(|s| Status { config_generation: generation, last_config_error: None, rejected: rejected.clone(), ..(**s).clone() });
                             tracing::info!(generation, "configuration reloaded");

@@ -64,6 +64,10 @@ struct RunArgs {
     /// pod's service account].
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the namespace of the Lease that elects the one agent writing
+    /// objects' status (the namespace weft is installed in).
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
     /// Where the weft-cni plugin records the pods it sets up, and the agent listens for
     /// it [default with --kubernetes: /var/run/weft/cni; without: not used].
     #[arg(long)]
@@ -340,6 +344,7 @@ fn run(args: RunArgs) -> ExitCode {
             Some(path) => app::ConfigSource::Files(path),
             None => app::ConfigSource::Kubernetes {
                 kubeconfig: args.kubeconfig,
+                namespace: args.namespace,
             },
         },
         cgroup: args.cgroup,

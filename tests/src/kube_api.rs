@@ -196,6 +196,21 @@ impl ApiServer {
         cond.notify_all();
     }
 
+    /// An object as the server holds it now.
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let res = Resource {
+            api_version: api_version.to_owned(),
+            plural: plural(kind),
+        };
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .objects
+            .get(&(res, namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// Every request line served so far (`GET /api/v1/pods?...`).
     pub fn requests(&self) -> Vec<String> {
         self.shared.0.lock().unwrap().requests.clone()
@@ -224,26 +239,195 @@ fn key(obj: &Value) -> (Resource, String, String) {
     )
 }
 
-/// `/api/v1[/namespaces/NS]/PLURAL` or `/apis/G/V[/namespaces/NS]/PLURAL`.
-fn parse_path(path: &str) -> Option<(Resource, Option<String>)> {
+/// A request's target: the resource, the namespace, and the object's name and
+/// subresource when it names one.
+struct Target {
+    res: Resource,
+    ns: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+/// `/api/v1[/namespaces/NS]/PLURAL[/NAME[/status]]`, or `/apis/G/V/...` likewise.
+fn parse_path(path: &str) -> Option<Target> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (api_version, rest) = match parts.as_slice() {
         ["api", v, rest @ ..] => ((*v).to_owned(), rest),
         ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
         _ => return None,
     };
-    let (ns, plural) = match rest {
-        [p] => (None, *p),
-        ["namespaces", ns, p] => (Some((*ns).to_owned()), *p),
+    let (ns, rest) = match rest {
+        ["namespaces", ns, p, rest @ ..] if !p.is_empty() => (
+            Some((*ns).to_owned()),
+            std::iter::once(*p)
+                .chain(rest.iter().copied())
+                .collect::<Vec<_>>(),
+        ),
+        r => (None, r.to_vec()),
+    };
+    let (plural, name, status) = match rest.as_slice() {
+        [p] => (*p, None, false),
+        [p, n] => (*p, Some((*n).to_owned()), false),
+        [p, n, "status"] => (*p, Some((*n).to_owned()), true),
         _ => return None,
     };
-    Some((
-        Resource {
+    Some(Target {
+        res: Resource {
             api_version,
             plural: plural.to_owned(),
         },
         ns,
-    ))
+        name,
+        status,
+    })
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        v => *target = v.clone(),
+    }
+}
+
+impl State {
+    /// Store `obj` as a new version (bumping resourceVersion) and tell watchers.
+    fn put(
+        &mut self,
+        res: &Resource,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        kind: &'static str,
+    ) -> Value {
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects
+            .insert((res.clone(), ns.to_owned(), name.to_owned()), obj.clone());
+        self.events.push((self.rv, res.clone(), kind, obj.clone()));
+        obj
+    }
+}
+
+/// GET, POST, PUT of one object and PATCH of its status, as the API server answers them.
+fn object(
+    conn: &mut TcpStream,
+    shared: &(Mutex<State>, Condvar),
+    method: &str,
+    t: &Target,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let (lock, cond) = shared;
+    let mut st = lock.lock().unwrap();
+    let ns = t.ns.clone().unwrap_or_default();
+    let not_found = |name: &str| {
+        status(
+            404,
+            "NotFound",
+            &format!("{} {name:?} not found", t.res.plural),
+        )
+    };
+    let conflict = || {
+        status(
+            409,
+            "Conflict",
+            "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again",
+        )
+    };
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let (code, answer) = match (method, &t.name) {
+        ("GET", Some(name)) => match st.objects.get(&(t.res.clone(), ns.clone(), name.clone())) {
+            Some(o) => (200, o.clone()),
+            None => (404, not_found(name)),
+        },
+        ("POST", None) => {
+            let name = parsed["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if st
+                .objects
+                .contains_key(&(t.res.clone(), ns.clone(), name.clone()))
+            {
+                (
+                    409,
+                    status(
+                        409,
+                        "AlreadyExists",
+                        &format!("{} {name:?} already exists", t.res.plural),
+                    ),
+                )
+            } else {
+                let mut o = parsed.clone();
+                o["metadata"]["uid"] = json!(format!("00000000-0000-4000-9000-{:012}", st.rv + 1));
+                (201, st.put(&t.res, &ns, &name, o, "ADDED"))
+            }
+        }
+        ("PUT", Some(name)) => match st.objects.get(&(t.res.clone(), ns.clone(), name.clone())) {
+            None => (404, not_found(name)),
+            Some(o)
+                if o["metadata"]["resourceVersion"] != parsed["metadata"]["resourceVersion"] =>
+            {
+                (409, conflict())
+            }
+            Some(o) => {
+                let mut n = parsed.clone();
+                n["metadata"]["uid"] = o["metadata"]["uid"].clone();
+                (200, st.put(&t.res, &ns, name, n, "MODIFIED"))
+            }
+        },
+        ("PATCH", Some(name)) if t.status => {
+            match st
+                .objects
+                .get(&(t.res.clone(), ns.clone(), name.clone()))
+                .cloned()
+            {
+                None => (404, not_found(name)),
+                Some(o)
+                    if parsed["metadata"]["resourceVersion"].is_string()
+                        && o["metadata"]["resourceVersion"]
+                            != parsed["metadata"]["resourceVersion"] =>
+                {
+                    (409, conflict())
+                }
+                Some(mut o) => {
+                    // The status subresource changes the status only.
+                    merge(&mut o["status"], &parsed["status"]);
+                    (200, st.put(&t.res, &ns, name, o, "MODIFIED"))
+                }
+            }
+        }
+        _ => (
+            405,
+            status(
+                405,
+                "MethodNotAllowed",
+                "not supported by this test API server",
+            ),
+        ),
+    };
+    cond.notify_all();
+    drop(st);
+    let reason = match code {
+        200 => "OK",
+        201 => "Created",
+        404 => "Not Found",
+        409 => "Conflict",
+        _ => "Method Not Allowed",
+    };
+    respond(conn, code, reason, &answer)
 }
 
 fn query(q: &str) -> BTreeMap<String, String> {
@@ -309,19 +493,22 @@ fn serve(conn: TcpStream, shared: &(Mutex<State>, Condvar), stop: &std::sync::at
         let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
         let (path, q) = target.split_once('?').unwrap_or((target, ""));
         let q = query(q);
-        let Some((res, ns)) = parse_path(path).filter(|_| method == "GET") else {
+        let Some(t) = parse_path(path) else {
             let _ = respond(
                 &mut conn,
-                405,
-                "Method Not Allowed",
-                &status(
-                    405,
-                    "MethodNotAllowed",
-                    "this test API server lists and watches",
-                ),
+                404,
+                "Not Found",
+                &status(404, "NotFound", "no such path on this test API server"),
             );
             continue;
         };
+        if t.name.is_some() || method != "GET" {
+            if object(&mut conn, shared, method, &t, &body).is_err() {
+                return;
+            }
+            continue;
+        }
+        let (res, ns) = (t.res, t.ns);
         let missing = {
             let st = shared.0.lock().unwrap();
             st.missing

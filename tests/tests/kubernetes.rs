@@ -172,6 +172,11 @@ fn kubernetes_mode_routes_as_file_mode_does() {
             .to_string()
             .contains("RoundRobin")
     });
+    // weft's own kinds get an Accepted condition.
+    wait_for("the TrafficPolicy's status", SECS5, || {
+        api.get("weft.dev/v1alpha1", "TrafficPolicy", "default", "web")
+            .is_some_and(|p| p["status"]["conditions"][0]["status"] == "True")
+    });
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..8 {
         let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
@@ -326,9 +331,82 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
         })
     });
 
+    // The route's status, written by the one agent holding the Lease.
+    let ours = |name: &str| -> Option<Value> {
+        let r = api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "default", name)?;
+        r["status"]["parents"]
+            .as_array()?
+            .iter()
+            .find(|p| p["controllerName"] == "weft.dev/mesh")
+            .cloned()
+    };
+    let condition = |p: &Value, t: &str| -> (String, String, i64) {
+        let c = p["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == t)
+            .unwrap_or_else(|| panic!("no {t} in {p}"));
+        (
+            c["status"].as_str().unwrap().to_owned(),
+            c["reason"].as_str().unwrap().to_owned(),
+            c["observedGeneration"].as_i64().unwrap(),
+        )
+    };
+    wait_for("the route's status is written", SECS5, || {
+        ours("to-two").is_some()
+    });
+    let p = ours("to-two").unwrap();
+    assert_eq!(p["parentRef"]["name"], "web");
+    assert_eq!(
+        condition(&p, "Accepted"),
+        ("True".into(), "Accepted".into(), 1)
+    );
+    assert_eq!(
+        condition(&p, "ResolvedRefs"),
+        ("True".into(), "ResolvedRefs".into(), 1)
+    );
+    let lease = api
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            "weft-system",
+            "weft-status-writer",
+        )
+        .expect("the status writer's Lease");
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_owned();
+    assert!(holder.ends_with("-a") || holder.ends_with("-b"), "{lease}");
+    // A backend that does not exist: accepted, its refs unresolved.
+    api.apply(route("to-nowhere", "no-such-service", 1));
+    wait_for("the dangling route's status", SECS5, || {
+        ours("to-nowhere").is_some()
+    });
+    let p = ours("to-nowhere").unwrap();
+    assert_eq!(condition(&p, "Accepted").0, "True");
+    assert_eq!(
+        condition(&p, "ResolvedRefs"),
+        ("False".into(), "BackendNotFound".into(), 1)
+    );
+    api.delete(
+        "gateway.networking.k8s.io/v1",
+        "HTTPRoute",
+        "default",
+        "to-nowhere",
+    );
+
     // One update: the route made invalid (weight out of range) and a valid change to
     // another object beside it.
-    api.apply(route("to-two", "web-two", 5_000_000));
+    let status_patches = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("PATCH") && r.contains("/httproutes/to-two/status"))
+            .count()
+    };
+    let patches_before = status_patches();
+    let mut bad = route("to-two", "web-two", 5_000_000);
+    bad["metadata"]["generation"] = json!(2);
+    api.apply(bad);
+
     only2["spec"]["clusterIP"] = json!("10.96.0.31");
     api.apply(only2);
     let rejected = a.wait_rejected(SECS5);
@@ -351,6 +429,28 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
             "the route's last good version routes"
         );
     }
+    wait_for("the refusal reaches the route's status", SECS5, || {
+        ours("to-two").is_some_and(|p| condition(&p, "Accepted").0 == "False")
+    });
+    let p = ours("to-two").unwrap();
+    assert_eq!(
+        condition(&p, "Accepted"),
+        ("False".into(), "UnsupportedValue".into(), 2)
+    );
+    let message = p["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.rules[0].backendRefs[0].weight: must be 0 to 1000000")
+            && message.contains("last accepted version stays in force"),
+        "{message}"
+    );
+    // Two agents, one writer: the change is written once, not fought over.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        status_patches() - patches_before,
+        1,
+        "{:#?}",
+        api.requests()
+    );
 }
 
 /// Run `weft-cni` as a container runtime does: the CNI_* environment and nothing else,

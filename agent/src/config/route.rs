@@ -122,6 +122,10 @@ pub struct BackendRef {
     pub service: String,
     pub port: u16,
     pub weight: u32,
+    /// Whether the Service is declared. A route naming one that is not is still
+    /// accepted (with ResolvedRefs false, as the Gateway API has it): requests its rule
+    /// sends there get a 500.
+    pub resolved: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -140,6 +144,27 @@ pub struct RouteRule {
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<Retry>,
+}
+
+/// Backends naming a Service that is not declared, as `namespace/name:port`.
+fn unresolved<'a>(namespace: &str, refs: impl Iterator<Item = &'a BackendRef>) -> Vec<String> {
+    refs.filter(|b| !b.resolved)
+        .map(|b| format!("{namespace}/{}:{}", b.service, b.port))
+        .collect()
+}
+
+impl HttpRoute {
+    /// Backends naming a Service that is not declared.
+    pub fn unresolved(&self) -> Vec<String> {
+        unresolved(&self.namespace, self.rules.iter().flat_map(|r| &r.backends))
+    }
+}
+
+impl TlsRoute {
+    /// Backends naming a Service that is not declared.
+    pub fn unresolved(&self) -> Vec<String> {
+        unresolved(&self.namespace, self.backends.iter())
+    }
 }
 
 /// TLSRoute (`gateway.networking.k8s.io/v1alpha2`) attached to a Service: TLS
@@ -730,21 +755,18 @@ fn convert_backend(
             "must be the route's own namespace".into(),
         ));
     }
-    let Some(ports) = services.get(b.name.as_str()) else {
-        return Err((
-            ".name".into(),
-            format!("no Service {namespace}/{} is declared", b.name),
-        ));
+    let Some(port) = b.port else {
+        return Err((".port".into(), "is required for a Service backend".into()));
     };
-    let port = match b.port {
-        Some(p) if ports.contains(&p) => p,
-        Some(p) => {
+    let resolved = match services.get(b.name.as_str()) {
+        None => false,
+        Some(ports) if ports.contains(&port) => true,
+        Some(_) => {
             return Err((
                 ".port".into(),
-                format!("Service {namespace}/{} has no TCP port {p}", b.name),
+                format!("Service {namespace}/{} has no TCP port {port}", b.name),
             ))
         }
-        None => return Err((".port".into(), "is required for a Service backend".into())),
     };
     let weight = b.weight.unwrap_or(1);
     if weight > 1_000_000 {
@@ -753,6 +775,7 @@ fn convert_backend(
     Ok(BackendRef {
         service: b.name,
         port,
+        resolved,
         weight,
     })
 }
@@ -889,6 +912,12 @@ fn convert_filter(f: RawFilter, ctx: &FilterCtx<'_>) -> Result<Filter, (String, 
         "RequestMirror" => {
             let m = f.request_mirror.ok_or_else(|| missing("requestMirror"))?;
             let b = convert_backend(m.backend_ref, namespace, services).map_err(|(x, e)| (format!(".requestMirror.backendRef{x}"), e))?;
+            if !b.resolved {
+                return Err((
+                    ".requestMirror.backendRef.name".into(),
+                    format!("no Service {namespace}/{} is declared", b.service),
+                ));
+            }
             let percent = m.percent.unwrap_or(100);
             if percent > 100 {
                 return Err((".requestMirror.percent".into(), "must be 0 to 100".into()));

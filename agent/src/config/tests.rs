@@ -193,8 +193,10 @@ fn a_canary_route_parses() {
 
 #[test]
 fn route_errors_name_the_field() {
-    let e = err(&route("    - backendRefs: [{name: nope, port: 80}]\n"));
-    assert!(e.contains("(HTTPRoute default/r): field `spec.rules[0].backendRefs[0].name`: no Service default/nope"), "{e}");
+    // A backend Service that is not declared leaves the route accepted, its refs
+    // unresolved (the Gateway API's ResolvedRefs=False, BackendNotFound).
+    let cfg = parse(&route("    - backendRefs: [{name: nope, port: 80}]\n")).unwrap();
+    assert_eq!(cfg.routes[0].unresolved(), ["default/nope:80"]);
     let e = err(&route("    - backendRefs: [{name: web, port: 81}]\n"));
     assert!(
         e.contains("spec.rules[0].backendRefs[0].port`: Service default/web has no TCP port 81"),

@@ -483,6 +483,7 @@ mod tests {
                 service: backend.into(),
                 port: 80,
                 weight: 1,
+                resolved: true,
             }],
             ..Default::default()
         }
@@ -604,6 +605,7 @@ mod tests {
     #[test]
     fn weights_partition_the_rolls() {
         let b = |s: &str, w| BackendRef {
+            resolved: true,
             service: s.into(),
             port: 80,
             weight: w,

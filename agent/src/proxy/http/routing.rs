@@ -116,6 +116,7 @@ mod tests {
     #[test]
     fn weights_partition_the_rolls() {
         let b = |s: &str, w| BackendRef {
+            resolved: true,
             service: s.into(),
             port: 80,
             weight: w,

@@ -21,6 +21,8 @@ use kube::{
 use serde_json::Value;
 use tokio::{sync::Notify, task::JoinHandle};
 
+pub mod status;
+
 /// A kind weft watches.
 struct Kind {
     group: &'static str,
@@ -217,6 +219,14 @@ impl Cluster {
         } else {
             Err(missing)
         }
+    }
+
+    /// The caches, by kind (for the status writer).
+    pub fn caches(&self) -> Vec<(String, ApiResource, reflector::Store<DynamicObject>)> {
+        self.caches
+            .iter()
+            .map(|(k, ar, s)| (k.kind.to_owned(), ar.clone(), s.clone()))
+            .collect()
     }
 
     /// Every cached object, as the API serves it (apiVersion and kind filled in).
