@@ -270,7 +270,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     )));
 
     // 4b. Certificates for this node's workloads, before anything is served.
-    let identities = Arc::new(identities(&opts, cfg.trust_domain())?);
+    let identities = Arc::new(identities(&opts, cfg.trust_domain(), &state)?);
     identities.want(state.load().local_identities());
     wait_for_certificates(&identities, opts.identity_wait).await;
 
@@ -663,7 +663,11 @@ fn own_addresses() -> std::collections::HashSet<Ipv4Addr> {
 }
 
 /// The certificate source the options name.
-fn identities(opts: &AgentOptions, trust_domain: &str) -> anyhow::Result<Identities> {
+fn identities(
+    opts: &AgentOptions,
+    trust_domain: &str,
+    state: &Arc<ArcSwap<NodeState>>,
+) -> anyhow::Result<Identities> {
     Ok(match &opts.identity {
         IdentitySource::None => {
             tracing::warn!("no identity source (--ca-address, --ca-dir or --cert-dir): connections to pods of other nodes will fail");
@@ -675,11 +679,13 @@ fn identities(opts: &AgentOptions, trust_domain: &str) -> anyhow::Result<Identit
             node_key,
             bundle,
         } => {
+            let state = state.clone();
             let client = CaClient::new(
                 address.clone(),
                 trust_domain,
                 node_cert.clone(),
                 node_key.clone(),
+                Some(Arc::new(move |addr: &str| state.load().endpoint_for(addr))),
             )
             .context("the node's credentials for the CA")?;
             Identities::new(Source::Ca(client), Some(bundle.clone()))

@@ -456,6 +456,26 @@ impl NodeState {
             .find(|s| s.addr.vip.port() == port)
     }
 
+    /// `NAME.NAMESPACE[.svc[.cluster.local]]:PORT` as one of that Service's endpoints, when
+    /// this node knows the Service and it has one. How the agent reaches the CA in a
+    /// cluster: its own network is the host's, where neither cluster DNS nor service
+    /// addresses are served.
+    pub fn endpoint_for(&self, addr: &str) -> Option<std::net::SocketAddr> {
+        let (host, port) = addr.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        let host = host.strip_suffix(".cluster.local").unwrap_or(host);
+        let host = host.strip_suffix(".svc").unwrap_or(host);
+        let (name, namespace) = host.split_once('.')?;
+        if namespace.contains('.') {
+            return None;
+        }
+        let e = self
+            .service_in(namespace, name, port)?
+            .candidates(1)
+            .next()?;
+        Some(std::net::SocketAddr::V4(e.addr))
+    }
+
     pub fn service(&self, vip: SocketAddrV4, protocol: Protocol) -> Option<&Arc<ServiceEntry>> {
         self.services.get(&ServiceAddr { vip, protocol })
     }
@@ -596,6 +616,30 @@ spec:
         assert_eq!(addrs, ["10.1.1.2:8080", "10.1.2.2:9090"]);
         assert_eq!(st.local.len(), 1);
         assert_eq!(st.workloads.len(), 2);
+    }
+
+    #[test]
+    fn a_service_name_resolves_to_an_endpoint() {
+        let cfg = load_str(Path::new("t.yaml"), DOCS).unwrap();
+        let st = NodeState::build("a", &cfg, 1, None);
+        for name in [
+            "web.default:80",
+            "web.default.svc:80",
+            "web.default.svc.cluster.local:80",
+        ] {
+            let got = st.endpoint_for(name).map(|a| a.to_string());
+            assert!(
+                matches!(got.as_deref(), Some("10.1.1.2:8080" | "10.1.2.2:9090")),
+                "{name}: {got:?}"
+            );
+        }
+        assert_eq!(st.endpoint_for("web.default:81"), None, "no such port");
+        assert_eq!(
+            st.endpoint_for("10.96.0.10:80"),
+            None,
+            "addresses are left alone"
+        );
+        assert_eq!(st.endpoint_for("ca.example.com:15012"), None);
     }
 
     #[test]

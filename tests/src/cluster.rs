@@ -165,6 +165,7 @@ impl ClusterBuilder {
             fabric: String::new(),
             ca: std::sync::Mutex::new(None),
             cert_ttl: self.cert_ttl.unwrap_or_else(|| "24h".into()),
+            ca_kubeconfig: std::sync::Mutex::new(None),
         };
         // Register everything before creating it, so a failure half-way still cleans up.
         let fab = format!("weft-{cid}-fab");
@@ -483,6 +484,8 @@ pub struct Cluster {
     pub fabric: String,
     ca: std::sync::Mutex<Option<Spawned>>,
     cert_ttl: String,
+    /// Set: the CA reads the cluster from the Kubernetes API with this kubeconfig.
+    ca_kubeconfig: std::sync::Mutex<Option<String>>,
 }
 
 impl Cluster {
@@ -537,17 +540,17 @@ impl Cluster {
         }
         let dir = self.ca_dir().display().to_string();
         let config = self.config_path().display().to_string();
-        let args = [
-            "serve",
-            "--dir",
-            &dir,
-            "--config",
-            &config,
-            "--listen",
-            self.ca_address(),
-            "--ttl",
-            &self.cert_ttl,
-        ];
+        let kubeconfig = self
+            .ca_kubeconfig
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut args = vec!["serve", "--dir", &dir];
+        match &kubeconfig {
+            Some(k) => args.extend(["--kubernetes", "--kubeconfig", k.as_str()]),
+            None => args.extend(["--config", &config]),
+        }
+        args.extend(["--listen", self.ca_address(), "--ttl", &self.cert_ttl]);
         let (cmd, keep) = command_in(
             &Path::new("/var/run/netns").join(&self.fabric),
             None,
@@ -574,6 +577,22 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// What the CA has logged.
+    pub fn ca_log(&self) -> String {
+        self.ca
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Spawned::output)
+            .unwrap_or_default()
+    }
+
+    /// From now on the CA reads the cluster from the Kubernetes API (restarted if it runs).
+    pub fn ca_from_kubernetes(&self, kubeconfig: &str) {
+        self.stop_ca();
+        *self.ca_kubeconfig.lock().unwrap_or_else(|p| p.into_inner()) = Some(kubeconfig.to_owned());
     }
 
     /// Stop the CA (agents keep the certificates they have and retry renewals).

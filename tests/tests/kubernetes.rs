@@ -842,3 +842,89 @@ fn meshing_a_namespace_or_a_pod_enrolls_running_pods_within_a_second() {
         || enrolled(&a).is_empty(),
     );
 }
+
+#[test]
+fn the_ca_reads_the_cluster_from_the_api_and_agents_find_it_by_its_service() {
+    if !require_root("the_ca_reads_the_cluster_from_the_api_and_agents_find_it_by_its_service") {
+        return;
+    }
+    let c = cluster("k8s-ca");
+    let (api, kubeconfig) = api_server(&c);
+    // The CA as a Service of weft-system; its endpoint is where it listens (the fabric).
+    let (ip, port) = c.ca_address().split_once(':').unwrap();
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "weft-ca", "namespace": "weft-system"},
+        "spec": {"clusterIP": "10.96.255.12", "clusterIPs": ["10.96.255.12"], "type": "ClusterIP",
+                 "selector": {"app.kubernetes.io/name": "weft-ca"},
+                 "ports": [{"name": "grpc", "port": 15012, "targetPort": 15012, "protocol": "TCP"}]}
+    }));
+    api.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "weft-ca-x7k2p", "namespace": "weft-system",
+                     "labels": {"kubernetes.io/service-name": "weft-ca"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        "ports": [{"name": "grpc", "port": port.parse::<u16>().unwrap(), "protocol": "TCP"}]
+    }));
+    // Round robin, so node b's web-2 is reached (the default prefers the client's node).
+    api.apply(json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"targetRef": {"group": "", "kind": "Service", "name": "web"}, "loadBalancer": "RoundRobin"}
+    }));
+    c.ca_from_kubernetes(&kubeconfig);
+    c.ensure_ca();
+    let _web1 = c
+        .pod("web-1")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
+    let _web2 = c
+        .pod("web-2")
+        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-2"]);
+    c.pod("web-1").wait_listening(8080, SECS5);
+    c.pod("web-2").wait_listening(8080, SECS5);
+    let agent = |node: &str| {
+        let mut flags: Vec<String> = ["--kubernetes", "--kubeconfig", kubeconfig.as_str()]
+            .map(str::to_owned)
+            .to_vec();
+        // The CA by its Service name, which only the cluster's objects resolve here.
+        for (i, f) in c.identity_flags(node).into_iter().enumerate() {
+            flags.push(if i == 1 {
+                "weft-ca.weft-system.svc:15012".to_owned()
+            } else {
+                f
+            });
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        c.start_agent(node, &flags)
+    };
+    let a = agent("a");
+    let b = agent("b");
+    // Both hold their pods' certificates, signed by the CA from what the API says runs
+    // where; web-2 is reached on node b through the mutually authenticated tunnel.
+    for agent in [&a, &b] {
+        let certs = agent.admin("/certificates").unwrap();
+        assert!(
+            certs["certificates"].as_array().map(Vec::len) >= Some(1),
+            "{certs}"
+        );
+    }
+    let answer = loop_until_web2(&c);
+    assert_eq!(answer["server"], "web-2");
+    assert!(
+        c.ca_log().contains("signed"),
+        "the CA signed: {}",
+        c.ca_log()
+    );
+}
+
+/// Requests to web until web-2 (on node b) answers, through the tunnel.
+fn loop_until_web2(c: &Cluster) -> Value {
+    for _ in 0..20 {
+        let a = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
+        if a["server"] == "web-2" {
+            return a;
+        }
+    }
+    panic!("web-2 never answered");
+}

@@ -99,8 +99,20 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
         /// The mesh's configuration (file mode): which workload runs on which node.
+        #[arg(
+            long,
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        config: Option<PathBuf>,
+        /// Read which workload runs on which node from the Kubernetes API instead (Pods,
+        /// Nodes, Namespaces and the Mesh, watched as the agents do).
         #[arg(long)]
-        config: PathBuf,
+        kubernetes: bool,
+        /// The kubeconfig for --kubernetes [default: KUBECONFIG, ~/.kube/config, then the
+        /// pod's service account].
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: SocketAddr,
         /// Lifetime of the workload certificates it signs.
@@ -144,6 +156,8 @@ fn main() -> ExitCode {
         Command::Serve {
             dir,
             config,
+            kubernetes: _,
+            kubeconfig,
             listen,
             ttl,
         } => {
@@ -154,7 +168,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            return match rt.block_on(serve(dir, config, listen, ttl)) {
+            let source = match config {
+                Some(path) => Source::Files(path),
+                None => Source::Kubernetes(kubeconfig),
+            };
+            return match rt.block_on(serve(dir, source, listen, ttl)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weft-ca: {e}");
@@ -207,9 +225,22 @@ struct Signing {
     stamp: Option<Stamp>,
 }
 
+/// Where the CA learns which workload runs on which node.
+enum Source {
+    Files(PathBuf),
+    /// The kubeconfig, if not inferred.
+    Kubernetes(Option<PathBuf>),
+}
+
+/// The source, opened.
+enum Feed {
+    Files(PathBuf),
+    Kubernetes(weft_agent::k8s::Cluster),
+}
+
 struct Server {
     dir: CaDir,
-    config: PathBuf,
+    config: Feed,
     ttl: Duration,
     signing: Mutex<Signing>,
     cfg: Mutex<(Option<u64>, Option<config::Config>)>,
@@ -282,11 +313,25 @@ impl Server {
 
     fn config(&self) -> Result<config::Config, String> {
         let mut c = self.cfg.lock().unwrap_or_else(|p| p.into_inner());
-        let fp = config::watch::fingerprint(&self.config);
+        let path = match &self.config {
+            Feed::Files(path) => path,
+            Feed::Kubernetes(cluster) => {
+                let generation = Some(cluster.generation());
+                if generation != c.0 || c.1.is_none() {
+                    let l = config::from_api(cluster.objects().iter(), c.1.as_ref());
+                    for r in &l.rejected {
+                        tracing::warn!(error = %r, "object refused");
+                    }
+                    *c = (generation, Some(l.config));
+                }
+                return c.1.clone().ok_or_else(|| "no configuration".to_owned());
+            }
+        };
+        let fp = config::watch::fingerprint(path);
         if fp != c.0 || c.1.is_none() {
             // Object by object, as the agents accept it: a refused object keeps its last
             // accepted version.
-            match config::load_objects([config::Source::Path(&self.config)], c.1.as_ref()) {
+            match config::load_objects([config::Source::Path(path)], c.1.as_ref()) {
                 Ok(l) => {
                     for r in &l.rejected {
                         tracing::warn!(error = %r, "configuration object refused");
@@ -330,11 +375,28 @@ impl Server {
 
 async fn serve(
     dir: PathBuf,
-    config: PathBuf,
+    source: Source,
     listen: SocketAddr,
     ttl: Duration,
 ) -> Result<(), String> {
     let dir = CaDir::new(&dir);
+    let config = match source {
+        Source::Files(path) => Feed::Files(path),
+        Source::Kubernetes(kubeconfig) => {
+            let client = weft_agent::k8s::client(kubeconfig.as_deref())
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            // Which workload runs where, and the trust domain: nothing else.
+            let cluster = weft_agent::k8s::Cluster::watch_only(
+                &client,
+                Some(&["Node", "Namespace", "Pod", "Mesh"]),
+            );
+            while let Err(missing) = cluster.synced(Duration::from_secs(10)).await {
+                tracing::warn!(kinds = %missing.join(", "), "still waiting for the first list from the Kubernetes API");
+            }
+            Feed::Kubernetes(cluster)
+        }
+    };
     let server = Arc::new(Server {
         signing: Mutex::new(signing(&dir)?),
         dir,

@@ -50,8 +50,14 @@ struct NodeCreds {
     key_path: PathBuf,
 }
 
+/// Turns the CA's address into one to connect to, when the agent knows better than the
+/// system resolver (a Service name the cluster's DNS would answer, which the host cannot
+/// reach).
+pub type Resolver = Arc<dyn Fn(&str) -> Option<std::net::SocketAddr> + Send + Sync>;
+
 pub struct CaClient {
     pub addr: String,
+    resolve: Option<Resolver>,
     pub node: SpiffeId,
     ca: SpiffeId,
     creds: std::sync::Mutex<NodeCreds>,
@@ -64,6 +70,7 @@ impl CaClient {
         trust_domain: &str,
         cert_path: PathBuf,
         key_path: PathBuf,
+        resolve: Option<Resolver>,
     ) -> Result<Self, CaClientError> {
         let bad = |path: &PathBuf, message: String| CaClientError::Credentials {
             path: path.clone(),
@@ -88,6 +95,7 @@ impl CaClient {
             Held::new(tls::certified_key(chain, key).map_err(|e| bad(&key_path, e.to_string()))?);
         Ok(Self {
             addr,
+            resolve,
             ca: SpiffeId::ca(trust_domain).map_err(|e| bad(&cert_path, e.to_string()))?,
             node,
             creds: std::sync::Mutex::new(NodeCreds {
@@ -143,7 +151,12 @@ impl CaClient {
         let resolver = Arc::new(NodeCert(self.node_key()));
         let config = tls::client_config(roots, resolver, &[])
             .map_err(|e| CaClientError::Answer(e.to_string()))?;
-        let tcp = tokio::net::TcpStream::connect(&self.addr)
+        let target = self
+            .resolve
+            .as_ref()
+            .and_then(|r| r(&self.addr))
+            .map_or_else(|| self.addr.clone(), |a| a.to_string());
+        let tcp = tokio::net::TcpStream::connect(&target)
             .await
             .map_err(|e| self.unreachable(e.to_string()))?;
         let name = tls::server_name(&self.ca).map_err(|e| CaClientError::Answer(e.to_string()))?;

@@ -138,6 +138,8 @@ pub struct Cluster {
     caches: Vec<(&'static Kind, ApiResource, reflector::Store<DynamicObject>)>,
     /// Woken whenever a cache changed (an object applied or deleted, or a re-list done).
     pub changed: Arc<Notify>,
+    /// Counts those changes.
+    generation: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -152,10 +154,19 @@ impl Drop for Cluster {
 impl Cluster {
     /// Start watching every kind.
     pub fn watch(client: &Client) -> Self {
+        Self::watch_only(client, None)
+    }
+
+    /// Start watching the kinds named (every kind weft reads when `None`).
+    pub fn watch_only(client: &Client, only: Option<&[&str]>) -> Self {
         let changed = Arc::new(Notify::new());
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut caches = Vec::new();
         let mut tasks = Vec::new();
-        for kind in KINDS {
+        for kind in KINDS
+            .iter()
+            .filter(|k| only.is_none_or(|o| o.contains(&k.kind)))
+        {
             let gvk = GroupVersionKind::gvk(kind.group, kind.version, kind.kind);
             let ar = ApiResource::from_gvk_with_plural(&gvk, kind.plural);
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
@@ -166,6 +177,7 @@ impl Cluster {
                 .modify(move |o: &mut DynamicObject| trim(kind.kind, o))
                 .reflect(writer);
             let changed = changed.clone();
+            let generation = generation.clone();
             tasks.push(tokio::spawn(async move {
                 let mut stream = std::pin::pin!(stream);
                 let mut failing = false;
@@ -179,6 +191,7 @@ impl Cluster {
                             if std::mem::take(&mut failing) {
                                 tracing::info!(kind = kind.kind, "watching again");
                             }
+                            generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             changed.notify_one();
                         }
                         Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
@@ -197,8 +210,14 @@ impl Cluster {
         Self {
             caches,
             changed,
+            generation,
             tasks,
         }
+    }
+
+    /// A number that moves whenever any cache changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Wait until every required kind has been listed once; the kinds still missing when
