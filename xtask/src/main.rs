@@ -149,16 +149,18 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Python packages the tests' peers use, installed for `python3` into target/pypi (the
-/// tests put it on PYTHONPATH): the OpenTelemetry project's OTLP protobuf bindings, with
-/// which tests/peers/otlp_receiver.py decodes the spans the agent exports.
-const PYPI_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2"];
+/// Python packages the tests use, installed for `python3` into target/pypi (the tests put
+/// it on PYTHONPATH): the OpenTelemetry project's OTLP protobuf bindings, with which
+/// tests/peers/otlp_receiver.py decodes the spans the agent exports, and
+/// kubernetes-validate (with jsonschema), with which deploy/validate.py checks every
+/// manifest against the Kubernetes API schemas.
+const PYPI_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2", "kubernetes-validate==1.37.0"];
 
 fn pypi() -> anyhow::Result<&'static str> {
     let dir = workspace().join("target/pypi");
     let present = output(Command::new("python3").env("PYTHONPATH", &dir).args([
         "-c",
-        "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+        "import opentelemetry.proto.collector.trace.v1.trace_service_pb2, kubernetes_validate, jsonschema",
     ]))
     .is_some();
     if present {

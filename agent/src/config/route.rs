@@ -137,6 +137,8 @@ pub struct Retry {
 
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct RouteRule {
+    /// `rules[].name`, when given (the Gateway API's section name of the rule).
+    pub name: Option<String>,
     /// Empty: every request matches.
     pub matches: Vec<RouteMatch>,
     pub filters: Vec<Filter>,
@@ -294,6 +296,8 @@ pub(super) struct RawParentRef {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawRule {
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(default)]
     pub matches: Vec<RawMatch>,
     #[serde(default)]
@@ -515,12 +519,9 @@ pub(super) fn convert(
     extensions: &RouteFilters<'_>,
 ) -> Result<HttpRoute, (String, String)> {
     let err = |f: String, m: String| (f, m);
-    if !spec.hostnames.is_empty() {
-        return Err(err(
-            "spec.hostnames".into(),
-            "mesh routes attach to Services and match by address; hostnames are not used".into(),
-        ));
-    }
+    // Mesh routes attach to Services and match by address: the Gateway API's mesh
+    // profile ignores their hostnames, and so does weft.
+    let _ = &spec.hostnames;
     if spec.parent_refs.is_empty() {
         return Err(err(
             "spec.parentRefs".into(),
@@ -531,7 +532,10 @@ pub(super) fn convert(
     let mut rules = vec![];
     for (r, raw) in spec.rules.into_iter().enumerate() {
         let at = |x: &str| format!("spec.rules[{r}]{x}");
-        let mut rule = RouteRule::default();
+        let mut rule = RouteRule {
+            name: raw.name.clone(),
+            ..RouteRule::default()
+        };
         for (m, rm) in raw.matches.into_iter().enumerate() {
             rule.matches.push(
                 convert_match(rm).map_err(|(x, msg)| (at(&format!(".matches[{m}]{x}")), msg))?,

@@ -774,3 +774,19 @@ fn a_pod_is_quarantined_by_its_annotations() {
         "{e}"
     );
 }
+
+#[test]
+fn every_deploy_example_is_accepted() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "examples missing from {}", dir.display());
+    let cfg = load_sources(files.iter().map(|p| Source::Path(p))).unwrap();
+    assert_eq!(cfg.routes.len(), 1);
+    assert_eq!(cfg.routes[0].unresolved(), Vec::<String>::new());
+    assert_eq!(cfg.namespaces["shop"].mtls, Some(Mtls::Strict));
+    assert_eq!((cfg.policies.len(), cfg.authorization.len()), (1, 1));
+}

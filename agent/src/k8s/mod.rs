@@ -114,6 +114,9 @@ const KINDS: &[Kind] = &[
     },
 ];
 
+/// What weft-ca watches: which workload runs on which node, and the trust domain.
+pub const CA_KINDS: [&str; 4] = ["Node", "Namespace", "Pod", "Mesh"];
+
 /// The API server weft reads, from a kubeconfig file or, without one, as kube-rs infers
 /// it (`KUBECONFIG`, `~/.kube/config`, then the pod's service account in a cluster).
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
@@ -309,4 +312,84 @@ fn trim(kind: &str, o: &mut DynamicObject) {
     let status = o.data.get("status").cloned().unwrap_or(Value::Null);
     let st = keep(&status, &["phase", "podIP", "podIPs"]);
     o.data = serde_json::json!({"spec": s, "status": st});
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// (group, resource, verb) for every rule of the named Role or ClusterRole.
+    fn granted(role_kind: &str, name: &str, file: &str) -> BTreeSet<(String, String, String)> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut out = BTreeSet::new();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v["kind"] != role_kind || v["metadata"]["name"] != name {
+                continue;
+            }
+            for rule in v["rules"].as_array().unwrap() {
+                let list = |k: &str| -> Vec<String> {
+                    rule[k]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_str().unwrap().to_owned())
+                        .collect()
+                };
+                for g in list("apiGroups") {
+                    for r in list("resources") {
+                        for verb in list("verbs") {
+                            out.insert((g.clone(), r.clone(), verb));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            !out.is_empty(),
+            "no {role_kind} {name} in {}",
+            path.display()
+        );
+        out
+    }
+
+    fn grant(g: &str, r: &str, verb: &str) -> (String, String, String) {
+        (g.to_owned(), r.to_owned(), verb.to_owned())
+    }
+
+    /// What watching `kinds` takes: list and watch (kube-runtime's watcher).
+    fn watching<'a>(kinds: impl Iterator<Item = &'a Kind>) -> BTreeSet<(String, String, String)> {
+        kinds
+            .flat_map(|k| ["list", "watch"].map(|verb| grant(k.group, k.plural, verb)))
+            .collect()
+    }
+
+    #[test]
+    fn rbac_grants_exactly_what_the_agent_uses() {
+        let mut used = watching(KINDS.iter());
+        for k in KINDS
+            .iter()
+            .filter(|k| status::WRITES_STATUS.contains(&k.kind))
+        {
+            used.insert(grant(k.group, &format!("{}/status", k.plural), "patch"));
+        }
+        assert_eq!(granted("ClusterRole", "weft-agent", "rbac.yaml"), used);
+        // The status writer's Lease: read, made once, renewed (kube's get, create and
+        // replace).
+        let lease: BTreeSet<_> = ["get", "create", "update"]
+            .map(|v| grant("coordination.k8s.io", "leases", v))
+            .into();
+        assert_eq!(granted("Role", "weft-status-writer", "rbac.yaml"), lease);
+    }
+
+    #[test]
+    fn rbac_grants_exactly_what_the_ca_uses() {
+        let used = watching(KINDS.iter().filter(|k| CA_KINDS.contains(&k.kind)));
+        assert_eq!(granted("ClusterRole", "weft-ca", "weft-ca.yaml"), used);
+    }
 }

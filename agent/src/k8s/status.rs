@@ -35,15 +35,18 @@ pub const LEASE: &str = "weft-status-writer";
 const LEASE_SECONDS: i64 = 15;
 const ROUND: Duration = Duration::from_secs(2);
 
-/// Route kinds, whose status is per parent.
-const ROUTES: [&str; 2] = ["HTTPRoute", "TLSRoute"];
-/// weft's kinds, with an `Accepted` condition.
-const WEFT_KINDS: [&str; 4] = [
+/// The kinds whose status the writer patches.
+pub const WRITES_STATUS: [&str; 6] = [
+    "HTTPRoute",
+    "TLSRoute",
     "Mesh",
     "TrafficPolicy",
     "HTTPRouteFilter",
     "AuthorizationPolicy",
 ];
+
+/// Route kinds, whose status is per parent.
+const ROUTES: [&str; 2] = ["HTTPRoute", "TLSRoute"];
 
 /// A condition as weft would write it (without its transition time).
 #[derive(Clone, Debug, PartialEq)]
@@ -412,7 +415,7 @@ async fn write_all(
     verdicts: &Verdicts,
 ) {
     for (kind, ar, store) in caches {
-        if !ROUTES.contains(&kind.as_str()) && !WEFT_KINDS.contains(&kind.as_str()) {
+        if !WRITES_STATUS.contains(&kind.as_str()) {
             continue;
         }
         for o in store.state() {
