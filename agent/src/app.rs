@@ -268,6 +268,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let state = Arc::new(ArcSwap::from_pointee(NodeState::build(
         &opts.node, &cfg, 1, None,
     )));
+    // What parsing the first configuration took goes back to the system.
+    release_parser_memory();
 
     // 4b. Certificates for this node's workloads, before anything is served.
     let identities = Arc::new(identities(&opts, cfg.trust_domain(), &state)?);
@@ -479,7 +481,21 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         Err(e) => tracing::error!(error = %e, "the service maps still disagree with the configuration; retrying"),
                     }
                 }
-                if changed {
+                // Kubernetes: when only EndpointSlices changed, only their services are
+                // rebuilt and written (anything else reads the whole cluster again).
+                let slices_only = match &feed {
+                    Feed::Kubernetes(cluster, _) if changed => {
+                        let ch = cluster.take_changes();
+                        !ch.everything && !ch.slices.is_empty() && tokio::task::block_in_place(|| {
+                            slices_changed(cluster, &ch.slices, &mut accepted, &state, &mut dp, generation + 1)
+                        })
+                    }
+                    _ => false,
+                };
+                if slices_only {
+                    generation += 1;
+                    status.rcu(|s| Status { config_generation: generation, ..(**s).clone() });
+                } else if changed {
                     match load_config(&feed, &opts, &overrides, Some(&accepted)).map_err(anyhow::Error::from).and_then(|(cfg, loaded)| apply(&opts, &cfg, generation + 1, &state, &mut dp).map(|()| loaded)) {
                         Ok(loaded) => {
                             generation += 1;
@@ -508,7 +524,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             () = feed.changed() => {
                 notified = true;
                 // Let the rest of a burst of events land in the caches first.
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 tick.reset_immediately();
             }
             () = cni_changed.notified() => {
@@ -605,6 +621,65 @@ fn effective(accepted: &Config, opts: &AgentOptions, overrides: &Overrides) -> C
         crate::cni::apply(&crate::cni::load(dir), &mut cfg, &opts.node);
     }
     cfg
+}
+
+/// Apply a change of these EndpointSlices alone: read them from the cache, rebuild only
+/// the services they belong to, write only those to the maps, swap the state. `false`
+/// (nothing changed) when the change needs the full path: a slice refused now or before,
+/// or a service that takes its endpoints from its selector.
+fn slices_changed(
+    cluster: &crate::k8s::Cluster,
+    keys: &[(String, String)],
+    accepted: &mut config::Loaded,
+    state: &ArcSwap<NodeState>,
+    dp: &mut Datapath,
+    generation: u64,
+) -> bool {
+    if accepted.rejected.iter().any(|r| r.kind == "EndpointSlice") {
+        return false;
+    }
+    let mut updates = Vec::new();
+    for (ns, name) in keys {
+        if updates.iter().any(|(n, m, _)| n == ns && m == name) {
+            continue;
+        }
+        let new = match cluster.get("EndpointSlice", ns, name) {
+            None => None,
+            Some(obj) => match config::endpoint_slice_from_api(&obj) {
+                Ok(s) => s,
+                Err(_) => return false,
+            },
+        };
+        updates.push((ns.clone(), name.clone(), new));
+    }
+    let slices = &mut accepted.config.endpoint_slices;
+    let mut affected = std::collections::HashSet::new();
+    for (ns, name, new) in updates {
+        if let Some(i) = slices
+            .iter()
+            .position(|s| s.namespace == ns && s.name == name)
+        {
+            let old = slices.remove(i);
+            affected.insert((old.namespace, old.service));
+        }
+        if let Some(s) = new {
+            affected.insert((s.namespace.clone(), s.service.clone()));
+            slices.push(s);
+        }
+    }
+    let Some((next, addrs)) = state
+        .load()
+        .with_slices_of(&accepted.config, &affected, generation)
+    else {
+        return false;
+    };
+    if let Err(e) = dp.sync_some_services(&next, &addrs) {
+        tracing::warn!(error = %e, "writing the changed services failed; reading the whole configuration again");
+        return false;
+    }
+    state.store(Arc::new(next));
+    tracing::debug!(services = addrs.len(), generation, "EndpointSlices applied");
+    true
 }
 
 /// Carry out a change asked for through the admin API (the caller applies it).

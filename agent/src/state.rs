@@ -38,7 +38,7 @@ pub struct ServiceEntry {
     /// What the port speaks, when declared (skips protocol detection).
     pub app_protocol: Option<AppProtocol>,
     /// The HTTPRoutes attached to this service port (in name order), compiled.
-    pub routes: RoutePlan,
+    pub routes: Arc<RoutePlan>,
     /// TLSRoutes attached to this service port, in name order.
     pub tls_routes: Vec<Arc<TlsRoute>>,
     /// The service's TrafficPolicy, or the defaults.
@@ -121,22 +121,23 @@ pub struct NodeState {
     /// Workloads scheduled on this node, by IP.
     pub local: BTreeMap<Ipv4Addr, Workload>,
     /// Every workload of the cluster, by IP (to recognise peers and endpoints).
-    pub workloads: HashMap<Ipv4Addr, Workload>,
-    /// TCP service ports by namespace, then name (looked up per request without
-    /// allocating).
-    pub by_name: HashMap<String, HashMap<String, Vec<Arc<ServiceEntry>>>>,
+    pub workloads: Arc<HashMap<Ipv4Addr, Workload>>,
+    /// TCP service addresses by namespace, then name (looked up per request without
+    /// allocating); shared by the states an EndpointSlice change makes, which move no
+    /// address.
+    pub by_name: Arc<HashMap<String, HashMap<String, Vec<ServiceAddr>>>>,
     /// Token buckets of route rules' rate limits, by [`Filter::Extension`] `bucket`.
     pub buckets: HashMap<String, Arc<TokenBucket>>,
     /// The mesh's trust domain.
     pub trust_domain: String,
     /// The identity of every meshed workload of the cluster, by IP.
-    pub identities: HashMap<Ipv4Addr, SpiffeId>,
+    pub identities: Arc<HashMap<Ipv4Addr, SpiffeId>>,
     /// Every node's address, by name (where its agent's tunnel listens).
     pub node_addresses: HashMap<String, Ipv4Addr>,
     /// The authorization policies selecting each meshed workload (those with any), by IP.
-    pub authz: HashMap<Ipv4Addr, crate::config::authz::Policies>,
+    pub authz: Arc<HashMap<Ipv4Addr, crate::config::authz::Policies>>,
     /// The metrics name of each of those workloads (policy decisions are counted by it).
-    pub authz_apps: HashMap<Ipv4Addr, Arc<str>>,
+    pub authz_apps: Arc<HashMap<Ipv4Addr, Arc<str>>>,
 }
 
 impl NodeState {
@@ -235,7 +236,7 @@ impl NodeState {
             .map(|(i, w)| (w.ip, i))
             .collect();
         let mut services = BTreeMap::new();
-        let mut by_name: HashMap<String, HashMap<String, Vec<Arc<ServiceEntry>>>> = HashMap::new();
+        let mut by_name: HashMap<String, HashMap<String, Vec<ServiceAddr>>> = HashMap::new();
         for svc in &cfg.services {
             let selected: Vec<usize> = match svc.selector.iter().next() {
                 None => vec![],
@@ -318,7 +319,10 @@ impl NodeState {
                     vip: SocketAddrV4::new(svc.cluster_ip, port.port),
                     protocol: port.protocol,
                 };
-                let routes = RoutePlan::compile(&attached(&cfg.routes, svc, port.port), &resolve);
+                let routes = Arc::new(RoutePlan::compile(
+                    &attached(&cfg.routes, svc, port.port),
+                    &resolve,
+                ));
                 let tls_routes = attached(&cfg.tls_routes, svc, port.port);
                 let entry = Arc::new(ServiceEntry {
                     name: Arc::from(svc.id()),
@@ -338,7 +342,7 @@ impl NodeState {
                         .or_default()
                         .entry(svc.name.clone())
                         .or_default()
-                        .push(entry.clone());
+                        .push(addr);
                 }
                 services.insert(addr, entry);
             }
@@ -386,16 +390,132 @@ impl NodeState {
             node: node.to_owned(),
             generation,
             services,
-            by_name,
+            by_name: Arc::new(by_name),
             local,
-            workloads,
+            workloads: Arc::new(workloads),
             buckets,
             trust_domain,
-            identities,
+            identities: Arc::new(identities),
             node_addresses,
-            authz,
-            authz_apps,
+            authz: Arc::new(authz),
+            authz_apps: Arc::new(authz_apps),
         }
+    }
+
+    /// This state with the endpoints of the `changed` services (namespace, name) taken
+    /// again from `cfg`'s EndpointSlices, everything else shared: what one EndpointSlice
+    /// change costs, in proportion to the services it touches. The service addresses
+    /// rebuilt are returned for the maps; `None` when a changed service takes its
+    /// endpoints from a selector (no slices), which needs [`NodeState::build`].
+    pub fn with_slices_of(
+        &self,
+        cfg: &Config,
+        changed: &std::collections::HashSet<(String, String)>,
+        generation: u64,
+    ) -> Option<(Self, Vec<ServiceAddr>)> {
+        let is_changed = |ns: &str, name: &str| changed.iter().any(|(n, m)| n == ns && m == name);
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for s in &cfg.endpoint_slices {
+            if is_changed(&s.namespace, &s.service) {
+                slices
+                    .entry((s.namespace.as_str(), s.service.as_str()))
+                    .or_default()
+                    .push(s);
+            }
+        }
+        let mut services = self.services.clone();
+        let mut touched = Vec::new();
+        let by_ip: HashMap<Ipv4Addr, usize> = HashMap::new();
+        for svc in cfg
+            .services
+            .iter()
+            .filter(|s| is_changed(&s.namespace, &s.name))
+        {
+            let sl = slices.get(&(svc.namespace.as_str(), svc.name.as_str()))?;
+            for port in &svc.ports {
+                let addr = ServiceAddr {
+                    vip: SocketAddrV4::new(svc.cluster_ip, port.port),
+                    protocol: port.protocol,
+                };
+                let Some(before) = self.services.get(&addr) else {
+                    continue;
+                };
+                let picked = from_slices(sl, port, &by_ip);
+                let mut quarantined = Vec::new();
+                let mut endpoints = Vec::new();
+                for (addr, _, node) in picked {
+                    let w = self.workloads.get(addr.ip());
+                    if let Some(w) = w.filter(|w| w.quarantine.is_some()) {
+                        quarantined.push(Arc::from(w.id()));
+                        continue;
+                    }
+                    let stats = before
+                        .endpoints
+                        .iter()
+                        .find(|e| e.addr == addr)
+                        .map(|e| e.stats.clone())
+                        .unwrap_or_default();
+                    let authority = Authority::try_from(addr.to_string())
+                        .expect("an IPv4 address and port is an authority");
+                    endpoints.push(match w {
+                        Some(w) => Endpoint {
+                            addr,
+                            authority,
+                            workload: Arc::from(w.id()),
+                            app: Arc::from(crate::telemetry::canonical_name(w)),
+                            identity: self
+                                .identities
+                                .get(addr.ip())
+                                .map(|i| Arc::from(i.to_string())),
+                            node: Arc::from(w.node.as_str()),
+                            meshed: w.meshed,
+                            stats,
+                        },
+                        None => Endpoint {
+                            addr,
+                            authority,
+                            workload: Arc::from(addr.ip().to_string()),
+                            app: Arc::from(svc.id()),
+                            identity: None,
+                            node: Arc::from(node.unwrap_or_default()),
+                            meshed: false,
+                            stats,
+                        },
+                    });
+                }
+                let entry = Arc::new(ServiceEntry {
+                    name: before.name.clone(),
+                    namespace: before.namespace.clone(),
+                    addr,
+                    endpoints,
+                    app_protocol: before.app_protocol,
+                    routes: before.routes.clone(),
+                    tls_routes: before.tls_routes.clone(),
+                    policy: before.policy.clone(),
+                    quarantined,
+                    traffic: before.traffic.clone(),
+                });
+                services.insert(addr, entry);
+                touched.push(addr);
+            }
+        }
+        Some((
+            Self {
+                node: self.node.clone(),
+                generation,
+                services,
+                by_name: self.by_name.clone(),
+                local: self.local.clone(),
+                workloads: self.workloads.clone(),
+                buckets: self.buckets.clone(),
+                trust_domain: self.trust_domain.clone(),
+                identities: self.identities.clone(),
+                node_addresses: self.node_addresses.clone(),
+                authz: self.authz.clone(),
+                authz_apps: self.authz_apps.clone(),
+            },
+            touched,
+        ))
     }
 
     /// The authorization decision for a connection or request to the meshed workload at
@@ -449,11 +569,13 @@ impl NodeState {
 
     /// A TCP service port by namespace, name and port (route backends).
     pub fn service_in(&self, namespace: &str, name: &str, port: u16) -> Option<&Arc<ServiceEntry>> {
-        self.by_name
+        let addr = self
+            .by_name
             .get(namespace)?
             .get(name)?
             .iter()
-            .find(|s| s.addr.vip.port() == port)
+            .find(|a| a.vip.port() == port)?;
+        self.services.get(addr)
     }
 
     /// `NAME.NAMESPACE[.svc[.cluster.local]]:PORT` as one of that Service's endpoints, when
@@ -616,6 +738,54 @@ spec:
         assert_eq!(addrs, ["10.1.1.2:8080", "10.1.2.2:9090"]);
         assert_eq!(st.local.len(), 1);
         assert_eq!(st.workloads.len(), 2);
+    }
+
+    #[test]
+    fn an_endpoint_slice_change_rebuilds_its_service_as_a_full_build_would() {
+        let slice = |eps: &str| {
+            format!("{DOCS}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-x, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{eps}]\n")
+        };
+        let before = load_str(Path::new("t.yaml"), &slice("{addresses: [10.1.1.2]}")).unwrap();
+        let after = load_str(
+            Path::new("t.yaml"),
+            &slice("{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}"),
+        )
+        .unwrap();
+        let st = NodeState::build("a", &before, 1, None);
+        let vip = "10.96.0.10:80".parse().unwrap();
+        let changed = [("default".to_owned(), "web".to_owned())].into();
+        let (next, touched) = st.with_slices_of(&after, &changed, 2).unwrap();
+        assert_eq!(touched.len(), 1);
+        let full = NodeState::build("a", &after, 2, Some(&st));
+        let eps = |s: &NodeState| {
+            s.service(vip, Protocol::Tcp)
+                .unwrap()
+                .endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        e.addr,
+                        e.workload.to_string(),
+                        e.identity.clone(),
+                        e.node.to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(eps(&next), eps(&full));
+        assert_eq!(eps(&next).len(), 2);
+        // Lookups by name see the new entry; what requests ran up is kept.
+        assert!(Arc::ptr_eq(
+            next.service_in("default", "web", 80).unwrap(),
+            next.service(vip, Protocol::Tcp).unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &next.service(vip, Protocol::Tcp).unwrap().traffic,
+            &st.service(vip, Protocol::Tcp).unwrap().traffic
+        ));
+        // A service without slices needs the full build.
+        let none = load_str(Path::new("t.yaml"), DOCS).unwrap();
+        assert!(st.with_slices_of(&none, &changed, 3).is_none());
     }
 
     #[test]

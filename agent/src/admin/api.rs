@@ -357,7 +357,7 @@ fn policies(admin: &AdminState) -> Value {
     let st = admin.state.load();
     let mut by_policy: std::collections::BTreeMap<String, (Value, Vec<String>)> =
         std::collections::BTreeMap::new();
-    for (ip, ps) in &st.authz {
+    for (ip, ps) in st.authz.iter() {
         let Some(w) = st.local.get(ip) else { continue };
         for p in &ps.0 {
             by_policy

@@ -261,15 +261,21 @@ pub fn explain(st: &NodeState, ask: &Ask, facts: &Facts) -> Result<Value, String
     }
     out["backends"] = json!(listed);
     // The backend explained further: the heaviest.
-    let Some(backend) = backends
-        .iter()
-        .max_by_key(|(_, w)| *w)
-        .and_then(|(a, _)| a.and_then(|a| st.services.get(&a)))
-    else {
-        steps.push(
-            "the chosen backend Service does not exist: the proxy answers 503 no-backend".into(),
-        );
-        out["outcome"] = json!("answered 503 no-backend by the proxy");
+    let heaviest = backends.iter().max_by_key(|(_, w)| *w);
+    let Some(backend) = heaviest.and_then(|(a, _)| a.and_then(|a| st.services.get(&a))) else {
+        let (status, reason, why) = if heaviest.is_some_and(|(a, _)| a.is_none()) {
+            (
+                500,
+                "backend-not-found",
+                "names a Service that is not declared",
+            )
+        } else {
+            (503, "no-backend", "is gone from this node's state")
+        };
+        steps.push(format!(
+            "the chosen backend Service {why}: the proxy answers {status} {reason}"
+        ));
+        out["outcome"] = json!(format!("answered {status} {reason} by the proxy"));
         out["steps"] = json!(steps);
         return Ok(out);
     };

@@ -21,7 +21,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::model::{
-    AgentDown, Config, Mtls, Namespace, Node, Protocol, Service, Workload, WorkloadPort,
+    AgentDown, Config, EndpointSlice, Mtls, Namespace, Node, Protocol, Service, Workload,
+    WorkloadPort,
 };
 use super::{policy, route};
 
@@ -253,6 +254,19 @@ pub fn from_api<'a>(objects: impl IntoIterator<Item = &'a Value>, prev: Option<&
         }
     }
     loaded
+}
+
+/// One EndpointSlice as the API serves it: the slice, `None` for one weft does not use
+/// (another address family, no Service label), or why it is refused.
+pub fn endpoint_slice_from_api(obj: &Value) -> Result<Option<EndpointSlice>, ConfigError> {
+    let at = Location {
+        origin: Origin::Api,
+        object: String::new(),
+    };
+    let doc = doc_of(at, obj.clone())?;
+    check_name(&doc.at, "metadata.name", &doc.meta.name)?;
+    let ns = doc.namespace();
+    super::kube_shapes::endpoint_slice(&doc.at, doc.meta, ns, doc.rest)
 }
 
 fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {

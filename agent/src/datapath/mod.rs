@@ -85,6 +85,8 @@ pub enum DatapathError {
         max: u32,
         flag: &'static str,
     },
+    #[error("service {0} is not in the maps yet: a full sync is needed")]
+    NotWritten(String),
     #[error("{first}; putting the previous contents back failed too ({rollback}); the next reload tick tries again")]
     RollbackFailed {
         first: Box<DatapathError>,
@@ -538,6 +540,35 @@ impl Datapath {
             endpoints: &mut self.endpoints,
         };
         let res = written.sync(&mut tables, &services::desired(state), self.capacity);
+        self.dirty = matches!(res, Err(DatapathError::RollbackFailed { .. }));
+        res
+    }
+
+    /// Write the endpoints of these services (already in the maps) from `state`: one
+    /// watched change costs in proportion to the services it touched.
+    pub fn sync_some_services(
+        &mut self,
+        state: &NodeState,
+        addrs: &[crate::state::ServiceAddr],
+    ) -> Result<(), DatapathError> {
+        let written = self.written.as_mut().expect("take_ownership first");
+        let mut tables = AyaTables {
+            services: &mut self.services,
+            endpoints: &mut self.endpoints,
+        };
+        let subset: services::Desired = addrs
+            .iter()
+            .filter_map(|a| {
+                let svc = state.services.get(a)?;
+                let eps = svc
+                    .endpoints
+                    .iter()
+                    .map(|e| SockAddr4::new(raw_ip(*e.addr.ip()), e.addr.port()))
+                    .collect();
+                Some((services::service_key(a.vip, a.protocol), eps))
+            })
+            .collect();
+        let res = written.sync_some(&mut tables, &subset, self.capacity);
         self.dirty = matches!(res, Err(DatapathError::RollbackFailed { .. }));
         res
     }

@@ -173,6 +173,96 @@ impl Written {
         }
     }
 
+    /// Make the maps say `subset` for those services only, all of which the maps already
+    /// hold (endpoints changed, nothing added or removed): the cost of a change in
+    /// proportion to it. Checked and rolled back like [`Written::sync`].
+    pub fn sync_some(
+        &mut self,
+        t: &mut impl ServiceTables,
+        subset: &Desired,
+        cap: Capacity,
+    ) -> Result<(), DatapathError> {
+        if let Some(k) = subset.keys().find(|k| !self.entries.contains_key(k)) {
+            return Err(DatapathError::NotWritten(format!("{k:?}")));
+        }
+        let peak: usize = self
+            .entries
+            .iter()
+            .map(|(k, e)| match subset.get(k) {
+                Some(eps) => eps.len().max(e.endpoints.len()),
+                None => e.endpoints.len(),
+            })
+            .sum();
+        if peak > cap.endpoints as usize {
+            return Err(DatapathError::Capacity {
+                map: maps::ENDPOINTS,
+                needed: peak,
+                max: cap.endpoints,
+                flag: "--max-endpoints",
+            });
+        }
+        let before: Desired = subset
+            .keys()
+            .map(|k| {
+                let e = &self.entries[k];
+                let n = (e.value.count as usize).min(e.endpoints.len());
+                (*k, e.endpoints[..n].to_vec())
+            })
+            .collect();
+        match self.apply_some(t, subset) {
+            Ok(()) => Ok(()),
+            Err(e) => match self.apply_some(t, &before) {
+                Ok(()) => Err(e),
+                Err(again) => Err(DatapathError::RollbackFailed {
+                    first: Box::new(e),
+                    rollback: Box::new(again),
+                }),
+            },
+        }
+    }
+
+    /// Write `subset`'s endpoints over services the mirror holds.
+    fn apply_some(
+        &mut self,
+        t: &mut impl ServiceTables,
+        subset: &Desired,
+    ) -> Result<(), DatapathError> {
+        for (key, eps) in subset {
+            let entry = self.entries.get_mut(key).expect("checked by sync_some");
+            let id = entry.value.id;
+            for (i, ep) in eps.iter().enumerate() {
+                if entry.endpoints.get(i) == Some(ep) {
+                    continue;
+                }
+                t.put_endpoint(
+                    &EndpointKey {
+                        service: id,
+                        index: i as u32,
+                    },
+                    ep,
+                )?;
+                if i < entry.endpoints.len() {
+                    entry.endpoints[i] = *ep;
+                } else {
+                    entry.endpoints.push(*ep);
+                }
+            }
+            let value = ServiceValue {
+                id,
+                count: eps.len() as u32,
+            };
+            if entry.value != value {
+                t.put_service(key, &value)?;
+                entry.value = value;
+            }
+            for index in eps.len() as u32..entry.endpoints.len() as u32 {
+                t.drop_endpoint(&EndpointKey { service: id, index });
+            }
+            entry.endpoints.truncate(eps.len());
+        }
+        Ok(())
+    }
+
     /// Write the differences between the mirror and `desired`, keeping the mirror true
     /// after every single write.
     fn apply(
@@ -347,6 +437,47 @@ mod tests {
         w.sync(&mut t, &b, ROOMY).unwrap();
         assert_eq!(t.view(), b);
         assert_eq!(t.endpoints.len(), 3, "no endpoint left behind");
+    }
+
+    #[test]
+    fn some_services_are_written_alone_and_rolled_back_alone() {
+        let (mut w, mut t) = (Written::default(), Fake::default());
+        let a: Desired = [(svc(1), eps(&[1, 2, 3])), (svc(2), eps(&[4]))].into();
+        w.sync(&mut t, &a, ROOMY).unwrap();
+        let change: Desired = [(svc(1), eps(&[2, 5]))].into();
+        w.sync_some(&mut t, &change, ROOMY).unwrap();
+        let want: Desired = [(svc(1), eps(&[2, 5])), (svc(2), eps(&[4]))].into();
+        assert_eq!(t.view(), want);
+        assert_eq!(t.endpoints.len(), 3, "the trimmed endpoint is gone");
+        // A failing write puts the service back as it was; the others were not touched.
+        for fail_at in 1..4 {
+            t.fail_in = fail_at;
+            let grow: Desired = [(svc(2), eps(&[6, 7, 8]))].into();
+            match w.sync_some(&mut t, &grow, ROOMY) {
+                Ok(()) => {}
+                Err(DatapathError::Injected) => assert_eq!(t.view(), want, "write {fail_at}"),
+                Err(e) => panic!("{e}"),
+            }
+            t.fail_in = 0;
+            w.sync_some(&mut t, &[(svc(2), eps(&[4]))].into(), ROOMY)
+                .unwrap();
+        }
+        // Only services already written; and the endpoint map's room is checked.
+        let new: Desired = [(svc(9), eps(&[1]))].into();
+        assert!(matches!(
+            w.sync_some(&mut t, &new, ROOMY),
+            Err(DatapathError::NotWritten(_))
+        ));
+        let tight = Capacity {
+            services: 100,
+            endpoints: 4,
+        };
+        let big: Desired = [(svc(2), eps(&[1, 2, 3]))].into();
+        assert!(matches!(
+            w.sync_some(&mut t, &big, tight),
+            Err(DatapathError::Capacity { .. })
+        ));
+        assert_eq!(t.view(), want);
     }
 
     #[test]

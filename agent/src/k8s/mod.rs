@@ -136,8 +136,19 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config).with_context(|| format!("connecting to the Kubernetes API at {url}"))
 }
 
+/// What changed in the caches since the control loop last looked.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Something other than an EndpointSlice changed (or a kind was listed again): the
+    /// whole configuration has to be read again.
+    pub everything: bool,
+    /// EndpointSlices applied or deleted, by namespace and name.
+    pub slices: Vec<(String, String)>,
+}
+
 /// The caches of every watched kind.
 pub struct Cluster {
+    changes: Arc<std::sync::Mutex<Changes>>,
     caches: Vec<(&'static Kind, ApiResource, reflector::Store<DynamicObject>)>,
     /// Woken whenever a cache changed (an object applied or deleted, or a re-list done).
     pub changed: Arc<Notify>,
@@ -164,6 +175,7 @@ impl Cluster {
     pub fn watch_only(client: &Client, only: Option<&[&str]>) -> Self {
         let changed = Arc::new(Notify::new());
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let changes = Arc::new(std::sync::Mutex::new(Changes::default()));
         let mut caches = Vec::new();
         let mut tasks = Vec::new();
         for kind in KINDS
@@ -181,16 +193,30 @@ impl Cluster {
                 .reflect(writer);
             let changed = changed.clone();
             let generation = generation.clone();
+            let log = changes.clone();
             tasks.push(tokio::spawn(async move {
                 let mut stream = std::pin::pin!(stream);
                 let mut failing = false;
                 while let Some(event) = stream.next().await {
                     match event {
                         Ok(
+                            watcher::Event::Apply(ref o)
+                            | watcher::Event::Delete(ref o),
+                        ) if kind.kind == "EndpointSlice" => {
+                            let key = (
+                                o.metadata.namespace.clone().unwrap_or_default(),
+                                o.metadata.name.clone().unwrap_or_default(),
+                            );
+                            log.lock().unwrap_or_else(|p| p.into_inner()).slices.push(key);
+                            generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            changed.notify_one();
+                        }
+                        Ok(
                             watcher::Event::Apply(_)
                             | watcher::Event::Delete(_)
                             | watcher::Event::InitDone,
                         ) => {
+                            log.lock().unwrap_or_else(|p| p.into_inner()).everything = true;
                             if std::mem::take(&mut failing) {
                                 tracing::info!(kind = kind.kind, "watching again");
                             }
@@ -211,11 +237,30 @@ impl Cluster {
             }));
         }
         Self {
+            changes,
             caches,
             changed,
             generation,
             tasks,
         }
+    }
+
+    /// What changed since the last call.
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// One cached object of `kind`, as the API serves it; `None` when it is not there.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let (_, ar, store) = self.caches.iter().find(|(k, _, _)| k.kind == kind)?;
+        let key = reflector::ObjectRef::new_with(name, ar.clone()).within(namespace);
+        let o = store.get(&key)?;
+        let mut v = serde_json::to_value(&*o).ok()?;
+        if let Value::Object(m) = &mut v {
+            m.insert("apiVersion".into(), Value::from(ar.api_version.as_str()));
+            m.insert("kind".into(), Value::from(ar.kind.as_str()));
+        }
+        Some(v)
     }
 
     /// A number that moves whenever any cache changed.

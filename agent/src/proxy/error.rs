@@ -58,6 +58,7 @@ macro_rules! reasons {
 reasons! {
     NoRoute = (StatusCode::NOT_FOUND, "no-route", Policy),
     NoBackend = (StatusCode::SERVICE_UNAVAILABLE, "no-backend", Policy),
+    BackendNotFound = (StatusCode::INTERNAL_SERVER_ERROR, "backend-not-found", Policy),
     NoHealthyEndpoint = (StatusCode::SERVICE_UNAVAILABLE, "no-healthy-endpoint", Upstream),
     UpstreamConnectFailed = (StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failed", Upstream),
     UpstreamError = (StatusCode::BAD_GATEWAY, "upstream-error", Upstream),

@@ -2,6 +2,7 @@
 //! simulated cluster, with every case in one run. A benchmark, not a test: it asserts
 //! nothing about speed; it fails only when a case produced no numbers.
 
+pub mod kube;
 mod paths;
 pub mod procstat;
 pub mod report;
@@ -23,7 +24,7 @@ pub struct Options {
     pub out: PathBuf,
     /// The markdown report (plots beside it in `bench/`).
     pub report: PathBuf,
-    /// Run only these parts (`paths`, `services`, `pods`); all when empty.
+    /// Run only these parts (`paths`, `services`, `kubernetes`, `pods`); all when empty.
     pub only: Vec<String>,
 }
 
@@ -53,6 +54,10 @@ pub fn run(opts: &Options) -> std::io::Result<Results> {
     if wanted("services") {
         eprintln!("bench: services and the control side");
         services::run(opts, &mut r);
+    }
+    if wanted("kubernetes") {
+        eprintln!("bench: watched changes at scale (Kubernetes mode)");
+        kube::run(opts, &mut r);
     }
     if wanted("pods") {
         eprintln!("bench: agent memory with many pods");

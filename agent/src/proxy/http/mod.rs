@@ -439,10 +439,24 @@ impl HttpConn {
                 ..ProxyError::with_status(Reason::Redirect, r.status)
             });
         }
-        let backend = sel
+        // A backendRef naming a Service that is not declared: 500, as the Gateway API
+        // asks (the route's status says ResolvedRefs=False, BackendNotFound).
+        let addr = sel
             .rule
             .choose_backend()
-            .and_then(|addr| self.ctx.inputs().state.load().services.get(&addr).cloned())
+            .ok_or(if sel.rule.backends.is_empty() {
+                Reason::NoBackend
+            } else {
+                Reason::BackendNotFound
+            })?;
+        let backend = self
+            .ctx
+            .inputs()
+            .state
+            .load()
+            .services
+            .get(&addr)
+            .cloned()
             .ok_or(Reason::NoBackend)?;
         Ok(Routed {
             rule: Some(sel.rule),
