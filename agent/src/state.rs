@@ -104,6 +104,44 @@ pub struct Endpoint {
     pub stats: Arc<EndpointStats>,
 }
 
+impl Endpoint {
+    /// An endpoint of a workload weft knows.
+    fn of(addr: SocketAddrV4, names: &Names, meshed: bool, stats: Arc<EndpointStats>) -> Self {
+        Self {
+            addr,
+            authority: Authority::try_from(addr.to_string())
+                .expect("an IPv4 address and port is an authority"),
+            workload: names.pod.clone(),
+            app: names.app.clone(),
+            identity: names.identity.clone(),
+            node: names.node.clone(),
+            meshed,
+            stats,
+        }
+    }
+
+    /// Published in an EndpointSlice, and no pod weft knows: outside the mesh, named by
+    /// its address and its Service.
+    fn outside(
+        addr: SocketAddrV4,
+        service: &str,
+        node: Option<&str>,
+        stats: Arc<EndpointStats>,
+    ) -> Self {
+        Self {
+            addr,
+            authority: Authority::try_from(addr.to_string())
+                .expect("an IPv4 address and port is an authority"),
+            workload: Arc::from(addr.ip().to_string()),
+            app: Arc::from(service),
+            identity: None,
+            node: Arc::from(node.unwrap_or_default()),
+            meshed: false,
+            stats,
+        }
+    }
+}
+
 /// The names of one workload, made once per configuration.
 struct Names {
     pod: Arc<str>,
@@ -287,31 +325,11 @@ impl NodeState {
                             .and_then(|b| b.endpoints.iter().find(|e| e.addr == addr))
                             .map(|e| e.stats.clone())
                             .unwrap_or_default();
-                        let authority = Authority::try_from(addr.to_string())
-                            .expect("an IPv4 address and port is an authority");
                         match i {
-                            Some(i) => Endpoint {
-                                addr,
-                                authority,
-                                workload: names[i].pod.clone(),
-                                app: names[i].app.clone(),
-                                identity: names[i].identity.clone(),
-                                node: names[i].node.clone(),
-                                meshed: cfg.workloads[i].meshed,
-                                stats,
-                            },
-                            // Published in an EndpointSlice, and no pod weft knows: outside
-                            // the mesh, named by its address and its Service.
-                            None => Endpoint {
-                                addr,
-                                authority,
-                                workload: Arc::from(addr.ip().to_string()),
-                                app: Arc::from(svc.id()),
-                                identity: None,
-                                node: Arc::from(node.unwrap_or_default()),
-                                meshed: false,
-                                stats,
-                            },
+                            Some(i) => {
+                                Endpoint::of(addr, &names[i], cfg.workloads[i].meshed, stats)
+                            }
+                            None => Endpoint::outside(addr, &svc.id(), node, stats),
                         }
                     })
                     .collect();
@@ -455,32 +473,20 @@ impl NodeState {
                         .find(|e| e.addr == addr)
                         .map(|e| e.stats.clone())
                         .unwrap_or_default();
-                    let authority = Authority::try_from(addr.to_string())
-                        .expect("an IPv4 address and port is an authority");
                     endpoints.push(match w {
-                        Some(w) => Endpoint {
-                            addr,
-                            authority,
-                            workload: Arc::from(w.id()),
-                            app: Arc::from(crate::telemetry::canonical_name(w)),
-                            identity: self
-                                .identities
-                                .get(addr.ip())
-                                .map(|i| Arc::from(i.to_string())),
-                            node: Arc::from(w.node.as_str()),
-                            meshed: w.meshed,
-                            stats,
-                        },
-                        None => Endpoint {
-                            addr,
-                            authority,
-                            workload: Arc::from(addr.ip().to_string()),
-                            app: Arc::from(svc.id()),
-                            identity: None,
-                            node: Arc::from(node.unwrap_or_default()),
-                            meshed: false,
-                            stats,
-                        },
+                        Some(w) => {
+                            let names = Names {
+                                pod: Arc::from(w.id()),
+                                node: Arc::from(w.node.as_str()),
+                                app: Arc::from(crate::telemetry::canonical_name(w)),
+                                identity: self
+                                    .identities
+                                    .get(addr.ip())
+                                    .map(|i| Arc::from(i.to_string())),
+                            };
+                            Endpoint::of(addr, &names, w.meshed, stats)
+                        }
+                        None => Endpoint::outside(addr, &svc.id(), node, stats),
                     });
                 }
                 let entry = Arc::new(ServiceEntry {

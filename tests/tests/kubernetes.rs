@@ -14,10 +14,6 @@ use weft_e2e::{
 
 const SECS5: Duration = Duration::from_secs(5);
 
-fn testpod() -> std::path::PathBuf {
-    bin("weft-testpod")
-}
-
 fn cluster(test: &str) -> Cluster {
     Cluster::builder(test)
         .node("a")
@@ -114,17 +110,9 @@ fn kubernetes_mode_routes_as_file_mode_does() {
     }
     let c = cluster("k8s-same");
     let (api, kubeconfig) = api_server(&c);
-    let _web1 = c
-        .pod("web-1")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
-    let _web2 = c
-        .pod("web-2")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-2"]);
-    let _db = c
-        .pod("db")
-        .spawn(&c.dir, &testpod(), &["http-server", "5432", "db"]);
-    c.pod("web-1").wait_listening(8080, SECS5);
-    c.pod("web-2").wait_listening(8080, SECS5);
+    let _web1 = c.serve_http("web-1", 8080, &[]);
+    let _web2 = c.serve_http("web-2", 8080, &[]);
+    let _db = c.serve_http("db", 5432, &[]);
 
     // File mode first, then the same node from the Kubernetes API.
     let from_files = {
@@ -234,10 +222,7 @@ fn a_410_gone_relists_once_and_watching_goes_on() {
     }
     let c = cluster("k8s-gone");
     let (api, kubeconfig) = api_server(&c);
-    let _web1 = c
-        .pod("web-1")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
-    c.pod("web-1").wait_listening(8080, SECS5);
+    let _web1 = c.serve_http("web-1", 8080, &[]);
     let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
     http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
 
@@ -289,14 +274,8 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
     let (api, kubeconfig) = api_server(&c);
     // The gateway API's TLSRoute CRD is not installed: the agent starts regardless.
     api.without("gateway.networking.k8s.io/v1alpha2/tlsroutes");
-    let _web1 = c
-        .pod("web-1")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
-    let _web2 = c
-        .pod("web-2")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-2"]);
-    c.pod("web-1").wait_listening(8080, SECS5);
-    c.pod("web-2").wait_listening(8080, SECS5);
+    let _web1 = c.serve_http("web-1", 8080, &[]);
+    let _web2 = c.serve_http("web-2", 8080, &[]);
     let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
     let _b = c.start_agent("b", &["--kubernetes", "--kubeconfig", &kubeconfig]);
     let route = |name: &str, backend: &str, weight: u32| {
@@ -546,10 +525,7 @@ fn weft_cni_hands_pods_to_the_agent_as_a_runtime_invokes_it() {
         "--cni-state-dir",
         &dir_s,
     ];
-    let _web1 = c
-        .pod("web-1")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
-    c.pod("web-1").wait_listening(8080, SECS5);
+    let _web1 = c.serve_http("web-1", 8080, &[]);
 
     let (ok, v, _) = weft_cni("VERSION", &[], &json!({"cniVersion": "1.1.0"}));
     assert!(ok);
@@ -801,10 +777,7 @@ fn meshing_a_namespace_or_a_pod_enrolls_running_pods_within_a_second() {
     let kubeconfig = c.dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let kubeconfig = kubeconfig.display().to_string();
-    let _web1 = c
-        .pod("web-1")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
-    c.pod("web-1").wait_listening(8080, SECS5);
+    let _web1 = c.serve_http("web-1", 8080, &[]);
     // Only web-1 serves (web-2's node runs no agent).
     api.apply(c.endpoint_slice(c.service_spec("web"), &["web-2"]));
     let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
@@ -879,14 +852,8 @@ fn the_ca_reads_the_cluster_from_the_api_and_agents_find_it_by_its_service() {
     }));
     c.ca_from_kubernetes(&kubeconfig);
     c.ensure_ca();
-    let _web1 = c
-        .pod("web-1")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-1"]);
-    let _web2 = c
-        .pod("web-2")
-        .spawn(&c.dir, &testpod(), &["http-server", "8080", "web-2"]);
-    c.pod("web-1").wait_listening(8080, SECS5);
-    c.pod("web-2").wait_listening(8080, SECS5);
+    let _web1 = c.serve_http("web-1", 8080, &[]);
+    let _web2 = c.serve_http("web-2", 8080, &[]);
     let agent = |node: &str| {
         let mut flags: Vec<String> = ["--kubernetes", "--kubeconfig", kubeconfig.as_str()]
             .map(str::to_owned)

@@ -800,121 +800,97 @@ fn build(docs: Vec<Doc>, prev: Option<&Config>, strictness: Strictness) -> Loade
         }
     }
     // Routes: they refer to Services declared anywhere in the source.
-    for p in pending_routes {
-        let Pending {
-            at,
-            kind,
-            meta,
-            ns,
-            spec,
-        } = p;
-        let ports = service_ports(&b.cfg.services, &ns);
-        let filters: route::RouteFilters<'_> = route_filters
-            .iter()
-            .filter(|((n, _), _)| *n == ns)
-            .map(|((_, name), f)| (name.as_str(), f))
-            .collect();
-        let name = meta.name.clone();
-        match route::convert(meta.name, ns.clone(), spec, &ports, &filters) {
-            Ok(r) => b.cfg.routes.push(r),
-            Err((field, message)) => b.reject(
-                &kind,
-                Some(&ns),
-                &name,
-                ConfigError::Field { at, field, message },
-            ),
-        }
-    }
-    for p in pending_tls {
-        let Pending {
-            at,
-            kind,
-            meta,
-            ns,
-            spec,
-        } = p;
-        let ports = service_ports(&b.cfg.services, &ns);
-        let name = meta.name.clone();
-        match route::convert_tls(meta.name, ns.clone(), spec, &ports) {
-            Ok(r) => b.cfg.tls_routes.push(r),
-            Err((field, message)) => b.reject(
-                &kind,
-                Some(&ns),
-                &name,
-                ConfigError::Field { at, field, message },
-            ),
-        }
-    }
+    each_pending(
+        &mut b,
+        pending_routes,
+        |cfg, name, ns, spec| {
+            let ports = service_ports(&cfg.services, &ns);
+            let filters: route::RouteFilters<'_> = route_filters
+                .iter()
+                .filter(|((n, _), _)| *n == ns)
+                .map(|((_, name), f)| (name.as_str(), f))
+                .collect();
+            route::convert(name, ns.clone(), spec, &ports, &filters)
+        },
+        |cfg, r| cfg.routes.push(r),
+    );
+    each_pending(
+        &mut b,
+        pending_tls,
+        |cfg, name, ns, spec| {
+            let ports = service_ports(&cfg.services, &ns);
+            route::convert_tls(name, ns.clone(), spec, &ports)
+        },
+        |cfg, r| cfg.tls_routes.push(r),
+    );
     // Policies last too, and at most one per Service.
-    for p in pending_policies {
-        let Pending {
-            at,
-            kind,
-            meta,
-            ns,
-            spec,
-        } = p;
-        let names: Vec<&str> = b
-            .cfg
-            .services
-            .iter()
-            .filter(|s| s.namespace == ns)
-            .map(|s| s.name.as_str())
-            .collect();
-        let name = meta.name.clone();
-        let res = policy::convert_policy(meta.name, ns.clone(), spec, &names)
-            .map_err(|(field, message)| ConfigError::Field {
-                at: at.clone(),
-                field,
-                message,
-            })
-            .and_then(|p| {
-                match b
-                    .cfg
-                    .policies
-                    .iter()
-                    .find(|o| o.namespace == p.namespace && o.service == p.service)
-                {
-                    Some(first) => Err(ConfigError::field(
-                        &at,
-                        "spec.targetRef",
-                        format!(
-                            "Service {}/{} already has a TrafficPolicy, {}",
-                            p.namespace, p.service, first.name
-                        ),
-                    )),
-                    None => Ok(p),
-                }
-            });
-        match res {
-            Ok(p) => b.cfg.policies.push(p),
-            Err(e) => b.reject(&kind, Some(&ns), &name, e),
-        }
-    }
+    each_pending(
+        &mut b,
+        pending_policies,
+        |cfg, name, ns, spec| {
+            let names: Vec<&str> = cfg
+                .services
+                .iter()
+                .filter(|s| s.namespace == ns)
+                .map(|s| s.name.as_str())
+                .collect();
+            let p = policy::convert_policy(name, ns.clone(), spec, &names)?;
+            match cfg
+                .policies
+                .iter()
+                .find(|o| o.namespace == p.namespace && o.service == p.service)
+            {
+                Some(first) => Err((
+                    "spec.targetRef".to_owned(),
+                    format!(
+                        "Service {}/{} already has a TrafficPolicy, {}",
+                        p.namespace, p.service, first.name
+                    ),
+                )),
+                None => Ok(p),
+            }
+        },
+        |cfg, p| cfg.policies.push(p),
+    );
     // Authorization policies after the Mesh document: principals are of its trust domain.
-    for p in pending_authz {
-        let Pending {
-            at,
-            kind,
-            meta,
-            ns,
-            spec,
-        } = p;
-        let td = b.cfg.trust_domain().to_owned();
-        let name = meta.name.clone();
-        match super::authz::convert(meta.name, ns.clone(), &td, spec) {
-            Ok(p) => b.cfg.authorization.push(p),
-            Err((field, message)) => b.reject(
-                &kind,
-                Some(&ns),
-                &name,
-                ConfigError::Field { at, field, message },
-            ),
-        }
-    }
+    each_pending(
+        &mut b,
+        pending_authz,
+        |cfg, name, ns, spec| super::authz::convert(name, ns, cfg.trust_domain(), spec),
+        |cfg, p| cfg.authorization.push(p),
+    );
     Loaded {
         config: b.cfg,
         rejected: b.rejected,
+    }
+}
+
+/// Convert documents that refer to others, now that those are in: each accepted, or
+/// refused (keeping its previous version) on its own.
+fn each_pending<S, T>(
+    b: &mut Builder<'_>,
+    pending: Vec<Pending<S>>,
+    convert: impl Fn(&Config, String, String, S) -> Result<T, (String, String)>,
+    push: impl Fn(&mut Config, T),
+) {
+    for p in pending {
+        let Pending {
+            at,
+            kind,
+            meta,
+            ns,
+            spec,
+        } = p;
+        let name = meta.name.clone();
+        match convert(&b.cfg, meta.name, ns.clone(), spec) {
+            Ok(t) => push(&mut b.cfg, t),
+            Err((field, message)) => b.reject(
+                &kind,
+                Some(&ns),
+                &name,
+                ConfigError::Field { at, field, message },
+            ),
+        }
     }
 }
 

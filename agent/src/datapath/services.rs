@@ -229,36 +229,16 @@ impl Written {
     ) -> Result<(), DatapathError> {
         for (key, eps) in subset {
             let entry = self.entries.get_mut(key).expect("checked by sync_some");
-            let id = entry.value.id;
-            for (i, ep) in eps.iter().enumerate() {
-                if entry.endpoints.get(i) == Some(ep) {
-                    continue;
-                }
-                t.put_endpoint(
-                    &EndpointKey {
-                        service: id,
-                        index: i as u32,
-                    },
-                    ep,
-                )?;
-                if i < entry.endpoints.len() {
-                    entry.endpoints[i] = *ep;
-                } else {
-                    entry.endpoints.push(*ep);
-                }
-            }
+            entry.put_endpoints(t, eps)?;
             let value = ServiceValue {
-                id,
+                id: entry.value.id,
                 count: eps.len() as u32,
             };
             if entry.value != value {
                 t.put_service(key, &value)?;
                 entry.value = value;
             }
-            for index in eps.len() as u32..entry.endpoints.len() as u32 {
-                t.drop_endpoint(&EndpointKey { service: id, index });
-            }
-            entry.endpoints.truncate(eps.len());
+            entry.trim(t, eps.len());
         }
         Ok(())
     }
@@ -306,21 +286,7 @@ impl Written {
                 }
             };
             let id = entry.value.id;
-            for (i, ep) in eps.iter().enumerate() {
-                if entry.endpoints.get(i) == Some(ep) {
-                    continue;
-                }
-                let k = EndpointKey {
-                    service: id,
-                    index: i as u32,
-                };
-                t.put_endpoint(&k, ep)?;
-                if i < entry.endpoints.len() {
-                    entry.endpoints[i] = *ep;
-                } else {
-                    entry.endpoints.push(*ep);
-                }
-            }
+            entry.put_endpoints(t, eps)?;
             let value = ServiceValue {
                 id,
                 count: eps.len() as u32,
@@ -338,12 +304,46 @@ impl Written {
                 }
                 entry.value = value;
             }
-            for index in eps.len() as u32..entry.endpoints.len() as u32 {
-                t.drop_endpoint(&EndpointKey { service: id, index });
-            }
-            entry.endpoints.truncate(eps.len());
+            entry.trim(t, eps.len());
         }
         Ok(())
+    }
+}
+
+impl Entry {
+    /// Write the endpoints that differ from what the mirror says is there.
+    fn put_endpoints(
+        &mut self,
+        t: &mut impl ServiceTables,
+        eps: &[SockAddr4],
+    ) -> Result<(), DatapathError> {
+        for (i, ep) in eps.iter().enumerate() {
+            if self.endpoints.get(i) == Some(ep) {
+                continue;
+            }
+            let k = EndpointKey {
+                service: self.value.id,
+                index: i as u32,
+            };
+            t.put_endpoint(&k, ep)?;
+            if i < self.endpoints.len() {
+                self.endpoints[i] = *ep;
+            } else {
+                self.endpoints.push(*ep);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the endpoints past `len` (after the count that hid them was written).
+    fn trim(&mut self, t: &mut impl ServiceTables, len: usize) {
+        for index in len as u32..self.endpoints.len() as u32 {
+            t.drop_endpoint(&EndpointKey {
+                service: self.value.id,
+                index,
+            });
+        }
+        self.endpoints.truncate(len);
     }
 }
 
