@@ -55,6 +55,7 @@ spec:
       backendRefs: [{name: gone, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /empty}}]
       backendRefs: [{name: empty, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /nothing}}]
     - matches: [{path: {type: PathPrefix, value: /slow-backend}}]
       timeouts: {backendRequest: 200ms}
       backendRefs: [{name: slow, port: 80}]
@@ -128,7 +129,10 @@ async fn routes_policies_and_faults_answer_with_their_reason() {
     assert_eq!((a.status, a.who().as_str()), (200, "web"));
     for (path, status, reason) in [
         ("/nowhere", 404, Reason::NoRoute),
-        ("/gone", 503, Reason::NoBackend),
+        // A backend reference to a Service that is not there: 500, as the Gateway API
+        // says; a rule with no backend at all: 503.
+        ("/gone", 500, Reason::BackendNotFound),
+        ("/nothing", 503, Reason::NoBackend),
         ("/empty", 503, Reason::NoHealthyEndpoint),
         ("/slow-backend", 504, Reason::BackendTimeout),
         ("/slow-request", 504, Reason::RequestTimeout),

@@ -373,8 +373,34 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
         "to-nowhere",
     );
 
-    // One update: the route made invalid (weight out of range) and a valid change to
-    // another object beside it.
+    // A second route, on db: its requests carry the header its filter sets.
+    let to_db = |version: &str| {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "to-db", "namespace": "default", "generation": 1},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "db", "port": 5432}],
+                "rules": [{
+                    "filters": [{"type": "RequestHeaderModifier",
+                                 "requestHeaderModifier": {"set": [{"name": "x-route", "value": version}]}}],
+                    "backendRefs": [{"group": "", "kind": "Service", "name": "db", "port": 5432}]
+                }]
+            }
+        })
+    };
+    let _db = c.serve_http("db", 5432, &[]);
+    api.apply(to_db("v1"));
+    let db_route = || {
+        http_get(c.pod("client"), "http://10.96.0.11:5432/")
+            .ok()
+            .and_then(|a| a["headers"]["x-route"].as_str().map(str::to_owned))
+    };
+    wait_for("the db route applies", SECS5, || {
+        db_route().as_deref() == Some("v1")
+    });
+
+    // One update: the route made invalid (weight out of range), and beside it a valid
+    // route changed and a Service changed.
     let status_patches = || {
         api.requests()
             .iter()
@@ -386,6 +412,7 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
     bad["metadata"]["generation"] = json!(2);
     api.apply(bad);
 
+    api.apply(to_db("v2"));
     only2["spec"]["clusterIP"] = json!("10.96.0.31");
     api.apply(only2);
     let rejected = a.wait_rejected(SECS5);
@@ -398,9 +425,20 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
             .starts_with("Kubernetes API (HTTPRoute default/to-two)"),
         "{rejected:?}"
     );
-    wait_for("the valid change beside it applies", SECS5, || {
+    wait_for("the valid changes beside it apply", SECS5, || {
         endpoints(&a, "10.96.0.31:80").len() == 1
     });
+    assert_eq!(
+        db_route().as_deref(),
+        Some("v2"),
+        "the valid route's change applied"
+    );
+    assert_eq!(
+        a.admin("/status").unwrap()["rejected"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
     for _ in 0..4 {
         let answer = http_get(c.pod("client"), "http://10.96.0.10/").expect("web answers");
         assert_eq!(

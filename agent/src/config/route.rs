@@ -565,16 +565,8 @@ pub(super) fn convert(
                 .map_err(|(x, msg)| (at(&format!(".filters[{i}]{x}")), msg))?;
             rule.filters.push(filter);
         }
-        let redirects = rule
-            .filters
-            .iter()
-            .any(|f| matches!(f, Filter::Redirect { .. }));
-        if rule.backends.is_empty() && !redirects {
-            return Err(err(
-                at(".backendRefs"),
-                "a rule needs backendRefs (or a RequestRedirect filter)".into(),
-            ));
-        }
+        // A rule with neither backends nor a redirect forwards nothing: its requests are
+        // answered 503 (no-backend), as the Gateway API says.
         if let Some(t) = raw.timeouts {
             let d = |v: Option<String>, f: &str| -> Result<Option<Duration>, (String, String)> {
                 v.map(|s| parse_duration(&s).map_err(|m| (at(&format!(".timeouts.{f}")), m)))
