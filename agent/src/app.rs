@@ -533,6 +533,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 tick.reset_immediately();
             }
             Some(cmd) = control_rx.recv() => {
+                // In a cluster a quarantine is the pod's annotation, for every node: the
+                // API carries it, and the watch brings it back here like any change.
+                if let Feed::Kubernetes(cluster, _) = &feed {
+                    let answer = quarantine_through_api(cluster, cmd.what, &state.load()).await;
+                    let _ = cmd.reply.send(answer.map(|()| generation));
+                    continue;
+                }
                 let mut dp = datapath.lock().await;
                 let answer = control(cmd.what, &mut overrides, &state.load()).and_then(|()| {
                     // The accepted configuration, with the changed quarantines on it.
@@ -680,6 +687,61 @@ fn slices_changed(
     state.store(Arc::new(next));
     tracing::debug!(services = addrs.len(), generation, "EndpointSlices applied");
     true
+}
+
+/// Carry out a quarantine change asked for through the admin API by annotating the pod
+/// through the Kubernetes API (`weft.dev/quarantine`, `weft.dev/quarantine-allow-from`).
+async fn quarantine_through_api(
+    cluster: &crate::k8s::Cluster,
+    what: admin::Change,
+    st: &NodeState,
+) -> Result<(), String> {
+    let quarantined = |pod: &str| {
+        st.workloads
+            .values()
+            .find(|w| w.id() == pod)
+            .map(|w| w.quarantine.is_some())
+    };
+    let (pod, annotations) = match what {
+        admin::Change::Quarantine { pod, quarantine } => {
+            match quarantined(&pod) {
+                None => return Err(format!("no pod {pod} in the cluster")),
+                Some(true) => return Err(format!("{pod} is quarantined already")),
+                Some(false) => {}
+            }
+            quarantine.check().map_err(|(_, e)| e)?;
+            let allow =
+                (!quarantine.allow_from.is_empty()).then(|| quarantine.allow_from.join(","));
+            (
+                pod,
+                serde_json::json!({
+                    config::ANNOTATION_QUARANTINE: quarantine.reason,
+                    config::ANNOTATION_QUARANTINE_ALLOW_FROM: allow,
+                }),
+            )
+        }
+        admin::Change::Unquarantine { pod } => {
+            if quarantined(&pod) != Some(true) {
+                return Err(format!("{pod} is not quarantined"));
+            }
+            (
+                pod,
+                serde_json::json!({
+                    config::ANNOTATION_QUARANTINE: null,
+                    config::ANNOTATION_QUARANTINE_ALLOW_FROM: null,
+                }),
+            )
+        }
+    };
+    let (namespace, name) = pod
+        .split_once('/')
+        .ok_or_else(|| format!("{pod}: expected NAMESPACE/NAME"))?;
+    cluster
+        .annotate_pod(namespace, name, annotations)
+        .await
+        .map_err(|e| format!("annotating pod {pod} through the Kubernetes API: {e}"))?;
+    tracing::warn!(%pod, "quarantine changed through the Kubernetes API (weftctl)");
+    Ok(())
 }
 
 /// Carry out a change asked for through the admin API (the caller applies it).

@@ -11,7 +11,9 @@
 //! - a resourceVersion older than the server keeps history for gets an `ERROR` event with
 //!   a 410 Gone `Status`, as after etcd compaction; [`ApiServer::expire`] does that to every
 //!   open watch;
-//! - an unknown resource is a 404 `Status` (a CRD that is not installed).
+//! - an unknown resource is a 404 `Status` (a CRD that is not installed);
+//! - GET, POST and PUT of one object (409 on a stale resourceVersion), and merge patches
+//!   of an object or of its `status`.
 //!
 //! Objects are kept as JSON exactly as given (tests write them as the API server prints
 //! them); the server fills in `resourceVersion`, `uid` and `creationTimestamp`. Every
@@ -405,6 +407,24 @@ fn object(
                 Some(mut o) => {
                     // The status subresource changes the status only.
                     merge(&mut o["status"], &parsed["status"]);
+                    (200, st.put(&t.res, &ns, name, o, "MODIFIED"))
+                }
+            }
+        }
+        ("PATCH", Some(name)) => {
+            match st
+                .objects
+                .get(&(t.res.clone(), ns.clone(), name.clone()))
+                .cloned()
+            {
+                None => (404, not_found(name)),
+                Some(mut o) => {
+                    // A merge patch of the object; its status is the subresource's.
+                    let mut patch = parsed.clone();
+                    if let Some(m) = patch.as_object_mut() {
+                        m.remove("status");
+                    }
+                    merge(&mut o, &patch);
                     (200, st.put(&t.res, &ns, name, o, "MODIFIED"))
                 }
             }

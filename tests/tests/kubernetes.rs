@@ -937,3 +937,67 @@ fn loop_until_web2(c: &Cluster) -> Value {
     }
     panic!("web-2 never answered");
 }
+
+#[test]
+fn weftctl_quarantine_annotates_the_pod_for_every_node() {
+    if !require_root("weftctl_quarantine_annotates_the_pod_for_every_node") {
+        return;
+    }
+    let c = cluster("k8s-quarantine");
+    let (api, kubeconfig) = api_server(&c);
+    let _web1 = c.serve_http("web-1", 8080, &[]);
+    let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let b = c.start_agent("b", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let quarantined = |agent: &Agent| -> Vec<String> {
+        agent.admin("/services").unwrap()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["address"] == "10.96.0.10:80")
+            .map(|s| {
+                s["quarantined"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|q| q.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(quarantined(&a), Vec::<String>::new());
+    // Asked of node a's agent, applied by every node's: the annotation is the API's.
+    a.weftctl(&[
+        "quarantine",
+        "default/web-1",
+        "--reason",
+        "memory grows",
+        "--allow-from",
+        "10.244.1.0/24",
+    ]);
+    let pod = api.get("v1", "Pod", "default", "web-1").unwrap();
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["weft.dev/quarantine"], "memory grows");
+    assert_eq!(
+        annotations["weft.dev/quarantine-allow-from"],
+        "10.244.1.0/24"
+    );
+    assert_eq!(
+        annotations["weft.dev/mesh"], "enabled",
+        "the others are kept"
+    );
+    for agent in [&a, &b] {
+        wait_for("the quarantine reaches every agent", SECS5, || {
+            quarantined(agent) == ["default/web-1"]
+        });
+    }
+    let again = a.weftctl_output(&["quarantine", "default/web-1", "--reason", "x"]);
+    assert!(!again.status.success(), "quarantined already");
+    a.weftctl(&["unquarantine", "default/web-1"]);
+    let pod = api.get("v1", "Pod", "default", "web-1").unwrap();
+    assert!(pod["metadata"]["annotations"]["weft.dev/quarantine"].is_null());
+    for agent in [&a, &b] {
+        wait_for("lifted on every agent", SECS5, || {
+            quarantined(agent).is_empty()
+        });
+    }
+}
