@@ -298,7 +298,7 @@ impl NodeState {
             for port in &svc.ports {
                 let before = prev.and_then(|p| p.service_in(&svc.namespace, &svc.name, port.port));
                 let picked = match slices.get(&(svc.namespace.as_str(), svc.name.as_str())) {
-                    Some(sl) => from_slices(sl, port, &by_ip),
+                    Some(sl) => from_slices(sl, port, |ip| by_ip.get(ip).copied()),
                     None => selected
                         .iter()
                         .filter_map(|&i| {
@@ -443,7 +443,6 @@ impl NodeState {
         }
         let mut services = self.services.clone();
         let mut touched = Vec::new();
-        let by_ip: HashMap<Ipv4Addr, usize> = HashMap::new();
         for svc in cfg
             .services
             .iter()
@@ -458,11 +457,10 @@ impl NodeState {
                 let Some(before) = self.services.get(&addr) else {
                     continue;
                 };
-                let picked = from_slices(sl, port, &by_ip);
+                let picked = from_slices(sl, port, |ip| self.workloads.get(ip));
                 let mut quarantined = Vec::new();
                 let mut endpoints = Vec::new();
-                for (addr, _, node) in picked {
-                    let w = self.workloads.get(addr.ip());
+                for (addr, w, node) in picked {
                     if let Some(w) = w.filter(|w| w.quarantine.is_some()) {
                         quarantined.push(Arc::from(w.id()));
                         continue;
@@ -610,19 +608,19 @@ impl NodeState {
 }
 
 /// An endpoint picked for a service port: its address, the workload behind it when weft
-/// knows it (an index into the configuration's workloads), and its node.
-type Picked<'a> = (SocketAddrV4, Option<usize>, Option<&'a str>);
+/// knows it (as the caller finds workloads by address), and its node.
+type Picked<'a, W> = (SocketAddrV4, Option<W>, Option<&'a str>);
 
 /// The endpoints of `port` that its Service's EndpointSlices publish: the ready ones, or
 /// when none is, those still serving while they terminate (as kube-proxy does). Each
 /// address once, in the slices' order.
-fn from_slices<'a>(
+fn from_slices<'a, W>(
     slices: &[&'a EndpointSlice],
     port: &ServicePort,
-    by_ip: &HashMap<Ipv4Addr, usize>,
-) -> Vec<Picked<'a>> {
+    workload: impl Fn(&Ipv4Addr) -> Option<W>,
+) -> Vec<Picked<'a, W>> {
     let pick = |want: &dyn Fn(&crate::config::SliceEndpoint) -> bool| {
-        let mut out: Vec<Picked<'a>> = Vec::new();
+        let mut out: Vec<Picked<'a, W>> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for s in slices {
             let Some(sp) = s
@@ -635,7 +633,7 @@ fn from_slices<'a>(
             for e in s.endpoints.iter().filter(|e| want(e)) {
                 let addr = SocketAddrV4::new(e.ip, sp.port);
                 if seen.insert(addr) {
-                    out.push((addr, by_ip.get(&e.ip).copied(), e.node.as_deref()));
+                    out.push((addr, workload(&e.ip), e.node.as_deref()));
                 }
             }
         }

@@ -534,14 +534,8 @@ impl Datapath {
     /// (services.rs). A failure that could not even be rolled back marks the maps dirty;
     /// [`Self::is_dirty`] tells the caller to sync again.
     pub fn sync_services(&mut self, state: &NodeState) -> Result<(), DatapathError> {
-        let written = self.written.as_mut().expect("take_ownership first");
-        let mut tables = AyaTables {
-            services: &mut self.services,
-            endpoints: &mut self.endpoints,
-        };
-        let res = written.sync(&mut tables, &services::desired(state), self.capacity);
-        self.dirty = matches!(res, Err(DatapathError::RollbackFailed { .. }));
-        res
+        let desired = services::desired(state);
+        self.sync_with(|written, tables, cap| written.sync(tables, &desired, cap))
     }
 
     /// Write the endpoints of these services (already in the maps) from `state`: one
@@ -551,24 +545,26 @@ impl Datapath {
         state: &NodeState,
         addrs: &[crate::state::ServiceAddr],
     ) -> Result<(), DatapathError> {
+        let subset = services::desired_of(state, addrs);
+        self.sync_with(|written, tables, cap| written.sync_some(tables, &subset, cap))
+    }
+
+    /// Run one transaction on the service maps; one that could not even be rolled back
+    /// leaves them dirty.
+    fn sync_with(
+        &mut self,
+        f: impl FnOnce(
+            &mut services::Written,
+            &mut AyaTables<'_>,
+            services::Capacity,
+        ) -> Result<(), DatapathError>,
+    ) -> Result<(), DatapathError> {
         let written = self.written.as_mut().expect("take_ownership first");
         let mut tables = AyaTables {
             services: &mut self.services,
             endpoints: &mut self.endpoints,
         };
-        let subset: services::Desired = addrs
-            .iter()
-            .filter_map(|a| {
-                let svc = state.services.get(a)?;
-                let eps = svc
-                    .endpoints
-                    .iter()
-                    .map(|e| SockAddr4::new(raw_ip(*e.addr.ip()), e.addr.port()))
-                    .collect();
-                Some((services::service_key(a.vip, a.protocol), eps))
-            })
-            .collect();
-        let res = written.sync_some(&mut tables, &subset, self.capacity);
+        let res = f(written, &mut tables, self.capacity);
         self.dirty = matches!(res, Err(DatapathError::RollbackFailed { .. }));
         res
     }

@@ -61,18 +61,39 @@ pub fn service_key(vip: std::net::SocketAddrV4, protocol: Protocol) -> ServiceKe
 
 /// The maps' contents for `state`.
 pub fn desired(state: &NodeState) -> Desired {
-    state
-        .services
+    state.services.values().map(|svc| entry_of(svc)).collect()
+}
+
+/// What the maps hold for the services at `addrs` (those `state` has).
+pub fn desired_of(state: &NodeState, addrs: &[crate::state::ServiceAddr]) -> Desired {
+    addrs
         .iter()
-        .map(|(addr, svc)| {
-            let eps = svc
-                .endpoints
-                .iter()
-                .map(|e| SockAddr4::new(raw_ip(*e.addr.ip()), e.addr.port()))
-                .collect();
-            (service_key(addr.vip, addr.protocol), eps)
-        })
+        .filter_map(|a| state.services.get(a))
+        .map(|svc| entry_of(svc))
         .collect()
+}
+
+/// One service as the maps hold it: its key and its endpoints.
+fn entry_of(svc: &crate::state::ServiceEntry) -> (ServiceKey, Vec<SockAddr4>) {
+    let eps = svc
+        .endpoints
+        .iter()
+        .map(|e| SockAddr4::new(raw_ip(*e.addr.ip()), e.addr.port()))
+        .collect();
+    (service_key(svc.addr.vip, svc.addr.protocol), eps)
+}
+
+/// Refuse `peak` endpoints when the map cannot hold them.
+fn endpoints_fit(peak: usize, cap: Capacity) -> Result<(), DatapathError> {
+    if peak > cap.endpoints as usize {
+        return Err(DatapathError::Capacity {
+            map: maps::ENDPOINTS,
+            needed: peak,
+            max: cap.endpoints,
+            flag: "--max-endpoints",
+        });
+    }
+    Ok(())
 }
 
 impl Written {
@@ -141,15 +162,7 @@ impl Written {
                 eps.len().max(old)
             })
             .sum();
-        if peak > cap.endpoints as usize {
-            return Err(DatapathError::Capacity {
-                map: maps::ENDPOINTS,
-                needed: peak,
-                max: cap.endpoints,
-                flag: "--max-endpoints",
-            });
-        }
-        Ok(())
+        endpoints_fit(peak, cap)
     }
 
     /// Make the maps say `desired`, or leave them as they were.
@@ -161,9 +174,20 @@ impl Written {
     ) -> Result<(), DatapathError> {
         self.check(desired, cap)?;
         let before = self.as_desired();
-        match self.apply(t, desired) {
+        self.or_back(t, desired, &before, Self::apply)
+    }
+
+    /// Write `change` with `write`; should that fail, write `before` back the same way.
+    fn or_back<T: ServiceTables>(
+        &mut self,
+        t: &mut T,
+        change: &Desired,
+        before: &Desired,
+        write: fn(&mut Self, &mut T, &Desired) -> Result<(), DatapathError>,
+    ) -> Result<(), DatapathError> {
+        match write(self, t, change) {
             Ok(()) => Ok(()),
-            Err(e) => match self.apply(t, &before) {
+            Err(e) => match write(self, t, before) {
                 Ok(()) => Err(e),
                 Err(again) => Err(DatapathError::RollbackFailed {
                     first: Box::new(e),
@@ -193,14 +217,7 @@ impl Written {
                 None => e.endpoints.len(),
             })
             .sum();
-        if peak > cap.endpoints as usize {
-            return Err(DatapathError::Capacity {
-                map: maps::ENDPOINTS,
-                needed: peak,
-                max: cap.endpoints,
-                flag: "--max-endpoints",
-            });
-        }
+        endpoints_fit(peak, cap)?;
         let before: Desired = subset
             .keys()
             .map(|k| {
@@ -209,16 +226,7 @@ impl Written {
                 (*k, e.endpoints[..n].to_vec())
             })
             .collect();
-        match self.apply_some(t, subset) {
-            Ok(()) => Ok(()),
-            Err(e) => match self.apply_some(t, &before) {
-                Ok(()) => Err(e),
-                Err(again) => Err(DatapathError::RollbackFailed {
-                    first: Box::new(e),
-                    rollback: Box::new(again),
-                }),
-            },
-        }
+        self.or_back(t, subset, &before, Self::apply_some)
     }
 
     /// Write `subset`'s endpoints over services the mirror holds.
