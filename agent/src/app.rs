@@ -83,7 +83,7 @@ impl Feed {
                 namespace,
             } => {
                 let client = crate::k8s::client(kubeconfig.as_deref()).await?;
-                let cluster = crate::k8s::Cluster::watch(&client);
+                let cluster = crate::k8s::Cluster::watch(&client).await;
                 let writer = crate::k8s::status::StatusWriter::start(
                     client.clone(),
                     cluster.caches(),

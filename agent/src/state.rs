@@ -37,10 +37,14 @@ pub struct ServiceEntry {
     pub endpoints: Vec<Endpoint>,
     /// What the port speaks, when declared (skips protocol detection).
     pub app_protocol: Option<AppProtocol>,
-    /// The HTTPRoutes attached to this service port (in name order), compiled.
+    /// The HTTPRoutes and GRPCRoutes of its own namespace attached to this service port
+    /// (producer routes, in name order), compiled.
     pub routes: Arc<RoutePlan>,
-    /// TLSRoutes attached to this service port, in name order.
+    /// TLSRoutes of its own namespace attached to this service port, in name order.
     pub tls_routes: Vec<Arc<TlsRoute>>,
+    /// Routes of other namespaces attached to it (consumer routes), by namespace: for
+    /// that namespace's clients they take the place of the producer routes.
+    pub consumers: Vec<Consumer>,
     /// The service's TrafficPolicy, or the defaults.
     pub policy: Arc<TrafficPolicy>,
     /// Pods it selects that are quarantined (not among `endpoints`), `namespace/name`.
@@ -70,7 +74,37 @@ impl Endpoint {
     }
 }
 
+/// The routes one namespace attached to another namespace's service port.
+#[derive(Clone, Debug)]
+pub struct Consumer {
+    pub namespace: String,
+    pub routes: Arc<RoutePlan>,
+    pub tls_routes: Vec<Arc<TlsRoute>>,
+}
+
 impl ServiceEntry {
+    /// The HTTP routes for a client of `namespace`: its namespace's consumer routes when
+    /// it has any (the Gateway API's mesh profile), else the service's own.
+    pub fn routes_for(&self, namespace: Option<&str>) -> &Arc<RoutePlan> {
+        self.consumer(namespace)
+            .map(|c| &c.routes)
+            .filter(|r| !r.is_empty())
+            .unwrap_or(&self.routes)
+    }
+
+    /// The TLSRoutes for a client of `namespace`, likewise.
+    pub fn tls_routes_for(&self, namespace: Option<&str>) -> &[Arc<TlsRoute>] {
+        self.consumer(namespace)
+            .map(|c| &c.tls_routes)
+            .filter(|r| !r.is_empty())
+            .unwrap_or(&self.tls_routes)
+    }
+
+    fn consumer(&self, namespace: Option<&str>) -> Option<&Consumer> {
+        let ns = namespace.filter(|ns| *ns != self.namespace)?;
+        self.consumers.iter().find(|c| c.namespace == ns)
+    }
+
     /// Up to `n` distinct endpoints to try for one connection: the next one in round-robin
     /// order first, then the ones after it. The cursor moves by one per connection.
     pub fn candidates(&self, n: usize) -> impl Iterator<Item = &Endpoint> {
@@ -291,7 +325,7 @@ impl NodeState {
             let policy = Arc::new(
                 cfg.policies
                     .iter()
-                    .find(|p| p.namespace == svc.namespace && p.service == svc.name)
+                    .find(|p| p.namespace == svc.namespace && p.services.contains(&svc.name))
                     .map(|p| p.policy.clone())
                     .unwrap_or_default(),
             );
@@ -337,11 +371,22 @@ impl NodeState {
                     vip: SocketAddrV4::new(svc.cluster_ip, port.port),
                     protocol: port.protocol,
                 };
-                let routes = Arc::new(RoutePlan::compile(
-                    &attached(&cfg.routes, svc, port.port),
-                    &resolve,
-                ));
-                let tls_routes = attached(&cfg.tls_routes, svc, port.port);
+                let (own, mut others) = attached(&cfg.routes, svc, port.port);
+                let routes = Arc::new(RoutePlan::compile(&own, &resolve));
+                let (tls_routes, mut tls_others) = attached(&cfg.tls_routes, svc, port.port);
+                let namespaces: std::collections::BTreeSet<String> =
+                    others.keys().chain(tls_others.keys()).cloned().collect();
+                let consumers = namespaces
+                    .into_iter()
+                    .map(|ns| Consumer {
+                        routes: Arc::new(RoutePlan::compile(
+                            &others.remove(&ns).unwrap_or_default(),
+                            &resolve,
+                        )),
+                        tls_routes: tls_others.remove(&ns).unwrap_or_default(),
+                        namespace: ns,
+                    })
+                    .collect();
                 let entry = Arc::new(ServiceEntry {
                     name: Arc::from(svc.id()),
                     namespace: svc.namespace.clone(),
@@ -350,6 +395,7 @@ impl NodeState {
                     app_protocol: port.app_protocol,
                     routes,
                     tls_routes,
+                    consumers,
                     policy: policy.clone(),
                     quarantined,
                     traffic: before.map(|b| b.traffic.clone()).unwrap_or_default(),
@@ -495,6 +541,7 @@ impl NodeState {
                     app_protocol: before.app_protocol,
                     routes: before.routes.clone(),
                     tls_routes: before.tls_routes.clone(),
+                    consumers: before.consumers.clone(),
                     policy: before.policy.clone(),
                     quarantined,
                     traffic: before.traffic.clone(),
@@ -545,6 +592,11 @@ impl NodeState {
             workload: Some(Arc::from(crate::telemetry::canonical_name(w))),
             identity: self.identities.get(&ip).map(|i| Arc::from(i.to_string())),
         }
+    }
+
+    /// The namespace of the workload at `ip`, when weft knows it.
+    pub fn namespace_of(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.workloads.get(&ip).map(|w| w.namespace.as_str())
     }
 
     /// This node's own address, when it is declared.
@@ -679,20 +731,35 @@ impl Attaches for TlsRoute {
 }
 
 /// The routes attached to `port` of `svc` (a parent without a port takes every port), in
-/// name order.
-fn attached<R: Attaches>(routes: &[R], svc: &Service, port: u16) -> Vec<Arc<R>> {
-    let mut out: Vec<Arc<R>> = routes
-        .iter()
-        .filter(|r| r.namespace() == svc.namespace)
-        .filter(|r| {
-            r.parents()
-                .iter()
-                .any(|(n, p)| *n == svc.name && p.is_none_or(|p| p == port))
-        })
-        .map(|r| Arc::new(r.clone()))
-        .collect();
-    out.sort_by(|a, b| a.name().cmp(b.name()));
-    out
+/// name order: those of the Service's own namespace, and those of others by namespace.
+type Attached<R> = (Vec<Arc<R>>, BTreeMap<String, Vec<Arc<R>>>);
+
+fn attached<R: Attaches>(routes: &[R], svc: &Service, port: u16) -> Attached<R> {
+    let mut own = Vec::new();
+    let mut others: BTreeMap<String, Vec<Arc<R>>> = BTreeMap::new();
+    for r in routes {
+        let attaches = r.parents().iter().any(|p| {
+            p.namespace == svc.namespace
+                && p.service == svc.name
+                && p.port.is_none_or(|p| p == port)
+        });
+        if !attaches {
+            continue;
+        }
+        if r.namespace() == svc.namespace {
+            own.push(Arc::new(r.clone()));
+        } else {
+            others
+                .entry(r.namespace().to_owned())
+                .or_default()
+                .push(Arc::new(r.clone()));
+        }
+    }
+    own.sort_by(|a, b| a.name().cmp(b.name()));
+    for rs in others.values_mut() {
+        rs.sort_by(|a, b| a.name().cmp(b.name()));
+    }
+    (own, others)
 }
 
 #[cfg(test)]

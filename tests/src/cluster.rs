@@ -89,6 +89,8 @@ pub struct ServiceSpec {
     pub selector: Vec<(String, String)>,
     /// (port, targetPort, protocol)
     pub ports: Vec<(u16, u16, &'static str)>,
+    /// Port names, by port (a port without one is unnamed).
+    pub port_names: Vec<(u16, String)>,
 }
 
 impl ServiceSpec {
@@ -98,7 +100,20 @@ impl ServiceSpec {
             cluster_ip: cluster_ip.into(),
             selector: vec![],
             ports: vec![],
+            port_names: vec![],
         }
+    }
+    /// Name the port `port` (its name in the Service and its EndpointSlice).
+    pub fn name_port(mut self, port: u16, name: &str) -> Self {
+        self.port_names.push((port, name.into()));
+        self
+    }
+    /// The name of port `port`; empty when it has none.
+    pub fn port_name(&self, port: u16) -> &str {
+        self.port_names
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or("", |(_, n)| n.as_str())
     }
     pub fn select(mut self, k: &str, v: &str) -> Self {
         self.selector.push((k.into(), v.into()));
@@ -704,7 +719,12 @@ impl Cluster {
             let ports: Vec<String> = s
                 .ports
                 .iter()
-                .map(|(p, t, proto)| format!("{{port: {p}, targetPort: {t}, protocol: {proto}}}"))
+                .map(|(p, t, proto)| {
+                    format!(
+                        "{{name: \"{}\", port: {p}, targetPort: {t}, protocol: {proto}}}",
+                        s.port_name(*p)
+                    )
+                })
                 .collect();
             let _ = write!(
                 y,
@@ -806,7 +826,13 @@ impl Cluster {
             let ports: Vec<_> = svc
                 .ports
                 .iter()
-                .map(|(p, t, proto)| json!({"port": p, "targetPort": t, "protocol": proto}))
+                .map(|(p, t, proto)| {
+                    let mut port = json!({"port": p, "targetPort": t, "protocol": proto});
+                    if !svc.port_name(*p).is_empty() {
+                        port["name"] = json!(svc.port_name(*p));
+                    }
+                    port
+                })
                 .collect();
             let selector: serde_json::Map<String, serde_json::Value> = svc
                 .selector
@@ -853,7 +879,7 @@ impl Cluster {
         let ports: Vec<_> = svc
             .ports
             .iter()
-            .map(|(_, t, proto)| json!({"name": "", "port": t, "protocol": proto}))
+            .map(|(p, t, proto)| json!({"name": svc.port_name(*p), "port": t, "protocol": proto}))
             .collect();
         json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",

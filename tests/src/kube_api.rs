@@ -16,8 +16,10 @@
 //!   of an object or of its `status`.
 //!
 //! Objects are kept as JSON exactly as given (tests write them as the API server prints
-//! them); the server fills in `resourceVersion`, `uid` and `creationTimestamp`. Every
-//! request line is logged, so tests can see list and watch traffic.
+//! them); the server fills in `resourceVersion`, `uid` and `creationTimestamp`. As the
+//! real server does for a CRD that serves several versions, one object is served at every
+//! version of its resource, its `apiVersion` set to the one asked for. Every request line
+//! is logged, so tests can see list and watch traffic.
 
 use std::{
     collections::BTreeMap,
@@ -32,12 +34,47 @@ use std::{
 
 use serde_json::{json, Value};
 
-/// A resource: the path segment after the group version, and the kind it holds.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A resource: the path segment after the group version, and the kind it holds. Two
+/// versions of one group's resource are the same resource.
+#[derive(Clone, Debug)]
 struct Resource {
     /// `v1` or `GROUP/VERSION`.
     api_version: String,
     plural: String,
+}
+
+impl Resource {
+    fn group(&self) -> &str {
+        self.api_version.rsplit_once('/').map_or("", |(g, _)| g)
+    }
+
+    /// `obj` as served at this resource's version.
+    fn serve(&self, mut obj: Value) -> Value {
+        if obj.get("apiVersion").is_some() && !builtin(&self.api_version) {
+            obj["apiVersion"] = json!(self.api_version);
+        }
+        obj
+    }
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Resource {}
+
+impl PartialOrd for Resource {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Resource {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.group(), &self.plural).cmp(&(other.group(), &other.plural))
+    }
 }
 
 #[derive(Default)]
@@ -440,6 +477,11 @@ fn object(
     };
     cond.notify_all();
     drop(st);
+    let answer = if code < 300 {
+        t.res.serve(answer)
+    } else {
+        answer
+    };
     let reason = match code {
         200 => "OK",
         201 => "Created",
@@ -558,7 +600,7 @@ fn serve(conn: TcpStream, shared: &(Mutex<State>, Condvar), stop: &std::sync::at
 
 /// The kind a resource holds (the inverse of [`plural`] for the kinds weft watches).
 fn kind_of(res: &Resource) -> String {
-    const KINDS: [(&str, &str); 11] = [
+    const KINDS: [(&str, &str); 13] = [
         ("nodes", "Node"),
         ("namespaces", "Namespace"),
         ("pods", "Pod"),
@@ -566,6 +608,8 @@ fn kind_of(res: &Resource) -> String {
         ("endpointslices", "EndpointSlice"),
         ("httproutes", "HTTPRoute"),
         ("tlsroutes", "TLSRoute"),
+        ("grpcroutes", "GRPCRoute"),
+        ("referencegrants", "ReferenceGrant"),
         ("meshes", "Mesh"),
         ("trafficpolicies", "TrafficPolicy"),
         ("httproutefilters", "HTTPRouteFilter"),
@@ -603,7 +647,7 @@ fn list(
         .skip(start)
         .take(limit)
         .map(|v| {
-            let mut v = (*v).clone();
+            let mut v = res.serve((*v).clone());
             if builtin(&res.api_version) {
                 let m = v.as_object_mut().unwrap();
                 m.remove("apiVersion");
@@ -681,7 +725,7 @@ fn watch(
                     && r == res
                     && ns.is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
             })
-            .map(|(rv, _, t, o)| (*rv, *t, o.clone()))
+            .map(|(rv, _, t, o)| (*rv, *t, res.serve(o.clone())))
             .collect();
         let now_rv = st.rv;
         drop(st);

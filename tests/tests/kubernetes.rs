@@ -273,7 +273,9 @@ fn an_invalid_route_from_the_api_is_refused_alone() {
     let c = cluster("k8s-route");
     let (api, kubeconfig) = api_server(&c);
     // The gateway API's TLSRoute CRD is not installed: the agent starts regardless.
-    api.without("gateway.networking.k8s.io/v1alpha2/tlsroutes");
+    for v in ["v1", "v1alpha3", "v1alpha2"] {
+        api.without(&format!("gateway.networking.k8s.io/{v}/tlsroutes"));
+    }
     let _web1 = c.serve_http("web-1", 8080, &[]);
     let _web2 = c.serve_http("web-2", 8080, &[]);
     let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
@@ -1000,4 +1002,244 @@ fn weftctl_quarantine_annotates_the_pod_for_every_node() {
             quarantined(agent).is_empty()
         });
     }
+}
+
+/// The HTTP status `pod` gets for `url`, and the answering server when there is one.
+fn answer_of(pod: &weft_e2e::Pod, url: &str) -> (String, String) {
+    let out = pod.run(
+        "curl",
+        &["-sS", "--max-time", "5", "-w", "\n%{http_code}", url],
+        Duration::from_secs(8),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+    let server = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["server"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (code.to_owned(), server)
+}
+
+/// `n` calls of weft.test.Echo/`method` at `addr` with the gRPC project's own client;
+/// each answer is the server's name or the gRPC status code.
+fn grpc_calls(c: &Cluster, pod: &str, addr: &str, method: &str, n: usize) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = c.pod(pod).run(
+        "/usr/bin/env",
+        &[
+            &format!("PYTHONPATH={}", root.join("target/pypi").display()),
+            "python3",
+            &root.join("tests/peers/grpc_peer.py").display().to_string(),
+            "call",
+            addr,
+            method,
+            &n.to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| {
+            v["ok"]
+                .as_str()
+                .or(v["code"].as_str())
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn gateway_api_mesh_routes_from_the_api() {
+    if !require_root("gateway_api_mesh_routes_from_the_api") {
+        return;
+    }
+    let web = |name: &str, ip: &str, k: &str, v: &str| {
+        ServiceSpec::new(name, ip)
+            .select(k, v)
+            .tcp(80, 8080)
+            .name_port(80, "http")
+            .tcp(9090, 9090)
+            .name_port(9090, "grpc")
+    };
+    let c = Cluster::builder("k8s-gamma")
+        .node("a")
+        .node("b")
+        .pod(PodSpec::new("client", "a").label("app", "client"))
+        .pod(
+            PodSpec::new("shopper", "a")
+                .namespace("shop")
+                .label("app", "shopper"),
+        )
+        .pod(
+            PodSpec::new("web-1", "a")
+                .label("app", "web")
+                .label("version", "v1")
+                .port(8080)
+                .port(9090),
+        )
+        .pod(
+            PodSpec::new("web-2", "b")
+                .label("app", "web")
+                .label("version", "v2")
+                .port(8080)
+                .port(9090),
+        )
+        .service(web("web", "10.96.0.10", "app", "web"))
+        .service(web("web-v2", "10.96.0.30", "version", "v2"))
+        .build();
+    let (api, kubeconfig) = api_server(&c);
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}}
+    }));
+    // A cluster whose Gateway API CRDs predate TLSRoute v1: the agent watches the newest
+    // version served.
+    api.without("gateway.networking.k8s.io/v1/tlsroutes");
+    let _web1 = c.serve_http("web-1", 8080, &[]);
+    let _web2 = c.serve_http("web-2", 8080, &[]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let grpc_server = |pod: &str| {
+        let s = c.pod(pod).spawn(
+            &c.dir,
+            Path::new("/usr/bin/env"),
+            &[
+                &format!("PYTHONPATH={}", root.join("target/pypi").display()),
+                "python3",
+                &root.join("tests/peers/grpc_peer.py").display().to_string(),
+                "serve",
+                "9090",
+                pod,
+            ],
+        );
+        c.pod(pod).wait_listening(9090, SECS5);
+        s
+    };
+    let _grpc1 = grpc_server("web-1");
+    let _grpc2 = grpc_server("web-2");
+    let _a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let _b = c.start_agent("b", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let watched = |path: &str| {
+        api.requests()
+            .iter()
+            .any(|r| r.contains(path) && r.contains("watch=true"))
+    };
+    wait_for("TLSRoutes watched at v1alpha3", SECS5, || {
+        watched("/apis/gateway.networking.k8s.io/v1alpha3/tlsroutes")
+    });
+    assert!(!watched("/apis/gateway.networking.k8s.io/v1/tlsroutes"));
+
+    // One TrafficPolicy for both Services through targetRefs: round robin, so the
+    // default client's requests reach both pods.
+    api.apply(json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": "rr", "namespace": "default", "generation": 1},
+        "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "web"},
+                                {"group": "", "kind": "Service", "name": "web-v2"}],
+                 "loadBalancer": "RoundRobin"}
+    }));
+    let servers = |pod: &str, n: usize| -> std::collections::BTreeSet<String> {
+        (0..n)
+            .map(|_| answer_of(c.pod(pod), "http://10.96.0.10/").1)
+            .collect()
+    };
+    wait_for("round robin over both pods", SECS5, || {
+        servers("client", 4).len() == 2
+    });
+
+    // A consumer route: shop's clients of default/web go to web-v2 (port "http" only).
+    // Its backend is in another namespace, and no ReferenceGrant allows that yet.
+    api.apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "shop-to-v2", "namespace": "shop", "generation": 1},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "namespace": "default", "sectionName": "http"}],
+            "rules": [{"backendRefs": [{"group": "", "kind": "Service", "name": "web-v2", "namespace": "default", "port": 80}]}]
+        }
+    }));
+    wait_for("the ungranted backend answers 500", SECS5, || {
+        answer_of(c.pod("shopper"), "http://10.96.0.10/").0 == "500"
+    });
+    assert_eq!(servers("client", 4).len(), 2, "other namespaces unaffected");
+    let condition = |kind: &str, ns: &str, name: &str, t: &str| -> Option<(String, String)> {
+        let r = api.get("gateway.networking.k8s.io/v1", kind, ns, name)?;
+        let p = r["status"]["parents"]
+            .as_array()?
+            .iter()
+            .find(|p| p["controllerName"] == "weft.dev/mesh")?
+            .clone();
+        let c = p["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == t)?
+            .clone();
+        Some((
+            c["status"].as_str()?.to_owned(),
+            c["reason"].as_str()?.to_owned(),
+        ))
+    };
+    wait_for("RefNotPermitted in the route's status", SECS5, || {
+        condition("HTTPRoute", "shop", "shop-to-v2", "ResolvedRefs")
+            == Some(("False".into(), "RefNotPermitted".into()))
+    });
+    assert_eq!(
+        condition("HTTPRoute", "shop", "shop-to-v2", "Accepted"),
+        Some(("True".into(), "Accepted".into()))
+    );
+    // default grants shop's HTTPRoutes its web-v2 Service.
+    api.apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "shop-may-use-v2", "namespace": "default"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+                 "to": [{"group": "", "kind": "Service", "name": "web-v2"}]}
+    }));
+    wait_for("shop's clients reach web-v2 only", SECS5, || {
+        (0..4).all(|_| {
+            answer_of(c.pod("shopper"), "http://10.96.0.10/") == ("200".into(), "web-2".into())
+        })
+    });
+    assert_eq!(
+        servers("client", 4).len(),
+        2,
+        "the producer's clients still balance"
+    );
+    wait_for("ResolvedRefs once granted", SECS5, || {
+        condition("HTTPRoute", "shop", "shop-to-v2", "ResolvedRefs")
+            == Some(("True".into(), "ResolvedRefs".into()))
+    });
+
+    // A GRPCRoute on the "grpc" port: one method to web-v2; a method no rule matches is
+    // UNIMPLEMENTED to the gRPC client (HTTP 404).
+    let before = grpc_calls(&c, "client", "10.96.0.10:9090", "Who", 4);
+    assert_eq!(
+        before
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        2,
+        "before the route, gRPC balances: {before:?}"
+    );
+    api.apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "who-to-v2", "namespace": "default", "generation": 1},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "sectionName": "grpc"}],
+            "rules": [{"matches": [{"method": {"service": "weft.test.Echo", "method": "Who"}}],
+                       "backendRefs": [{"name": "web-v2", "port": 9090}]}]
+        }
+    }));
+    wait_for("the GRPCRoute applies", SECS5, || {
+        grpc_calls(&c, "client", "10.96.0.10:9090", "Who", 4) == ["web-2"; 4]
+    });
+    assert_eq!(
+        grpc_calls(&c, "client", "10.96.0.10:9090", "Other", 1),
+        ["UNIMPLEMENTED"]
+    );
+    wait_for("the GRPCRoute's status", SECS5, || {
+        condition("GRPCRoute", "default", "who-to-v2", "Accepted")
+            == Some(("True".into(), "Accepted".into()))
+    });
+    // The HTTP port has no GRPCRoute: the default client still balances there.
+    assert_eq!(servers("client", 4).len(), 2);
 }

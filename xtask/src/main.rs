@@ -153,14 +153,20 @@ fn setup() -> anyhow::Result<()> {
 /// it on PYTHONPATH): the OpenTelemetry project's OTLP protobuf bindings, with which
 /// tests/peers/otlp_receiver.py decodes the spans the agent exports, and
 /// kubernetes-validate (with jsonschema), with which deploy/validate.py checks every
-/// manifest against the Kubernetes API schemas.
-const PYPI_PACKAGES: &[&str] = &["opentelemetry-proto==1.45.2", "kubernetes-validate==1.37.0"];
+/// manifest against the Kubernetes API schemas, and grpcio, the gRPC project's own stack,
+/// as GRPCRoutes' client and server (tests/peers/grpc_peer.py). Pinned: tests compare
+/// exact answers, and a new release should be taken on purpose.
+const PYPI_PACKAGES: &[&str] = &[
+    "opentelemetry-proto==1.45.2",
+    "kubernetes-validate==1.37.0",
+    "grpcio==1.85.4",
+];
 
 fn pypi() -> anyhow::Result<&'static str> {
     let dir = workspace().join("target/pypi");
     let present = output(Command::new("python3").env("PYTHONPATH", &dir).args([
         "-c",
-        "import opentelemetry.proto.collector.trace.v1.trace_service_pb2, kubernetes_validate, jsonschema",
+        "import opentelemetry.proto.collector.trace.v1.trace_service_pb2, kubernetes_validate, jsonschema, grpc",
     ]))
     .is_some();
     if present {

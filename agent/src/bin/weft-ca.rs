@@ -388,7 +388,8 @@ async fn serve(
                 .map_err(|e| format!("{e:#}"))?;
             // Which workload runs where, and the trust domain: nothing else.
             let cluster =
-                weft_agent::k8s::Cluster::watch_only(&client, Some(&weft_agent::k8s::CA_KINDS));
+                weft_agent::k8s::Cluster::watch_only(&client, Some(&weft_agent::k8s::CA_KINDS))
+                    .await;
             while let Err(missing) = cluster.synced(Duration::from_secs(10)).await {
                 tracing::warn!(kinds = %missing.join(", "), "still waiting for the first list from the Kubernetes API");
             }

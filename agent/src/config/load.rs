@@ -532,7 +532,12 @@ const KINDS: &[(&str, &str)] = &[
     ("v1", "Service"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"),
+    // TLSRoute graduated to v1; the experimental channel's versions read the same.
+    ("gateway.networking.k8s.io/v1", "TLSRoute"),
+    ("gateway.networking.k8s.io/v1alpha3", "TLSRoute"),
     ("gateway.networking.k8s.io/v1alpha2", "TLSRoute"),
+    ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"),
 ];
 
 /// Which model object a document declares: documents of two kinds can declare the same
@@ -616,11 +621,17 @@ impl Builder<'_> {
                 .find(|s| same(&s.namespace, &s.name))
                 .map(|s| self.cfg.endpoint_slices.push(s.clone()))
                 .is_some(),
-            "HTTPRoute" => prev
+            "HTTPRoute" | "GRPCRoute" => prev
                 .routes
                 .iter()
-                .find(|r| same(&r.namespace, &r.name))
+                .find(|r| r.kind.as_str() == kind && same(&r.namespace, &r.name))
                 .map(|r| self.cfg.routes.push(r.clone()))
+                .is_some(),
+            "ReferenceGrant" => prev
+                .grants
+                .iter()
+                .find(|g| same(&g.namespace, &g.name))
+                .map(|g| self.cfg.grants.push(g.clone()))
                 .is_some(),
             "TLSRoute" => prev
                 .tls_routes
@@ -632,12 +643,9 @@ impl Builder<'_> {
                 let Some(p) = prev.policies.iter().find(|p| same(&p.namespace, &p.name)) else {
                     return false;
                 };
-                if self
-                    .cfg
-                    .policies
-                    .iter()
-                    .any(|o| o.namespace == p.namespace && o.service == p.service)
-                {
+                if self.cfg.policies.iter().any(|o| {
+                    o.namespace == p.namespace && o.services.iter().any(|s| p.services.contains(s))
+                }) {
                     return false;
                 }
                 self.cfg.policies.push(p.clone());
@@ -673,6 +681,12 @@ impl Builder<'_> {
         self.cfg.services.push(svc);
         Ok(())
     }
+}
+
+/// An HTTPRoute or a GRPCRoute, read into the same model.
+enum RouteDoc {
+    Http(route::RouteSpec),
+    Grpc(route::GrpcRouteSpec),
 }
 
 /// A document waiting for the objects it refers to.
@@ -799,30 +813,42 @@ fn build(docs: Vec<Doc>, prev: Option<&Config>, strictness: Strictness) -> Loade
             }
         }
     }
-    // Routes: they refer to Services declared anywhere in the source.
-    each_pending(
-        &mut b,
-        pending_routes,
-        |cfg, name, ns, spec| {
-            let ports = service_ports(&cfg.services, &ns);
-            let filters: route::RouteFilters<'_> = route_filters
-                .iter()
-                .filter(|((n, _), _)| *n == ns)
-                .map(|((_, name), f)| (name.as_str(), f))
-                .collect();
-            route::convert(name, ns.clone(), spec, &ports, &filters)
-        },
-        |cfg, r| cfg.routes.push(r),
-    );
-    each_pending(
-        &mut b,
-        pending_tls,
-        |cfg, name, ns, spec| {
-            let ports = service_ports(&cfg.services, &ns);
-            route::convert_tls(name, ns.clone(), spec, &ports)
-        },
-        |cfg, r| cfg.tls_routes.push(r),
-    );
+    // Routes: they refer to Services declared anywhere in the source (Services do not
+    // change from here on: they are set aside while routes are converted).
+    let services = std::mem::take(&mut b.cfg.services);
+    {
+        let ports = service_ports(&services);
+        let grants = b.cfg.grants.clone();
+        let refs = route::Refs {
+            services: &ports,
+            grants: &grants,
+        };
+        each_pending(
+            &mut b,
+            pending_routes,
+            |_, name, ns, spec| {
+                let filters: route::RouteFilters<'_> = route_filters
+                    .iter()
+                    .filter(|((n, _), _)| *n == ns)
+                    .map(|((_, name), f)| (name.as_str(), f))
+                    .collect();
+                match spec {
+                    RouteDoc::Http(spec) => route::convert(name, ns.clone(), spec, &refs, &filters),
+                    RouteDoc::Grpc(spec) => {
+                        route::convert_grpc(name, ns.clone(), spec, &refs, &filters)
+                    }
+                }
+            },
+            |cfg, r| cfg.routes.push(r),
+        );
+        each_pending(
+            &mut b,
+            pending_tls,
+            |_, name, ns, spec| route::convert_tls(name, ns.clone(), spec, &refs),
+            |cfg, r| cfg.tls_routes.push(r),
+        );
+    }
+    b.cfg.services = services;
     // Policies last too, and at most one per Service.
     each_pending(
         &mut b,
@@ -835,16 +861,22 @@ fn build(docs: Vec<Doc>, prev: Option<&Config>, strictness: Strictness) -> Loade
                 .map(|s| s.name.as_str())
                 .collect();
             let p = policy::convert_policy(name, ns.clone(), spec, &names)?;
-            match cfg
+            let taken = cfg
                 .policies
                 .iter()
-                .find(|o| o.namespace == p.namespace && o.service == p.service)
-            {
-                Some(first) => Err((
-                    "spec.targetRef".to_owned(),
+                .filter(|o| o.namespace == p.namespace)
+                .find_map(|o| {
+                    p.services
+                        .iter()
+                        .find(|s| o.services.contains(s))
+                        .map(|s| (o, s))
+                });
+            match taken {
+                Some((first, svc)) => Err((
+                    "spec.targetRefs".to_owned(),
                     format!(
-                        "Service {}/{} already has a TrafficPolicy, {}",
-                        p.namespace, p.service, first.name
+                        "Service {}/{svc} already has a TrafficPolicy, {}",
+                        p.namespace, first.name
                     ),
                 )),
                 None => Ok(p),
@@ -906,7 +938,7 @@ fn accept(
     strictness: Strictness,
     mesh_at: &mut Option<Location>,
     pending_workloads: &mut Vec<Pending<WorkloadSpec>>,
-    pending_routes: &mut Vec<Pending<route::RouteSpec>>,
+    pending_routes: &mut Vec<Pending<RouteDoc>>,
     pending_policies: &mut Vec<Pending<policy::PolicySpec>>,
     pending_authz: &mut Vec<Pending<super::authz::AuthzSpec>>,
     pending_tls: &mut Vec<Pending<route::TlsRouteSpec>>,
@@ -1018,7 +1050,19 @@ fn accept(
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
             doc.no_rest()?;
             let spec: route::RouteSpec = typed(&at, "spec", doc.spec)?;
-            pending_routes.push(pending!(doc.meta, spec));
+            pending_routes.push(pending!(doc.meta, RouteDoc::Http(spec)));
+        }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+            doc.no_rest()?;
+            let spec: route::GrpcRouteSpec = typed(&at, "spec", doc.spec)?;
+            pending_routes.push(pending!(doc.meta, RouteDoc::Grpc(spec)));
+        }
+        ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant") => {
+            doc.no_rest()?;
+            let spec: route::GrantSpec = typed(&at, "spec", doc.spec)?;
+            let g = route::convert_grant(doc.meta.name, ns, spec)
+                .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
+            b.cfg.grants.push(g);
         }
         (WEFT_API, "TrafficPolicy") => {
             doc.no_rest()?;
@@ -1037,7 +1081,7 @@ fn accept(
                 .map_err(|(field, message)| ConfigError::Field { at, field, message })?;
             route_filters.insert((ns, doc.meta.name), f);
         }
-        ("gateway.networking.k8s.io/v1alpha2", "TLSRoute") => {
+        (_, "TLSRoute") => {
             doc.no_rest()?;
             let spec: route::TlsRouteSpec = typed(&at, "spec", doc.spec)?;
             pending_tls.push(pending!(doc.meta, spec));
@@ -1111,14 +1155,16 @@ fn label_choice<T: Copy>(
     }
 }
 
-/// The Services of `namespace` and their TCP ports, for routes to refer to.
-fn service_ports<'a>(services: &'a [Service], namespace: &str) -> route::ServicePorts<'a> {
+/// Every Service's TCP ports (and their names), for routes to refer to.
+fn service_ports(services: &[Service]) -> route::ServicePorts<'_> {
     services
         .iter()
-        .filter(|s| s.namespace == namespace)
         .map(|s| {
             let tcp = s.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
-            (s.name.as_str(), tcp.map(|p| p.port).collect())
+            (
+                (s.namespace.as_str(), s.name.as_str()),
+                tcp.map(|p| (p.port, p.name.as_deref())).collect(),
+            )
         })
         .collect()
 }

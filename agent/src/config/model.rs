@@ -16,6 +16,9 @@ pub struct Config {
     pub endpoint_slices: Vec<EndpointSlice>,
     pub routes: Vec<super::route::HttpRoute>,
     pub tls_routes: Vec<super::route::TlsRoute>,
+    /// ReferenceGrants: which routes of other namespaces may send to a namespace's
+    /// Services.
+    pub grants: Vec<super::route::ReferenceGrant>,
     pub policies: Vec<super::policy::ServicePolicy>,
     /// From the `Mesh` document; [`Config::trust_domain`] gives the default.
     pub trust_domain: Option<String>,

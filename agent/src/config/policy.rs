@@ -112,7 +112,8 @@ pub struct TrafficPolicy {
 pub struct ServicePolicy {
     pub name: String,
     pub namespace: String,
-    pub service: String,
+    /// The Services of its namespace it applies to.
+    pub services: Vec<String>,
     pub policy: TrafficPolicy,
 }
 
@@ -147,7 +148,12 @@ pub struct AccessLogRule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct PolicySpec {
-    target_ref: RawTargetRef,
+    /// One Service (weft's first shape), or `targetRefs` (the Gateway API's policy
+    /// attachment, GEP-2648): one or more.
+    #[serde(default)]
+    target_ref: Option<RawTargetRef>,
+    #[serde(default)]
+    target_refs: Vec<RawTargetRef>,
     #[serde(default)]
     load_balancer: Option<String>,
     #[serde(default)]
@@ -168,6 +174,8 @@ struct RawTargetRef {
     #[serde(default)]
     kind: Option<String>,
     name: String,
+    #[serde(default, rename = "sectionName")]
+    section_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -305,22 +313,51 @@ pub(super) fn convert_policy(
     spec: PolicySpec,
     services: &[&str],
 ) -> Res<ServicePolicy> {
-    let t = spec.target_ref;
-    if t.kind.as_deref().is_some_and(|k| k != "Service")
-        || t.group
-            .as_deref()
-            .is_some_and(|g| !g.is_empty() && g != "core")
-    {
-        return Err((
-            "spec.targetRef.kind".into(),
-            "a TrafficPolicy targets a Service (kind: Service, group: \"\")".into(),
-        ));
-    }
-    if !services.contains(&t.name.as_str()) {
-        return Err((
-            "spec.targetRef.name".into(),
-            format!("no Service {namespace}/{} is declared", t.name),
-        ));
+    let (field, targets) = match (spec.target_ref, spec.target_refs.is_empty()) {
+        (Some(t), true) => ("spec.targetRef", vec![t]),
+        (None, false) => ("spec.targetRefs", spec.target_refs),
+        _ => {
+            return Err((
+                "spec.targetRefs".into(),
+                "give the Services it applies to in targetRefs (or one in targetRef)".into(),
+            ))
+        }
+    };
+    let mut targets_named = Vec::new();
+    for (i, t) in targets.into_iter().enumerate() {
+        let at = |x: &str| {
+            if field == "spec.targetRef" {
+                format!("{field}{x}")
+            } else {
+                format!("{field}[{i}]{x}")
+            }
+        };
+        if t.kind.as_deref().is_some_and(|k| k != "Service")
+            || t.group
+                .as_deref()
+                .is_some_and(|g| !g.is_empty() && g != "core")
+        {
+            return Err((
+                at(".kind"),
+                "a TrafficPolicy targets Services (kind: Service, group: \"\")".into(),
+            ));
+        }
+        if t.section_name.is_some() {
+            return Err((
+                at(".sectionName"),
+                "a TrafficPolicy applies to every port of a Service: leave sectionName out".into(),
+            ));
+        }
+        if !services.contains(&t.name.as_str()) {
+            return Err((
+                at(".name"),
+                format!("no Service {namespace}/{} is declared", t.name),
+            ));
+        }
+        if targets_named.contains(&t.name) {
+            return Err((at(".name"), format!("Service {} is named twice", t.name)));
+        }
+        targets_named.push(t.name);
     }
     let mut p = TrafficPolicy::default();
     if let Some(lb) = spec.load_balancer {
@@ -412,7 +449,7 @@ pub(super) fn convert_policy(
     Ok(ServicePolicy {
         name,
         namespace,
-        service: t.name,
+        services: targets_named,
         policy: p,
     })
 }

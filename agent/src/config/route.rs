@@ -100,6 +100,7 @@ pub enum Filter {
         status: u16,
     },
     Mirror {
+        namespace: String,
         service: String,
         port: u16,
         percent: u32,
@@ -118,14 +119,34 @@ pub enum Filter {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendRef {
-    /// A Service in the route's namespace.
+    /// The Service's namespace: the route's own unless the reference names another (and
+    /// a ReferenceGrant there allows it).
+    pub namespace: String,
     pub service: String,
     pub port: u16,
     pub weight: u32,
-    /// Whether the Service is declared. A route naming one that is not is still
-    /// accepted (with ResolvedRefs false, as the Gateway API has it): requests its rule
-    /// sends there get a 500.
-    pub resolved: bool,
+    /// Whether requests can be sent there. A route whose backend is not declared, or
+    /// lives in a namespace that grants the route no access, is still accepted (with
+    /// ResolvedRefs false, as the Gateway API has it): requests its rule sends there get
+    /// a 500.
+    pub resolution: Resolution,
+}
+
+/// Whether a backend reference can be followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    Resolved,
+    /// No such Service (or it has no such TCP port): `BackendNotFound`.
+    NotFound,
+    /// A Service of another namespace with no ReferenceGrant allowing it:
+    /// `RefNotPermitted`.
+    NotPermitted,
+}
+
+impl BackendRef {
+    pub fn resolved(&self) -> bool {
+        self.resolution == Resolution::Resolved
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -148,24 +169,29 @@ pub struct RouteRule {
     pub retry: Option<Retry>,
 }
 
-/// Backends naming a Service that is not declared, as `namespace/name:port`.
-fn unresolved<'a>(namespace: &str, refs: impl Iterator<Item = &'a BackendRef>) -> Vec<String> {
-    refs.filter(|b| !b.resolved)
-        .map(|b| format!("{namespace}/{}:{}", b.service, b.port))
+/// Backends that cannot be followed, as `namespace/name:port`, with why.
+fn unresolved<'a>(refs: impl Iterator<Item = &'a BackendRef>) -> Vec<(Resolution, String)> {
+    refs.filter(|b| !b.resolved())
+        .map(|b| {
+            (
+                b.resolution,
+                format!("{}/{}:{}", b.namespace, b.service, b.port),
+            )
+        })
         .collect()
 }
 
 impl HttpRoute {
-    /// Backends naming a Service that is not declared.
-    pub fn unresolved(&self) -> Vec<String> {
-        unresolved(&self.namespace, self.rules.iter().flat_map(|r| &r.backends))
+    /// Backends that cannot be followed, and why.
+    pub fn unresolved(&self) -> Vec<(Resolution, String)> {
+        unresolved(self.rules.iter().flat_map(|r| &r.backends))
     }
 }
 
 impl TlsRoute {
-    /// Backends naming a Service that is not declared.
-    pub fn unresolved(&self) -> Vec<String> {
-        unresolved(&self.namespace, self.backends.iter())
+    /// Backends that cannot be followed, and why.
+    pub fn unresolved(&self) -> Vec<(Resolution, String)> {
+        unresolved(self.backends.iter())
     }
 }
 
@@ -194,6 +220,9 @@ pub(super) struct TlsRouteSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawTlsRule {
+    /// v1 names rules; nothing routes by it.
+    #[serde(default)]
+    pub name: Option<String>,
     pub backend_refs: Vec<RawBackendRef>,
 }
 
@@ -202,9 +231,9 @@ pub(super) fn convert_tls(
     name: String,
     namespace: String,
     spec: TlsRouteSpec,
-    services: &ServicePorts<'_>,
+    refs: &Refs<'_>,
 ) -> Result<TlsRoute, (String, String)> {
-    let parents = convert_parents(spec.parent_refs, &namespace, services)?;
+    let parents = convert_parents(spec.parent_refs, &namespace, refs.services)?;
     if spec.hostnames.is_empty() {
         return Err((
             "spec.hostnames".into(),
@@ -236,10 +265,12 @@ pub(super) fn convert_tls(
             "a TLSRoute has exactly one rule".to_owned(),
         )
     })?;
+    // A rule's name labels it; nothing routes by it.
+    let _ = &rule.name;
     let mut backends = vec![];
     for (b, rb) in rule.backend_refs.into_iter().enumerate() {
         backends.push(
-            convert_backend(rb, &namespace, services)
+            convert_backend(rb, &namespace, "TLSRoute", refs)
                 .map_err(|(x, m)| (format!("spec.rules[0].backendRefs[{b}]{x}"), m))?,
         );
     }
@@ -260,11 +291,31 @@ pub(super) fn convert_tls(
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpRoute {
+    /// Which kind declared it: a GRPCRoute is read into the same model, its method
+    /// matches made path matches.
+    pub kind: RouteKind,
     pub name: String,
     pub namespace: String,
-    /// (Service name, port): the services this route applies to; no port means all.
+    /// The Service ports this route applies to.
     pub parents: Vec<Parent>,
     pub rules: Vec<RouteRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RouteKind {
+    #[default]
+    Http,
+    Grpc,
+}
+
+impl RouteKind {
+    /// The Gateway API kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "HTTPRoute",
+            Self::Grpc => "GRPCRoute",
+        }
+    }
 }
 
 // ---- the documents as written ----
@@ -289,6 +340,9 @@ pub(super) struct RawParentRef {
     pub name: String,
     #[serde(default)]
     pub namespace: Option<String>,
+    /// For a Service: the name of one of its ports.
+    #[serde(default)]
+    pub section_name: Option<String>,
     #[serde(default)]
     pub port: Option<u16>,
 }
@@ -503,19 +557,111 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// What conversion needs to know about the other documents: the services of the route's
-/// namespace and their ports.
-pub(super) type ServicePorts<'a> = BTreeMap<&'a str, Vec<u16>>;
+/// The Services of the configuration and their TCP ports (with the ports' names), by
+/// namespace and name.
+pub(super) type ServicePorts<'a> = BTreeMap<(&'a str, &'a str), Vec<(u16, Option<&'a str>)>>;
 
 /// The `HTTPRouteFilter`s of the route's namespace, by name.
 pub(super) type RouteFilters<'a> = BTreeMap<&'a str, &'a RouteFilter>;
+
+/// A ReferenceGrant (`gateway.networking.k8s.io/v1beta1`): the owner of a namespace lets
+/// routes of other namespaces send traffic to its Services.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReferenceGrant {
+    pub name: String,
+    pub namespace: String,
+    /// (route kind, namespace) allowed to refer.
+    pub from: Vec<(String, String)>,
+    /// The Services they may refer to: `None` is every Service of the namespace.
+    pub to: Vec<Option<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct GrantSpec {
+    from: Vec<RawGrantFrom>,
+    to: Vec<RawGrantTo>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrantFrom {
+    group: String,
+    kind: String,
+    namespace: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrantTo {
+    group: String,
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// Convert a parsed ReferenceGrant. Entries for kinds weft does not route with (a Secret,
+/// a Gateway) are kept out of the model, not refused: the grant may serve another
+/// implementation too.
+pub(super) fn convert_grant(
+    name: String,
+    namespace: String,
+    spec: GrantSpec,
+) -> Result<ReferenceGrant, (String, String)> {
+    if spec.from.is_empty() || spec.to.is_empty() {
+        return Err((
+            "spec".into(),
+            "a ReferenceGrant needs at least one entry in from and in to".into(),
+        ));
+    }
+    let from = spec
+        .from
+        .into_iter()
+        .filter(|f| f.group == GATEWAY_GROUP)
+        .map(|f| (f.kind, f.namespace))
+        .collect();
+    let to = spec
+        .to
+        .into_iter()
+        .filter(|t| t.group.is_empty() && t.kind == "Service")
+        .map(|t| t.name)
+        .collect();
+    Ok(ReferenceGrant {
+        name,
+        namespace,
+        from,
+        to,
+    })
+}
+
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// What converting a route needs from the other documents.
+pub(super) struct Refs<'a> {
+    pub services: &'a ServicePorts<'a>,
+    pub grants: &'a [ReferenceGrant],
+}
+
+impl Refs<'_> {
+    /// Whether a route of `kind` in `from` may send traffic to Service `to`/`service`.
+    fn permits(&self, kind: &str, from: &str, to: &str, service: &str) -> bool {
+        from == to
+            || self.grants.iter().any(|g| {
+                g.namespace == to
+                    && g.from.iter().any(|(k, n)| k == kind && n == from)
+                    && g.to
+                        .iter()
+                        .any(|n| n.as_deref().is_none_or(|n| n == service))
+            })
+    }
+}
 
 /// Convert a parsed route; errors are `(field, message)` for the caller to locate.
 pub(super) fn convert(
     name: String,
     namespace: String,
     spec: RouteSpec,
-    services: &ServicePorts<'_>,
+    refs: &Refs<'_>,
     extensions: &RouteFilters<'_>,
 ) -> Result<HttpRoute, (String, String)> {
     let err = |f: String, m: String| (f, m);
@@ -528,7 +674,7 @@ pub(super) fn convert(
             "a mesh route needs at least one Service parent".into(),
         ));
     }
-    let parents = convert_parents(spec.parent_refs, &namespace, services)?;
+    let parents = convert_parents(spec.parent_refs, &namespace, refs.services)?;
     let mut rules = vec![];
     for (r, raw) in spec.rules.into_iter().enumerate() {
         let at = |x: &str| format!("spec.rules[{r}]{x}");
@@ -541,30 +687,15 @@ pub(super) fn convert(
                 convert_match(rm).map_err(|(x, msg)| (at(&format!(".matches[{m}]{x}")), msg))?,
             );
         }
-        for (b, rb) in raw.backend_refs.into_iter().enumerate() {
-            rule.backends.push(
-                convert_backend(rb, &namespace, services)
-                    .map_err(|(x, msg)| (at(&format!(".backendRefs[{b}]{x}")), msg))?,
-            );
-        }
-        if rule.backends.iter().all(|b| b.weight == 0) && !rule.backends.is_empty() {
-            return Err(err(
-                at(".backendRefs"),
-                "all weights are 0: no request could be sent anywhere".into(),
-            ));
-        }
-        for (i, rf) in raw.filters.into_iter().enumerate() {
-            let ctx = FilterCtx {
-                namespace: &namespace,
-                services,
-                extensions,
-                matches: &rule.matches,
-                bucket_prefix: format!("{namespace}/{name}#{r}"),
-            };
-            let filter = convert_filter(rf, &ctx)
-                .map_err(|(x, msg)| (at(&format!(".filters[{i}]{x}")), msg))?;
-            rule.filters.push(filter);
-        }
+        let ctx = RuleCtx {
+            kind: RouteKind::Http,
+            namespace: &namespace,
+            refs,
+            extensions,
+            bucket_prefix: format!("{namespace}/{name}#{r}"),
+        };
+        rule.backends = ctx.backends(raw.backend_refs, &at)?;
+        rule.filters = ctx.filters(raw.filters, &rule.matches, &at)?;
         // A rule with neither backends nor a redirect forwards nothing: its requests are
         // answered 503 (no-backend), as the Gateway API says.
         if let Some(t) = raw.timeouts {
@@ -609,6 +740,7 @@ pub(super) fn convert(
         rules.push(rule);
     }
     Ok(HttpRoute {
+        kind: RouteKind::Http,
         name,
         namespace,
         parents,
@@ -616,10 +748,248 @@ pub(super) fn convert(
     })
 }
 
-/// A route's parent: (Service name, port); no port means every port.
-pub type Parent = (String, Option<u16>);
+// ---- GRPCRoute ----
 
-/// `parentRefs` -> (Service name, port): Services of the route's own namespace.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct GrpcRouteSpec {
+    pub parent_refs: Vec<RawParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RawGrpcRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawGrpcRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<RawGrpcMatch>,
+    #[serde(default)]
+    pub filters: Vec<RawFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<RawBackendRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGrpcMatch {
+    #[serde(default)]
+    pub method: Option<RawGrpcMethod>,
+    #[serde(default)]
+    pub headers: Vec<RawNameValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGrpcMethod {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// A gRPC method match as the path match it is on the wire (`/package.Service/Method`):
+/// service and method exact is an exact path, a service alone is a path prefix (whole
+/// segments), a method alone or regular expressions a path expression.
+fn grpc_method(m: RawGrpcMethod) -> Result<PathMatch, (String, String)> {
+    let (service, method) = (
+        m.service.filter(|s| !s.is_empty()),
+        m.method.filter(|s| !s.is_empty()),
+    );
+    if service.is_none() && method.is_none() {
+        return Err((".method".into(), "give a service, a method or both".into()));
+    }
+    match m.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => {
+            let service_ok = |s: &str| {
+                let s = s.strip_prefix('.').unwrap_or(s);
+                !s.is_empty()
+                    && s.split('.').all(|p| {
+                        p.bytes()
+                            .next()
+                            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    })
+            };
+            let method_ok = |m: &str| {
+                m.bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                    && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            };
+            if let Some(s) = service.as_deref().filter(|s| !service_ok(s)) {
+                return Err((
+                    ".method.service".into(),
+                    format!("{s:?} is not a gRPC service name (package.Service)"),
+                ));
+            }
+            if let Some(m) = method.as_deref().filter(|m| !method_ok(m)) {
+                return Err((
+                    ".method.method".into(),
+                    format!("{m:?} is not a gRPC method name"),
+                ));
+            }
+            Ok(match (service, method) {
+                (Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}")),
+                (Some(s), None) => PathMatch::Prefix(format!("/{s}")),
+                (None, Some(m)) => PathMatch::Regex(
+                    string_match(
+                        Some("RegularExpression"),
+                        format!("/[^/]+/{}", regex::escape(&m)),
+                    )
+                    .map_err(|(_, e)| (".method.method".to_owned(), e))?,
+                ),
+                (None, None) => unreachable!("checked above"),
+            })
+        }
+        "RegularExpression" => {
+            for (field, v) in [("service", &service), ("method", &method)] {
+                if let Some(v) = v {
+                    regex::Regex::new(v).map_err(|e| {
+                        (
+                            format!(".method.{field}"),
+                            format!("invalid regular expression: {e}"),
+                        )
+                    })?;
+                }
+            }
+            let s = service.map_or_else(|| "[^/]+".to_owned(), |s| format!("(?:{s})"));
+            let m = method.map_or_else(|| "[^/]+".to_owned(), |m| format!("(?:{m})"));
+            Ok(PathMatch::Regex(
+                string_match(Some("RegularExpression"), format!("/{s}/{m}"))
+                    .map_err(|(_, e)| (".method".to_owned(), e))?,
+            ))
+        }
+        other => Err((
+            ".method.type".into(),
+            format!("{other:?}: expected Exact or RegularExpression"),
+        )),
+    }
+}
+
+/// Convert a parsed GRPCRoute into the route model: its rules are HTTP rules over gRPC's
+/// paths. Errors are `(field, message)`.
+pub(super) fn convert_grpc(
+    name: String,
+    namespace: String,
+    spec: GrpcRouteSpec,
+    refs: &Refs<'_>,
+    extensions: &RouteFilters<'_>,
+) -> Result<HttpRoute, (String, String)> {
+    // As for HTTPRoutes: mesh routes match by address, hostnames are ignored.
+    let _ = &spec.hostnames;
+    if spec.parent_refs.is_empty() {
+        return Err((
+            "spec.parentRefs".into(),
+            "a mesh route needs at least one Service parent".into(),
+        ));
+    }
+    let parents = convert_parents(spec.parent_refs, &namespace, refs.services)?;
+    let mut rules = vec![];
+    for (r, raw) in spec.rules.into_iter().enumerate() {
+        let at = |x: &str| format!("spec.rules[{r}]{x}");
+        let mut rule = RouteRule {
+            name: raw.name,
+            ..RouteRule::default()
+        };
+        for (m, gm) in raw.matches.into_iter().enumerate() {
+            let at_m = |x: &str| at(&format!(".matches[{m}]{x}"));
+            let path = gm
+                .method
+                .map(grpc_method)
+                .transpose()
+                .map_err(|(x, e)| (at_m(&x), e))?;
+            let headers = RawMatch {
+                headers: gm.headers,
+                ..RawMatch::default()
+            };
+            let mut converted = convert_match(headers).map_err(|(x, e)| (at_m(&x), e))?;
+            converted.path = path;
+            rule.matches.push(converted);
+        }
+        let ctx = RuleCtx {
+            kind: RouteKind::Grpc,
+            namespace: &namespace,
+            refs,
+            extensions,
+            bucket_prefix: format!("grpc:{namespace}/{name}#{r}"),
+        };
+        rule.backends = ctx.backends(raw.backend_refs, &at)?;
+        rule.filters = ctx.filters(raw.filters, &rule.matches, &at)?;
+        rules.push(rule);
+    }
+    Ok(HttpRoute {
+        kind: RouteKind::Grpc,
+        name,
+        namespace,
+        parents,
+        rules,
+    })
+}
+
+/// What converting one rule's backends and filters needs to know.
+struct RuleCtx<'a> {
+    kind: RouteKind,
+    namespace: &'a str,
+    refs: &'a Refs<'a>,
+    extensions: &'a RouteFilters<'a>,
+    bucket_prefix: String,
+}
+
+impl RuleCtx<'_> {
+    fn backends(
+        &self,
+        raw: Vec<RawBackendRef>,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<Vec<BackendRef>, (String, String)> {
+        let mut out = vec![];
+        for (b, rb) in raw.into_iter().enumerate() {
+            out.push(
+                convert_backend(rb, self.namespace, self.kind.as_str(), self.refs)
+                    .map_err(|(x, msg)| (at(&format!(".backendRefs[{b}]{x}")), msg))?,
+            );
+        }
+        if out.iter().all(|b| b.weight == 0) && !out.is_empty() {
+            return Err((
+                at(".backendRefs"),
+                "all weights are 0: no request could be sent anywhere".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn filters(
+        &self,
+        raw: Vec<RawFilter>,
+        matches: &[RouteMatch],
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<Vec<Filter>, (String, String)> {
+        let mut out = vec![];
+        for (i, rf) in raw.into_iter().enumerate() {
+            let f = convert_filter(rf, self, matches)
+                .map_err(|(x, msg)| (at(&format!(".filters[{i}]{x}")), msg))?;
+            out.push(f);
+        }
+        Ok(out)
+    }
+}
+
+/// A route's parent: a port of a Service (every port when `port` is `None`). A parent in
+/// another namespace than the route's makes it a consumer route: it applies to that
+/// Service's clients in the route's namespace only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parent {
+    pub namespace: String,
+    pub service: String,
+    pub port: Option<u16>,
+}
+
+/// `parentRefs` -> the Service ports they name.
 fn convert_parents(
     refs: Vec<RawParentRef>,
     namespace: &str,
@@ -639,27 +1009,43 @@ fn convert_parents(
                 "weft routes attach to Services (kind: Service, group: \"\")".into(),
             ));
         }
-        if p.namespace.as_deref().is_some_and(|n| n != namespace) {
-            return Err(err(
-                f(".namespace"),
-                "must be the route's own namespace".into(),
-            ));
-        }
-        let Some(ports) = services.get(p.name.as_str()) else {
+        let ns = p.namespace.as_deref().unwrap_or(namespace);
+        let Some(ports) = services.get(&(ns, p.name.as_str())) else {
             return Err(err(
                 f(".name"),
-                format!("no Service {namespace}/{} is declared", p.name),
+                format!("no Service {ns}/{} is declared", p.name),
             ));
         };
-        if let Some(port) = p.port {
-            if !ports.contains(&port) {
+        let mut port = p.port;
+        if let Some(section) = &p.section_name {
+            let Some(&(number, _)) = ports.iter().find(|(_, n)| *n == Some(section.as_str()))
+            else {
+                return Err(err(
+                    f(".sectionName"),
+                    format!("Service {ns}/{} has no TCP port named {section:?}", p.name),
+                ));
+            };
+            if port.is_some_and(|p| p != number) {
                 return Err(err(
                     f(".port"),
-                    format!("Service {namespace}/{} has no TCP port {port}", p.name),
+                    format!("port {number} is the one named {section:?}: name one port"),
+                ));
+            }
+            port = Some(number);
+        }
+        if let Some(port) = port {
+            if !ports.iter().any(|(p, _)| *p == port) {
+                return Err(err(
+                    f(".port"),
+                    format!("Service {ns}/{} has no TCP port {port}", p.name),
                 ));
             }
         }
-        parents.push((p.name, p.port));
+        parents.push(Parent {
+            namespace: ns.to_owned(),
+            service: p.name,
+            port,
+        });
     }
     Ok(parents)
 }
@@ -736,7 +1122,8 @@ fn convert_match(m: RawMatch) -> Result<RouteMatch, (String, String)> {
 fn convert_backend(
     b: RawBackendRef,
     namespace: &str,
-    services: &ServicePorts<'_>,
+    kind: &str,
+    refs: &Refs<'_>,
 ) -> Result<BackendRef, (String, String)> {
     if b.kind.as_deref().is_some_and(|k| k != "Service")
         || b.group
@@ -745,22 +1132,18 @@ fn convert_backend(
     {
         return Err((".kind".into(), "backends are Services".into()));
     }
-    if b.namespace.as_deref().is_some_and(|n| n != namespace) {
-        return Err((
-            ".namespace".into(),
-            "must be the route's own namespace".into(),
-        ));
-    }
     let Some(port) = b.port else {
         return Err((".port".into(), "is required for a Service backend".into()));
     };
-    let resolved = match services.get(b.name.as_str()) {
-        None => false,
-        Some(ports) if ports.contains(&port) => true,
+    let ns = b.namespace.as_deref().unwrap_or(namespace);
+    let resolution = match refs.services.get(&(ns, b.name.as_str())) {
+        _ if !refs.permits(kind, namespace, ns, &b.name) => Resolution::NotPermitted,
+        None => Resolution::NotFound,
+        Some(ports) if ports.iter().any(|(p, _)| *p == port) => Resolution::Resolved,
         Some(_) => {
             return Err((
                 ".port".into(),
-                format!("Service {namespace}/{} has no TCP port {port}", b.name),
+                format!("Service {ns}/{} has no TCP port {port}", b.name),
             ))
         }
     };
@@ -769,9 +1152,10 @@ fn convert_backend(
         return Err((".weight".into(), "must be 0 to 1000000".into()));
     }
     Ok(BackendRef {
+        namespace: ns.to_owned(),
         service: b.name,
         port,
-        resolved,
+        resolution,
         weight,
     })
 }
@@ -862,23 +1246,22 @@ fn path_modifier(
     }
 }
 
-/// What converting one filter needs to know.
-struct FilterCtx<'a> {
-    namespace: &'a str,
-    services: &'a ServicePorts<'a>,
-    extensions: &'a RouteFilters<'a>,
-    matches: &'a [RouteMatch],
-    bucket_prefix: String,
-}
-
-fn convert_filter(f: RawFilter, ctx: &FilterCtx<'_>) -> Result<Filter, (String, String)> {
-    let (namespace, services, matches) = (ctx.namespace, ctx.services, ctx.matches);
+fn convert_filter(
+    f: RawFilter,
+    ctx: &RuleCtx<'_>,
+    matches: &[RouteMatch],
+) -> Result<Filter, (String, String)> {
+    let namespace = ctx.namespace;
     let missing = |field: &str| {
         (
             format!(".{field}"),
             format!("is required for type {}", f.kind),
         )
     };
+    // GRPCRoute has no rewrites or redirects: gRPC clients follow neither.
+    if ctx.kind == RouteKind::Grpc && ["URLRewrite", "RequestRedirect"].contains(&f.kind.as_str()) {
+        return Err((".type".into(), format!("{:?}: a GRPCRoute's filters are RequestHeaderModifier, ResponseHeaderModifier, RequestMirror and ExtensionRef", f.kind)));
+    }
     match f.kind.as_str() {
         "RequestHeaderModifier" => Ok(Filter::RequestHeaders(header_changes(f.request_header_modifier.ok_or_else(|| missing("requestHeaderModifier"))?).map_err(|(x, e)| (format!(".requestHeaderModifier{x}"), e))?)),
         "ResponseHeaderModifier" => Ok(Filter::ResponseHeaders(header_changes(f.response_header_modifier.ok_or_else(|| missing("responseHeaderModifier"))?).map_err(|(x, e)| (format!(".responseHeaderModifier{x}"), e))?)),
@@ -907,18 +1290,17 @@ fn convert_filter(f: RawFilter, ctx: &FilterCtx<'_>) -> Result<Filter, (String, 
         }
         "RequestMirror" => {
             let m = f.request_mirror.ok_or_else(|| missing("requestMirror"))?;
-            let b = convert_backend(m.backend_ref, namespace, services).map_err(|(x, e)| (format!(".requestMirror.backendRef{x}"), e))?;
-            if !b.resolved {
-                return Err((
-                    ".requestMirror.backendRef.name".into(),
-                    format!("no Service {namespace}/{} is declared", b.service),
-                ));
+            let b = convert_backend(m.backend_ref, namespace, ctx.kind.as_str(), ctx.refs).map_err(|(x, e)| (format!(".requestMirror.backendRef{x}"), e))?;
+            match b.resolution {
+                Resolution::Resolved => {}
+                Resolution::NotFound => return Err((".requestMirror.backendRef.name".into(), format!("no Service {}/{} is declared", b.namespace, b.service))),
+                Resolution::NotPermitted => return Err((".requestMirror.backendRef.namespace".into(), format!("no ReferenceGrant in {} lets {} of {namespace} refer to Service {}", b.namespace, ctx.kind.as_str(), b.service))),
             }
             let percent = m.percent.unwrap_or(100);
             if percent > 100 {
                 return Err((".requestMirror.percent".into(), "must be 0 to 100".into()));
             }
-            Ok(Filter::Mirror { service: b.service, port: b.port, percent })
+            Ok(Filter::Mirror { namespace: b.namespace, service: b.service, port: b.port, percent })
         }
         "ExtensionRef" => {
             let e = f.extension_ref.ok_or_else(|| missing("extensionRef"))?;

@@ -169,7 +169,14 @@ fn a_canary_route_parses() {
     .unwrap();
     let r = &cfg.routes[0];
     assert_eq!((r.name.as_str(), r.namespace.as_str()), ("r", "default"));
-    assert_eq!(r.parents, [("web".to_owned(), Some(80))]);
+    assert_eq!(
+        r.parents,
+        [route::Parent {
+            namespace: "default".into(),
+            service: "web".into(),
+            port: Some(80)
+        }]
+    );
     let rule = &r.rules[0];
     assert_eq!(
         rule.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
@@ -196,7 +203,10 @@ fn route_errors_name_the_field() {
     // A backend Service that is not declared leaves the route accepted, its refs
     // unresolved (the Gateway API's ResolvedRefs=False, BackendNotFound).
     let cfg = parse(&route("    - backendRefs: [{name: nope, port: 80}]\n")).unwrap();
-    assert_eq!(cfg.routes[0].unresolved(), ["default/nope:80"]);
+    assert_eq!(
+        cfg.routes[0].unresolved(),
+        [(route::Resolution::NotFound, "default/nope:80".to_owned())]
+    );
     let e = err(&route("    - backendRefs: [{name: web, port: 81}]\n"));
     assert!(
         e.contains("spec.rules[0].backendRefs[0].port`: Service default/web has no TCP port 81"),
@@ -786,7 +796,193 @@ fn every_deploy_example_is_accepted() {
     assert!(files.len() >= 4, "examples missing from {}", dir.display());
     let cfg = load_sources(files.iter().map(|p| Source::Path(p))).unwrap();
     assert_eq!(cfg.routes.len(), 1);
-    assert_eq!(cfg.routes[0].unresolved(), Vec::<String>::new());
+    assert!(cfg.routes[0].unresolved().is_empty());
     assert_eq!(cfg.namespaces["shop"].mtls, Some(Mtls::Strict));
     assert_eq!((cfg.policies.len(), cfg.authorization.len()), (1, 1));
+}
+
+/// Two namespaces: `shop` serves `cart` (and `cart-v2`), `web` has clients of it.
+const TWO_NAMESPACES: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: front-1, namespace: web, labels: {app: front}}
+spec: {node: a, ip: 10.0.0.5, ports: [{port: 8080}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: cart-1, namespace: shop, labels: {app: cart}}
+spec: {node: a, ip: 10.0.0.6, ports: [{port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec: {clusterIP: 10.96.0.1, selector: {app: cart}, ports: [{name: http, port: 80, targetPort: 8080}, {name: admin, port: 81, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart-v2, namespace: shop}
+spec: {clusterIP: 10.96.0.2, selector: {app: cart}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+"#;
+
+fn consumer_route(backend_ns: &str, section: &str) -> String {
+    format!(
+        "{TWO_NAMESPACES}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: to-v2, namespace: web}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: cart, namespace: shop, sectionName: {section}}}]\n  rules:\n  - backendRefs: [{{name: cart-v2, namespace: {backend_ns}, port: 80}}]\n"
+    )
+}
+
+#[test]
+fn a_parent_ref_names_a_port_by_its_section_name() {
+    let cfg = parse(&consumer_route("shop", "http")).unwrap();
+    assert_eq!(
+        cfg.routes[0].parents,
+        [route::Parent {
+            namespace: "shop".into(),
+            service: "cart".into(),
+            port: Some(80)
+        }]
+    );
+    let e = err(&consumer_route("shop", "grpc"));
+    assert!(
+        e.contains("field `spec.parentRefs[0].sectionName`: Service shop/cart has no TCP port named \"grpc\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_consumer_route_applies_to_its_namespace_clients_only() {
+    let grant = "---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: web-may-send, namespace: shop}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: web}]\n  to: [{group: \"\", kind: Service, name: cart-v2}]\n";
+    // Without a grant the backend in another namespace is not permitted: the route is
+    // accepted, its backend unresolved (requests get a 500).
+    let cfg = parse(&consumer_route("shop", "http")).unwrap();
+    assert_eq!(
+        cfg.routes[0].unresolved(),
+        [(
+            route::Resolution::NotPermitted,
+            "shop/cart-v2:80".to_owned()
+        )]
+    );
+    let cfg = parse(&format!("{}{grant}", consumer_route("shop", "http"))).unwrap();
+    assert!(cfg.routes[0].unresolved().is_empty());
+    let st = crate::state::NodeState::build("a", &cfg, 1, None);
+    let svc = st
+        .service("10.96.0.1:80".parse().unwrap(), Protocol::Tcp)
+        .unwrap();
+    // The producer (shop) has no routes; web's clients get the consumer route.
+    assert!(svc.routes_for(Some("shop")).is_empty());
+    assert!(svc.routes_for(None).is_empty());
+    assert_eq!(svc.routes_for(Some("web")).route_names(), ["web/to-v2"]);
+    let admin = st
+        .service("10.96.0.1:81".parse().unwrap(), Protocol::Tcp)
+        .unwrap();
+    assert!(
+        admin.routes_for(Some("web")).is_empty(),
+        "the route's sectionName took port 80 only"
+    );
+    // A grant for another Service, or from another kind, permits nothing.
+    let other = grant.replace("name: cart-v2}", "name: cart}");
+    let cfg = parse(&format!("{}{other}", consumer_route("shop", "http"))).unwrap();
+    assert_eq!(cfg.routes[0].unresolved().len(), 1);
+    let grpc_only = grant.replace("kind: HTTPRoute", "kind: GRPCRoute");
+    let cfg = parse(&format!("{}{grpc_only}", consumer_route("shop", "http"))).unwrap();
+    assert_eq!(cfg.routes[0].unresolved().len(), 1);
+}
+
+#[test]
+fn a_grpc_route_matches_methods_as_paths() {
+    let cfg = parse(&format!(
+        "{TWO_NAMESPACES}{}",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: cart-rpc, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: cart, port: 80}]
+  rules:
+  - name: checkout
+    matches: [{method: {service: shop.Cart, method: Checkout}, headers: [{name: x-tier, value: gold}]}]
+    backendRefs: [{name: cart-v2, port: 80}]
+  - matches: [{method: {service: shop.Cart}}]
+    backendRefs: [{name: cart, port: 80}]
+  - matches: [{method: {method: Health}}]
+    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-probe, value: "1"}]}}]
+    backendRefs: [{name: cart, port: 80}]
+"#
+    ))
+    .unwrap();
+    let r = &cfg.routes[0];
+    assert_eq!(r.kind, route::RouteKind::Grpc);
+    let st = crate::state::NodeState::build("a", &cfg, 1, None);
+    let svc = st
+        .service("10.96.0.1:80".parse().unwrap(), Protocol::Tcp)
+        .unwrap();
+    let plan = svc.routes_for(None);
+    let pick = |path: &str, tier: Option<&str>| {
+        let mut h = hyper::HeaderMap::new();
+        if let Some(t) = tier {
+            h.insert("x-tier", t.parse().unwrap());
+        }
+        let uri: hyper::Uri = path.parse().unwrap();
+        plan.select(&hyper::Method::POST, &uri, &h)
+            .map(|s| s.rule.backends[0].0.unwrap().vip.to_string())
+    };
+    assert_eq!(
+        pick("/shop.Cart/Checkout", Some("gold")).as_deref(),
+        Some("10.96.0.2:80")
+    );
+    assert_eq!(
+        pick("/shop.Cart/Checkout", None).as_deref(),
+        Some("10.96.0.1:80")
+    );
+    assert_eq!(
+        pick("/other.Svc/Health", None).as_deref(),
+        Some("10.96.0.1:80")
+    );
+    assert_eq!(pick("/other.Svc/Get", None), None, "no rule matches");
+    // gRPC has no redirects or rewrites; bad names are named.
+    let bad = |rule: &str| {
+        err(&format!("{TWO_NAMESPACES}apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{{kind: Service, name: cart}}]\n  rules:\n  - {rule}\n"))
+    };
+    let e = bad("filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]");
+    assert!(e.contains("field `spec.rules[0].filters[0].type`"), "{e}");
+    let e = bad("matches: [{method: {service: \"shop/Cart\"}}]");
+    assert!(
+        e.contains("field `spec.rules[0].matches[0].method.service`"),
+        "{e}"
+    );
+    let e = bad("matches: [{method: {type: Exact}}]");
+    assert!(e.contains("give a service, a method or both"), "{e}");
+}
+
+#[test]
+fn tls_routes_read_at_every_served_version() {
+    for v in ["v1", "v1alpha3", "v1alpha2"] {
+        let cfg = parse(&format!("{TWO_NAMESPACES}apiVersion: gateway.networking.k8s.io/{v}\nkind: TLSRoute\nmetadata: {{name: t, namespace: shop}}\nspec:\n  parentRefs: [{{kind: Service, name: cart, port: 80}}]\n  hostnames: [cart.example]\n  rules: [{{name: only, backendRefs: [{{name: cart-v2, port: 80}}]}}]\n")).unwrap();
+        assert_eq!(cfg.tls_routes.len(), 1, "{v}");
+    }
+}
+
+#[test]
+fn a_traffic_policy_attaches_through_target_refs() {
+    let policy = |targets: &str| {
+        format!("{TWO_NAMESPACES}apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {{targetRefs: {targets}, loadBalancer: RoundRobin}}\n")
+    };
+    let cfg = parse(&policy(
+        "[{kind: Service, name: cart}, {kind: Service, name: cart-v2}]",
+    ))
+    .unwrap();
+    assert_eq!(cfg.policies[0].services, ["cart", "cart-v2"]);
+    let st = crate::state::NodeState::build("a", &cfg, 1, None);
+    for vip in ["10.96.0.1:80", "10.96.0.2:80"] {
+        let svc = st.service(vip.parse().unwrap(), Protocol::Tcp).unwrap();
+        assert_eq!(svc.policy.balancer, policy::Balancer::RoundRobin, "{vip}");
+    }
+    let e = err(&policy("[{kind: Service, name: cart, sectionName: http}]"));
+    assert!(e.contains("field `spec.targetRefs[0].sectionName`"), "{e}");
+    let e = err(&policy("[{kind: Service, name: nope}]"));
+    assert!(
+        e.contains("field `spec.targetRefs[0].name`: no Service shop/nope"),
+        "{e}"
+    );
+    let e = err(&format!("{TWO_NAMESPACES}apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {{loadBalancer: RoundRobin}}\n"));
+    assert!(e.contains("field `spec.targetRefs`"), "{e}");
 }

@@ -26,7 +26,9 @@ pub mod status;
 /// A kind weft watches.
 struct Kind {
     group: &'static str,
-    version: &'static str,
+    /// The versions weft reads, preferred first: the first the API server serves is
+    /// watched (the API server converts between the versions of one resource).
+    versions: &'static [&'static str],
     kind: &'static str,
     plural: &'static str,
     /// Whether the agent waits for it before it starts: Kubernetes' own kinds are always
@@ -37,77 +39,91 @@ struct Kind {
 const KINDS: &[Kind] = &[
     Kind {
         group: "",
-        version: "v1",
+        versions: &["v1"],
         kind: "Node",
         plural: "nodes",
         required: true,
     },
     Kind {
         group: "",
-        version: "v1",
+        versions: &["v1"],
         kind: "Namespace",
         plural: "namespaces",
         required: true,
     },
     Kind {
         group: "",
-        version: "v1",
+        versions: &["v1"],
         kind: "Pod",
         plural: "pods",
         required: true,
     },
     Kind {
         group: "",
-        version: "v1",
+        versions: &["v1"],
         kind: "Service",
         plural: "services",
         required: true,
     },
     Kind {
         group: "discovery.k8s.io",
-        version: "v1",
+        versions: &["v1"],
         kind: "EndpointSlice",
         plural: "endpointslices",
         required: true,
     },
     Kind {
         group: "gateway.networking.k8s.io",
-        version: "v1",
+        versions: &["v1"],
         kind: "HTTPRoute",
         plural: "httproutes",
         required: false,
     },
     Kind {
         group: "gateway.networking.k8s.io",
-        version: "v1alpha2",
+        versions: &["v1"],
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
+        required: false,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        versions: &["v1", "v1alpha3", "v1alpha2"],
         kind: "TLSRoute",
         plural: "tlsroutes",
         required: false,
     },
     Kind {
+        group: "gateway.networking.k8s.io",
+        versions: &["v1beta1"],
+        kind: "ReferenceGrant",
+        plural: "referencegrants",
+        required: false,
+    },
+    Kind {
         group: "weft.dev",
-        version: "v1alpha1",
+        versions: &["v1alpha1"],
         kind: "Mesh",
         plural: "meshes",
         required: false,
     },
     Kind {
         group: "weft.dev",
-        version: "v1alpha1",
+        versions: &["v1alpha1"],
         kind: "TrafficPolicy",
         plural: "trafficpolicies",
         required: false,
     },
     Kind {
         group: "weft.dev",
-        version: "v1alpha1",
+        versions: &["v1alpha1"],
         kind: "HTTPRouteFilter",
         plural: "httproutefilters",
         required: false,
     },
     Kind {
         group: "weft.dev",
-        version: "v1alpha1",
+        versions: &["v1alpha1"],
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
         required: false,
@@ -168,12 +184,12 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// Start watching every kind.
-    pub fn watch(client: &Client) -> Self {
-        Self::watch_only(client, None)
+    pub async fn watch(client: &Client) -> Self {
+        Self::watch_only(client, None).await
     }
 
     /// Start watching the kinds named (every kind weft reads when `None`).
-    pub fn watch_only(client: &Client, only: Option<&[&str]>) -> Self {
+    pub async fn watch_only(client: &Client, only: Option<&[&str]>) -> Self {
         let changed = Arc::new(Notify::new());
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let changes = Arc::new(std::sync::Mutex::new(Changes::default()));
@@ -183,8 +199,7 @@ impl Cluster {
             .iter()
             .filter(|k| only.is_none_or(|o| o.contains(&k.kind)))
         {
-            let gvk = GroupVersionKind::gvk(kind.group, kind.version, kind.kind);
-            let ar = ApiResource::from_gvk_with_plural(&gvk, kind.plural);
+            let ar = served(client, kind).await;
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let writer = reflector::store::Writer::new(ar.clone());
             caches.push((kind, ar.clone(), writer.as_reader()));
@@ -337,6 +352,33 @@ impl Cluster {
         }
         out
     }
+}
+
+/// The resource of `kind` at the first of its versions the API server serves: a version
+/// it answers a one-object list for. When none answers (the CRD is not installed, the
+/// API is unreachable), the preferred one: its watcher retries with backoff.
+async fn served(client: &Client, kind: &Kind) -> ApiResource {
+    let at = |v: &str| {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(kind.group, v, kind.kind),
+            kind.plural,
+        )
+    };
+    if let [only] = kind.versions {
+        return at(only);
+    }
+    for v in kind.versions {
+        let ar = at(v);
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let one = kube::api::ListParams::default().limit(1);
+        match tokio::time::timeout(Duration::from_secs(10), api.list_metadata(&one)).await {
+            Ok(Ok(_)) => return ar,
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => continue,
+            // Not a "no such version": keep the preferred one and let the watcher retry.
+            _ => break,
+        }
+    }
+    at(kind.versions[0])
 }
 
 /// Drop what weft never reads before an object is cached.

@@ -26,7 +26,7 @@ use kube::{
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::config::Loaded;
+use crate::config::{route::Resolution, Loaded};
 
 /// The Gateway API `controllerName` weft reports as.
 pub const CONTROLLER: &str = "weft.dev/mesh";
@@ -36,8 +36,9 @@ const LEASE_SECONDS: i64 = 15;
 const ROUND: Duration = Duration::from_secs(2);
 
 /// The kinds whose status the writer patches.
-pub const WRITES_STATUS: [&str; 6] = [
+pub const WRITES_STATUS: [&str; 7] = [
     "HTTPRoute",
+    "GRPCRoute",
     "TLSRoute",
     "Mesh",
     "TrafficPolicy",
@@ -46,7 +47,7 @@ pub const WRITES_STATUS: [&str; 6] = [
 ];
 
 /// Route kinds, whose status is per parent.
-const ROUTES: [&str; 2] = ["HTTPRoute", "TLSRoute"];
+const ROUTES: [&str; 3] = ["HTTPRoute", "GRPCRoute", "TLSRoute"];
 
 /// A condition as weft would write it (without its transition time).
 #[derive(Clone, Debug, PartialEq)]
@@ -63,8 +64,8 @@ pub struct Verdicts {
     /// Refused objects by (kind, namespace, name): the field, why, and whether their
     /// previous version stays in force.
     refused: HashMap<(String, String, String), (String, String, bool)>,
-    /// Accepted routes whose backends name Services that are not there.
-    unresolved: HashMap<(String, String, String), Vec<String>>,
+    /// Accepted routes with backends that cannot be followed, and why.
+    unresolved: HashMap<(String, String, String), Vec<(Resolution, String)>>,
 }
 
 impl Verdicts {
@@ -84,7 +85,7 @@ impl Verdicts {
             .config
             .routes
             .iter()
-            .map(|r| ("HTTPRoute", &r.namespace, &r.name, r.unresolved()));
+            .map(|r| (r.kind.as_str(), &r.namespace, &r.name, r.unresolved()));
         let tls = loaded
             .config
             .tls_routes
@@ -155,15 +156,39 @@ impl Verdicts {
                 });
                 if route {
                     out.push(match self.unresolved.get(&key) {
-                        Some(missing) => Condition {
-                            kind: "ResolvedRefs",
-                            status: false,
-                            reason: "BackendNotFound",
-                            message: format!(
-                                "no such Service: {} (requests sent there get a 500)",
-                                missing.join(", ")
-                            ),
-                        },
+                        Some(refs) => {
+                            let of = |r: Resolution| {
+                                refs.iter()
+                                    .filter(|(why, _)| *why == r)
+                                    .map(|(_, s)| s.as_str())
+                                    .collect::<Vec<_>>()
+                            };
+                            let (denied, missing) =
+                                (of(Resolution::NotPermitted), of(Resolution::NotFound));
+                            let mut message = Vec::new();
+                            if !denied.is_empty() {
+                                message.push(format!(
+                                    "no ReferenceGrant allows {}",
+                                    denied.join(", ")
+                                ));
+                            }
+                            if !missing.is_empty() {
+                                message.push(format!("no such Service: {}", missing.join(", ")));
+                            }
+                            Condition {
+                                kind: "ResolvedRefs",
+                                status: false,
+                                reason: if denied.is_empty() {
+                                    "BackendNotFound"
+                                } else {
+                                    "RefNotPermitted"
+                                },
+                                message: format!(
+                                    "{} (requests sent there get a 500)",
+                                    message.join("; ")
+                                ),
+                            }
+                        }
                         None => Condition {
                             kind: "ResolvedRefs",
                             status: true,
@@ -498,5 +523,41 @@ mod tests {
         let mut written = obj.clone();
         written["status"] = patch["status"].clone();
         assert_eq!(patch_for("HTTPRoute", &written, &v), None);
+    }
+
+    #[test]
+    fn a_backend_no_grant_allows_is_ref_not_permitted() {
+        let mut v = Verdicts::default();
+        v.unresolved.insert(
+            ("GRPCRoute".into(), "web".into(), "g".into()),
+            vec![
+                (Resolution::NotFound, "web/gone:80".into()),
+                (Resolution::NotPermitted, "shop/cart:80".into()),
+            ],
+        );
+        let obj = json!({
+            "metadata": {"name": "g", "namespace": "web", "generation": 1, "resourceVersion": "2"},
+            "spec": {"parentRefs": [{"name": "cart", "namespace": "shop", "kind": "Service"}]},
+        });
+        let patch = patch_for("GRPCRoute", &obj, &v).expect("a patch");
+        let c = &patch["status"]["parents"][0]["conditions"];
+        assert_eq!(
+            (&c[0]["type"], &c[0]["status"]),
+            (&json!("Accepted"), &json!("True"))
+        );
+        assert_eq!(
+            (&c[1]["type"], &c[1]["status"], &c[1]["reason"]),
+            (
+                &json!("ResolvedRefs"),
+                &json!("False"),
+                &json!("RefNotPermitted")
+            )
+        );
+        let m = c[1]["message"].as_str().unwrap();
+        assert!(
+            m.contains("no ReferenceGrant allows shop/cart:80")
+                && m.contains("no such Service: web/gone:80"),
+            "{m}"
+        );
     }
 }

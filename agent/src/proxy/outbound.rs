@@ -19,7 +19,7 @@ use super::{
     stream::{forward, Forwarded},
 };
 use crate::{
-    config::{authz::Http, AppProtocol, Protocol},
+    config::{authz::Http, route::TlsRoute, AppProtocol, Protocol},
     metrics::Metrics,
     state::{Endpoint, NodeState, ServiceEntry},
     telemetry::{ms_since, TcpRecord},
@@ -97,8 +97,13 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
         Metrics::inc(&m.outbound_http);
         return http::serve(ctx.clone(), clients, conn, svc, proto).await;
     }
-    // TLS to a service with TLSRoutes: the backend service is chosen by server name.
-    let svc = if proto == Detected::Tls && !svc.tls_routes.is_empty() {
+    // TLS to a service with TLSRoutes (for this client's namespace): the backend service
+    // is chosen by server name.
+    let tls_routes = {
+        let state = inputs.state.load();
+        svc.tls_routes_for(state.namespace_of(pod.ip)).to_vec()
+    };
+    let svc = if proto == Detected::Tls && !tls_routes.is_empty() {
         let name = {
             // Bounded: each read holds a 16 KiB buffer.
             let Ok(_peek) = inputs.sni_peeks.acquire().await else {
@@ -108,7 +113,7 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
         };
         let target = name
             .as_deref()
-            .and_then(|n| tls_backend(&inputs.state.load(), &svc, n));
+            .and_then(|n| tls_backend(&inputs.state.load(), &tls_routes, n));
         match target {
             Some(target) => target,
             None => {
@@ -185,15 +190,19 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
 /// The backend Service for a TLS connection asking for `name`: among the service's
 /// TLSRoutes, an exact hostname wins over a wildcard, a longer wildcard over a shorter
 /// one; then a backend by weight.
-fn tls_backend(state: &NodeState, svc: &ServiceEntry, name: &str) -> Option<Arc<ServiceEntry>> {
-    let (route, _) = svc
-        .tls_routes
+fn tls_backend(
+    state: &NodeState,
+    routes: &[Arc<TlsRoute>],
+    name: &str,
+) -> Option<Arc<ServiceEntry>> {
+    let (route, _) = routes
         .iter()
         .flat_map(|r| r.hostnames.iter().map(move |h| (r, h)))
         .filter(|(_, h)| name_matches(h, name))
         .max_by_key(|(_, h)| (!h.starts_with("*."), h.len()))?;
     let b = http::routing::choose_backend(&route.backends)?;
-    state
-        .service_in(&svc.namespace, &b.service, b.port)
-        .cloned()
+    if !b.resolved() {
+        return None;
+    }
+    state.service_in(&b.namespace, &b.service, b.port).cloned()
 }

@@ -120,6 +120,8 @@ struct HttpConn {
     seen: AtomicU64,
     /// The client pod, as telemetry names it.
     source: crate::telemetry::Peer,
+    /// The client pod's namespace (which consumer routes apply).
+    namespace: Option<String>,
     /// The metric series this connection's requests counted into last.
     series: Arc<crate::telemetry::families::SeriesCache>,
 }
@@ -150,6 +152,12 @@ pub async fn serve(
         framing,
         seen: AtomicU64::new(0),
         source: ctx.inputs().state.load().peer(ctx.pod.ip),
+        namespace: ctx
+            .inputs()
+            .state
+            .load()
+            .namespace_of(ctx.pod.ip)
+            .map(str::to_owned),
         series: Arc::default(),
         ctx,
     });
@@ -416,7 +424,7 @@ impl HttpConn {
 
     /// Phase 1: the rule and the backend service.
     fn route<'a>(&'a self, req: &Request<Incoming>) -> Result<Routed<'a>, ProxyError> {
-        let plan = &self.svc.routes;
+        let plan = self.svc.routes_for(self.namespace.as_deref());
         if plan.is_empty() {
             return Ok(Routed {
                 rule: None,

@@ -261,7 +261,6 @@ impl RoutePlan {
         let mut rules = vec![];
         for route in routes {
             let name: Arc<str> = format!("{}/{}", route.namespace, route.name).into();
-            let ns = route.namespace.as_str();
             for rule in &route.rules {
                 let mut c = Rule {
                     route: name.clone(),
@@ -302,7 +301,13 @@ impl RoutePlan {
                     backends: rule
                         .backends
                         .iter()
-                        .map(|b| ((r.service)(ns, &b.service, b.port), b.weight))
+                        .map(|b| {
+                            let addr = b
+                                .resolved()
+                                .then(|| (r.service)(&b.namespace, &b.service, b.port))
+                                .flatten();
+                            (addr, b.weight)
+                        })
                         .collect(),
                     total_weight: rule.backends.iter().map(|b| u64::from(b.weight)).sum(),
                     request_timeout: rule.request_timeout,
@@ -340,11 +345,12 @@ impl RoutePlan {
                             })
                         }
                         Filter::Mirror {
+                            namespace,
                             service,
                             port,
                             percent,
                         } => c.mirrors.push(Mirror {
-                            target: (r.service)(ns, service, *port),
+                            target: (r.service)(namespace, service, *port),
                             percent: *percent,
                         }),
                         Filter::Extension {
@@ -469,6 +475,7 @@ mod tests {
 
     fn route(name: &str, rules: Vec<RouteRule>) -> Arc<HttpRoute> {
         Arc::new(HttpRoute {
+            kind: Default::default(),
             name: name.into(),
             namespace: "default".into(),
             parents: vec![],
@@ -483,7 +490,8 @@ mod tests {
                 service: backend.into(),
                 port: 80,
                 weight: 1,
-                resolved: true,
+                namespace: "default".into(),
+                resolution: crate::config::route::Resolution::Resolved,
             }],
             ..Default::default()
         }
@@ -605,7 +613,8 @@ mod tests {
     #[test]
     fn weights_partition_the_rolls() {
         let b = |s: &str, w| BackendRef {
-            resolved: true,
+            namespace: "default".into(),
+            resolution: crate::config::route::Resolution::Resolved,
             service: s.into(),
             port: 80,
             weight: w,

@@ -116,7 +116,8 @@ mod tests {
     #[test]
     fn weights_partition_the_rolls() {
         let b = |s: &str, w| BackendRef {
-            resolved: true,
+            namespace: "default".into(),
+            resolution: crate::config::route::Resolution::Resolved,
             service: s.into(),
             port: 80,
             weight: w,
