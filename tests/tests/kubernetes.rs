@@ -1118,7 +1118,7 @@ fn gateway_api_mesh_routes_from_the_api() {
     };
     let _grpc1 = grpc_server("web-1");
     let _grpc2 = grpc_server("web-2");
-    let _a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
+    let a = c.start_agent("a", &["--kubernetes", "--kubeconfig", &kubeconfig]);
     let _b = c.start_agent("b", &["--kubernetes", "--kubeconfig", &kubeconfig]);
     let watched = |path: &str| {
         api.requests()
@@ -1204,6 +1204,31 @@ fn gateway_api_mesh_routes_from_the_api() {
         2,
         "the producer's clients still balance"
     );
+    // What the operator sees: the consumer routes of the service, and explain from each
+    // namespace.
+    let routes = a.admin("/routes").unwrap();
+    let web80 = routes["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"] == "10.96.0.10:80")
+        .cloned()
+        .unwrap_or_else(|| panic!("web:80 in {routes}"));
+    assert_eq!(web80["consumers"][0]["namespace"], "shop", "{web80}");
+    let explain = |from: &str| {
+        let out = a.weftctl(&[
+            "explain",
+            from,
+            "10.96.0.10:80",
+            "--path",
+            "/",
+            "-o",
+            "json",
+        ]);
+        serde_json::from_str::<Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    assert_eq!(explain("shop/shopper")["route"], "shop/shop-to-v2");
+    assert_eq!(explain("default/client")["route"], Value::Null);
     wait_for("ResolvedRefs once granted", SECS5, || {
         condition("HTTPRoute", "shop", "shop-to-v2", "ResolvedRefs")
             == Some(("True".into(), "ResolvedRefs".into()))

@@ -2,7 +2,7 @@
 //! (Prometheus text) and `/tap` (a stream of JSON lines). [`PATHS`] lists them all, with
 //! what each answers; an unknown path gets 404 with that list.
 
-use std::{convert::Infallible, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
@@ -16,6 +16,7 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 
 use super::{AdminState, Change, Control, Scope};
 use crate::{
+    config::route::TlsRoute,
     metrics::Kind,
     telemetry::{families::Sample, tap::Filter},
 };
@@ -340,13 +341,31 @@ fn routes(admin: &AdminState) -> Value {
     let services: Vec<Value> = st
         .services
         .values()
-        .filter(|s| !s.routes.is_empty() || !s.tls_routes.is_empty())
+        .filter(|s| !s.routes.is_empty() || !s.tls_routes.is_empty() || !s.consumers.is_empty())
         .map(|s| {
+            let tls = |rs: &[Arc<TlsRoute>]| {
+                rs.iter()
+                    .map(|r| format!("{}/{}", r.namespace, r.name))
+                    .collect::<Vec<_>>()
+            };
+            // Consumer routes: what clients of each of those namespaces get instead.
+            let consumers: Vec<Value> = s
+                .consumers
+                .iter()
+                .map(|c| {
+                    json!({
+                        "namespace": c.namespace,
+                        "rules": c.routes.describe(name),
+                        "tls_routes": tls(&c.tls_routes),
+                    })
+                })
+                .collect();
             json!({
                 "service": s.name,
                 "address": s.addr.vip.to_string(),
                 "rules": s.routes.describe(name),
-                "tls_routes": s.tls_routes.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect::<Vec<_>>(),
+                "tls_routes": tls(&s.tls_routes),
+                "consumers": consumers,
             })
         })
         .collect();

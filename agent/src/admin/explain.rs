@@ -197,16 +197,18 @@ pub fn explain(st: &NodeState, ask: &Ask, facts: &Facts) -> Result<Value, String
         .path
         .parse()
         .map_err(|_| format!("path {:?} is not a valid request target", ask.path))?;
-    let (backends, route) = if svc.routes.is_empty() {
+    // The source's namespace may have consumer routes for this service.
+    let plan = svc.routes_for(Some(&w.namespace));
+    let (backends, route) = if plan.is_empty() {
         steps.push(format!(
             "{} has no HTTPRoute: every request goes to the service itself",
             svc.name
         ));
         (vec![(Some(svc.addr), 1u32)], None)
     } else {
-        match svc.routes.select(&ask.method, &uri, &ask.headers) {
+        match plan.select(&ask.method, &uri, &ask.headers) {
             None => {
-                steps.push(format!("no rule of the HTTPRoutes of {} ({}) matches {} {}: the proxy answers 404 no-route", svc.name, svc.routes.route_names().join(", "), ask.method, ask.path));
+                steps.push(format!("no rule of the HTTPRoutes of {} ({}) matches {} {}: the proxy answers 404 no-route", svc.name, plan.route_names().join(", "), ask.method, ask.path));
                 out["route"] = Value::Null;
                 out["outcome"] = json!("answered 404 no-route by the proxy");
                 out["steps"] = json!(steps);
