@@ -277,6 +277,13 @@ fn every_traffic_example_is_valid_with_its_cluster() {
         }
     }
     assert!(n >= 10, "examples missing from {}", dir.display());
+    let consumer = example("consumer-route.yaml");
+    assert_eq!(consumer.routes[0].parents[0].namespace, "shop");
+    assert!(consumer.routes[0].unresolved().is_empty(), "granted");
+    assert_eq!(
+        example("grpc-route.yaml").routes[0].kind,
+        route::RouteKind::Grpc
+    );
     let weights: Vec<u32> = example("canary.yaml").routes[0].rules[0]
         .backends
         .iter()
