@@ -117,7 +117,11 @@ impl Feed {
     fn load(&self, prev: Option<&Config>) -> Result<config::Loaded, config::ConfigError> {
         match self {
             Self::Files(p) => config::load_objects([config::Source::Path(p)], prev),
-            Self::Kubernetes(c, _) => Ok(config::from_api(c.objects().iter(), prev)),
+            Self::Kubernetes(c, _) => Ok(config::from_api(
+                c.objects(),
+                c.slices().iter().map(|s| &**s),
+                prev,
+            )),
         }
     }
 
@@ -650,12 +654,10 @@ fn slices_changed(
         if updates.iter().any(|(n, m, _)| n == ns && m == name) {
             continue;
         }
-        let new = match cluster.get("EndpointSlice", ns, name) {
+        let new = match cluster.slice(ns, name).as_deref() {
             None => None,
-            Some(obj) => match config::endpoint_slice_from_api(&obj) {
-                Ok(s) => s,
-                Err(_) => return false,
-            },
+            Some(Ok(s)) => s.clone(),
+            Some(Err(_)) => return false,
         };
         updates.push((ns.clone(), name.clone(), new));
     }

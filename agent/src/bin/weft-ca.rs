@@ -318,7 +318,7 @@ impl Server {
             Feed::Kubernetes(cluster) => {
                 let generation = Some(cluster.generation());
                 if generation != c.0 || c.1.is_none() {
-                    let l = config::from_api(cluster.objects().iter(), c.1.as_ref());
+                    let l = config::from_api(cluster.objects(), [], c.1.as_ref());
                     for r in &l.rejected {
                         tracing::warn!(error = %r, "object refused");
                     }

@@ -211,7 +211,7 @@ pub fn load_objects<'a>(
             Source::Text(name, text) => split_documents(name, text, &mut docs)?,
         }
     }
-    Ok(build(docs, prev, Strictness::File))
+    Ok(build(docs, [], prev, Strictness::File))
 }
 
 /// Parse configuration text as if it came from `name` (tests and `validate -`); any
@@ -219,27 +219,28 @@ pub fn load_objects<'a>(
 pub fn load_str(name: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut docs = Vec::new();
     split_documents(name, text, &mut docs)?;
-    build(docs, None, Strictness::File).strict()
+    build(docs, [], None, Strictness::File).strict()
 }
 
 /// Objects as the Kubernetes API serves them (JSON), accepted one by one like a file's
 /// documents. Fields weft does not know are ignored in Kubernetes' own kinds (the API
 /// server has validated them, and newer servers add fields); an object without a kind or
-/// a name is reported and left out.
-pub fn from_api<'a>(objects: impl IntoIterator<Item = &'a Value>, prev: Option<&Config>) -> Loaded {
+/// a name is reported and left out. EndpointSlices come apart, already read (the bulk of a
+/// cluster's objects: they are kept in that compact form, not as JSON).
+pub fn from_api<'a>(
+    objects: impl IntoIterator<Item = Value>,
+    slices: impl IntoIterator<Item = &'a SliceRead>,
+    prev: Option<&Config>,
+) -> Loaded {
     let mut docs = Vec::new();
     let mut unnamed = Vec::new();
     for o in objects {
-        let at = Location {
-            origin: Origin::Api,
-            object: String::new(),
-        };
-        match doc_of(at, o.clone()) {
+        match doc_of(api_location(), o) {
             Ok(d) => docs.push(d),
             Err(e) => unnamed.push(e),
         }
     }
-    let mut loaded = build(docs, prev, Strictness::Api);
+    let mut loaded = build(docs, slices, prev, Strictness::Api);
     for e in unnamed {
         if let ConfigError::Field { at, field, message } = e {
             loaded.rejected.push(Rejected {
@@ -256,17 +257,40 @@ pub fn from_api<'a>(objects: impl IntoIterator<Item = &'a Value>, prev: Option<&
     loaded
 }
 
-/// One EndpointSlice as the API serves it: the slice, `None` for one weft does not use
-/// (another address family, no Service label), or why it is refused.
-pub fn endpoint_slice_from_api(obj: &Value) -> Result<Option<EndpointSlice>, ConfigError> {
-    let at = Location {
+fn api_location() -> Location {
+    Location {
         origin: Origin::Api,
         object: String::new(),
+    }
+}
+
+/// One EndpointSlice as the API serves it, read: the slice, `None` for one weft does not
+/// use (another address family, no Service label), or why it is refused.
+pub type SliceRead = Result<Option<EndpointSlice>, Box<Rejected>>;
+
+/// Read one EndpointSlice as the API serves it (see [`SliceRead`]).
+pub fn endpoint_slice_from_api(obj: Value) -> SliceRead {
+    let refused = |e: ConfigError, namespace: Option<String>, name: String| {
+        let ConfigError::Field { at, field, message } = e else {
+            unreachable!("objects are refused for their fields");
+        };
+        Box::new(Rejected {
+            kind: "EndpointSlice".into(),
+            namespace,
+            name,
+            at,
+            field,
+            message,
+            kept_previous: false,
+        })
     };
-    let doc = doc_of(at, obj.clone())?;
-    check_name(&doc.at, "metadata.name", &doc.meta.name)?;
+    let doc = doc_of(api_location(), obj).map_err(|e| refused(e, None, String::new()))?;
     let ns = doc.namespace();
-    super::kube_shapes::endpoint_slice(&doc.at, doc.meta, ns, doc.rest)
+    let name = doc.meta.name.clone();
+    check_name(&doc.at, "metadata.name", &doc.meta.name)
+        .map_err(|e| refused(e, Some(ns.clone()), name.clone()))?;
+    super::kube_shapes::endpoint_slice(&doc.at, doc.meta, ns.clone(), doc.rest)
+        .map_err(|e| refused(e, Some(ns), name))
 }
 
 fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
@@ -698,13 +722,34 @@ struct Pending<S> {
     spec: S,
 }
 
-fn build(docs: Vec<Doc>, prev: Option<&Config>, strictness: Strictness) -> Loaded {
+fn build<'a>(
+    docs: Vec<Doc>,
+    slices: impl IntoIterator<Item = &'a SliceRead>,
+    prev: Option<&Config>,
+    strictness: Strictness,
+) -> Loaded {
     let mut b = Builder {
         cfg: Config::default(),
         prev,
         rejected: Vec::new(),
         vips: HashMap::new(),
     };
+    // EndpointSlices read ahead: they refer to nothing.
+    for s in slices {
+        match s {
+            Ok(Some(s)) => b.cfg.endpoint_slices.push(s.clone()),
+            Ok(None) => {}
+            Err(r) => {
+                let mut r = Rejected::clone(r);
+                r.kept_previous = b.keep_previous(
+                    "EndpointSlice",
+                    r.namespace.as_deref().unwrap_or("default"),
+                    &r.name,
+                );
+                b.rejected.push(r);
+            }
+        }
+    }
     let mut seen: HashMap<(String, String, String), Location> = HashMap::new();
     let mut pending_workloads: Vec<Pending<WorkloadSpec>> = Vec::new();
     let mut pending_routes = Vec::new();

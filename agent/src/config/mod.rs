@@ -15,9 +15,9 @@ pub mod watch;
 pub use kube_shapes::LABEL_SERVICE_NAME;
 pub use load::{
     endpoint_slice_from_api, from_api, load_objects, load_path, load_sources, load_str,
-    ConfigError, Loaded, Location, Origin, Rejected, Source, ANNOTATION_CGROUP, ANNOTATION_NETNS,
-    ANNOTATION_QUARANTINE, ANNOTATION_QUARANTINE_ALLOW_FROM, LABEL_AGENT_DOWN, LABEL_MESH,
-    LABEL_MTLS,
+    ConfigError, Loaded, Location, Origin, Rejected, SliceRead, Source, ANNOTATION_CGROUP,
+    ANNOTATION_NETNS, ANNOTATION_QUARANTINE, ANNOTATION_QUARANTINE_ALLOW_FROM, LABEL_AGENT_DOWN,
+    LABEL_MESH, LABEL_MTLS,
 };
 pub use model::{
     AgentDown, AppProtocol, Config, EndpointSlice, Mtls, Namespace, Node, Protocol, Service,

@@ -993,3 +993,48 @@ fn a_traffic_policy_attaches_through_target_refs() {
     let e = err(&format!("{TWO_NAMESPACES}apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {{loadBalancer: RoundRobin}}\n"));
     assert!(e.contains("field `spec.targetRefs`"), "{e}");
 }
+
+#[test]
+fn an_endpoint_slice_read_ahead_is_refused_alone_and_keeps_its_last_version() {
+    let slice = |ip: &str| {
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abcde", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]
+        })
+    };
+    let service = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80, "targetPort": 8080}]}
+    });
+    let good = [endpoint_slice_from_api(slice("10.0.0.7"))];
+    let first = from_api([service.clone()], &good, None);
+    assert!(first.rejected.is_empty(), "{:?}", first.rejected);
+    assert_eq!(
+        first.config.endpoint_slices[0].endpoints[0].ip,
+        Ipv4Addr::new(10, 0, 0, 7)
+    );
+    let bad = [endpoint_slice_from_api(slice("10.0.0.999"))];
+    let next = from_api([service], &bad, Some(&first.config));
+    let r = &next.rejected[0];
+    assert_eq!(
+        (
+            r.kind.as_str(),
+            r.namespace.as_deref(),
+            r.name.as_str(),
+            r.field.as_str()
+        ),
+        (
+            "EndpointSlice",
+            Some("shop"),
+            "web-abcde",
+            "endpoints[0].addresses[0]"
+        )
+    );
+    assert!(r.kept_previous);
+    assert_eq!(next.config.endpoint_slices, first.config.endpoint_slices);
+}

@@ -9,7 +9,7 @@
 //! before they are cached: `managedFields`, the last-applied annotation, and every field
 //! of a Pod weft does not read.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
@@ -19,7 +19,12 @@ use kube::{
     Client,
 };
 use serde_json::Value;
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+
+use crate::config::SliceRead;
 
 pub mod status;
 
@@ -162,11 +167,17 @@ pub struct Changes {
     pub slices: Vec<(String, String)>,
 }
 
+/// EndpointSlices as read (`config::SliceRead`), by namespace and name: the bulk of a
+/// cluster's objects, kept compact instead of as JSON.
+type Slices = HashMap<(String, String), Arc<SliceRead>>;
+
 /// The caches of every watched kind.
 pub struct Cluster {
     client: Client,
     changes: Arc<std::sync::Mutex<Changes>>,
     caches: Vec<(&'static Kind, ApiResource, reflector::Store<DynamicObject>)>,
+    /// EndpointSlices, when watched, and whether they have been listed once.
+    slices: Option<(Arc<std::sync::RwLock<Slices>>, watch::Receiver<bool>)>,
     /// Woken whenever a cache changed (an object applied or deleted, or a re-list done).
     pub changed: Arc<Notify>,
     /// Counts those changes.
@@ -195,11 +206,28 @@ impl Cluster {
         let changes = Arc::new(std::sync::Mutex::new(Changes::default()));
         let mut caches = Vec::new();
         let mut tasks = Vec::new();
+        let mut slices = None;
         for kind in KINDS
             .iter()
             .filter(|k| only.is_none_or(|o| o.contains(&k.kind)))
         {
             let ar = served(client, kind).await;
+            if kind.kind == "EndpointSlice" {
+                let map = Arc::new(std::sync::RwLock::new(Slices::new()));
+                let (listed, ready) = watch::channel(false);
+                let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+                let sink = SliceSink {
+                    ar,
+                    map: map.clone(),
+                    listed,
+                    changes: changes.clone(),
+                    changed: changed.clone(),
+                    generation: generation.clone(),
+                };
+                tasks.push(tokio::spawn(sink.run(api)));
+                slices = Some((map, ready));
+                continue;
+            }
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let writer = reflector::store::Writer::new(ar.clone());
             caches.push((kind, ar.clone(), writer.as_reader()));
@@ -215,18 +243,6 @@ impl Cluster {
                 let mut failing = false;
                 while let Some(event) = stream.next().await {
                     match event {
-                        Ok(
-                            watcher::Event::Apply(ref o)
-                            | watcher::Event::Delete(ref o),
-                        ) if kind.kind == "EndpointSlice" => {
-                            let key = (
-                                o.metadata.namespace.clone().unwrap_or_default(),
-                                o.metadata.name.clone().unwrap_or_default(),
-                            );
-                            log.lock().unwrap_or_else(|p| p.into_inner()).slices.push(key);
-                            generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            changed.notify_one();
-                        }
                         Ok(
                             watcher::Event::Apply(_)
                             | watcher::Event::Delete(_)
@@ -256,6 +272,7 @@ impl Cluster {
             client: client.clone(),
             changes,
             caches,
+            slices,
             changed,
             generation,
             tasks,
@@ -302,6 +319,26 @@ impl Cluster {
         Some(v)
     }
 
+    /// Every EndpointSlice, as read.
+    pub fn slices(&self) -> Vec<Arc<SliceRead>> {
+        self.slices.as_ref().map_or_else(Vec::new, |(map, _)| {
+            map.read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// One EndpointSlice as read; `None` when it is not there.
+    pub fn slice(&self, namespace: &str, name: &str) -> Option<Arc<SliceRead>> {
+        let (map, _) = self.slices.as_ref()?;
+        map.read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// A number that moves whenever any cache changed.
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Relaxed)
@@ -312,6 +349,15 @@ impl Cluster {
     pub async fn synced(&self, timeout: Duration) -> Result<(), Vec<&'static str>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut missing = Vec::new();
+        if let Some((_, ready)) = &self.slices {
+            let mut ready = ready.clone();
+            if tokio::time::timeout_at(deadline, ready.wait_for(|listed| *listed))
+                .await
+                .is_err()
+            {
+                missing.push("EndpointSlice");
+            }
+        }
         for (kind, _, store) in self.caches.iter().filter(|(k, _, _)| k.required) {
             if tokio::time::timeout_at(deadline, store.wait_until_ready())
                 .await
@@ -351,6 +397,100 @@ impl Cluster {
             }
         }
         out
+    }
+}
+
+/// Watches EndpointSlices into their compact cache: each object is read as it arrives
+/// (`config::endpoint_slice_from_api`) and its JSON dropped. A (re-)list replaces the
+/// whole cache once it is complete, as kube's reflector does.
+struct SliceSink {
+    ar: ApiResource,
+    map: Arc<std::sync::RwLock<Slices>>,
+    listed: watch::Sender<bool>,
+    changes: Arc<std::sync::Mutex<Changes>>,
+    changed: Arc<Notify>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SliceSink {
+    fn read(&self, o: DynamicObject) -> ((String, String), Arc<SliceRead>) {
+        let key = (
+            o.metadata.namespace.clone().unwrap_or_default(),
+            o.metadata.name.clone().unwrap_or_default(),
+        );
+        let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            m.insert(
+                "apiVersion".into(),
+                Value::from(self.ar.api_version.as_str()),
+            );
+            m.insert("kind".into(), Value::from(self.ar.kind.as_str()));
+        }
+        (key, Arc::new(crate::config::endpoint_slice_from_api(v)))
+    }
+
+    fn changed(&self, key: Option<(String, String)>) {
+        {
+            let mut log = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+            match key {
+                Some(k) => log.slices.push(k),
+                None => log.everything = true,
+            }
+        }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    async fn run(self, api: Api<DynamicObject>) {
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut listing: Option<Slices> = None;
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => listing = Some(Slices::new()),
+                Ok(watcher::Event::InitApply(o)) => {
+                    let (k, v) = self.read(o);
+                    listing.get_or_insert_with(Slices::new).insert(k, v);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let fresh = listing.take().unwrap_or_default();
+                    *self.map.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                    self.listed.send_replace(true);
+                    if std::mem::take(&mut failing) {
+                        tracing::info!(kind = "EndpointSlice", "watching again");
+                    }
+                    self.changed(None);
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    let (k, v) = self.read(o);
+                    self.map
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(k.clone(), v);
+                    self.changed(Some(k));
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let k = (
+                        o.metadata.namespace.clone().unwrap_or_default(),
+                        o.metadata.name.clone().unwrap_or_default(),
+                    );
+                    self.map
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&k);
+                    self.changed(Some(k));
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(kind = "EndpointSlice", error = %e, "watching failed; retrying with backoff");
+                }
+                Err(e) => {
+                    tracing::debug!(kind = "EndpointSlice", error = %e, "watching still fails")
+                }
+            }
+        }
     }
 }
 
