@@ -337,6 +337,8 @@ impl HttpConn {
         };
         let telemetry = &self.ctx.inputs().telemetry;
         let mut ex = Exchange::start(&req, &self.source, &self.svc.name, telemetry);
+        // Golden signals count against the service dialed until the request is routed
+        // (a 404 no-route is that service's), then against the backend it went to.
         if telemetry.enabled {
             ex.golden = Some(self.svc.traffic.clone());
         }
@@ -380,6 +382,7 @@ impl HttpConn {
         let routed = self.route(&req)?;
         ex.service = routed.backend.name.clone();
         if self.ctx.inputs().telemetry.enabled {
+            // Routed: from here the backend service's (see `handle`).
             ex.golden = Some(routed.backend.traffic.clone());
         }
         ex.route = routed.rule.map(|r| r.route.clone());
