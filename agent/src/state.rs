@@ -309,6 +309,8 @@ impl NodeState {
             .collect();
         let mut services = BTreeMap::new();
         let mut by_name: HashMap<String, HashMap<String, Vec<ServiceAddr>>> = HashMap::new();
+        // Services without a TrafficPolicy share the defaults.
+        let default_policy = Arc::new(TrafficPolicy::default());
         for svc in &cfg.services {
             let selected: Vec<usize> = match svc.selector.iter().next() {
                 None => vec![],
@@ -322,13 +324,11 @@ impl NodeState {
                     })
                     .unwrap_or_default(),
             };
-            let policy = Arc::new(
-                cfg.policies
-                    .iter()
-                    .find(|p| p.namespace == svc.namespace && p.services.contains(&svc.name))
-                    .map(|p| p.policy.clone())
-                    .unwrap_or_default(),
-            );
+            let policy = cfg
+                .policies
+                .iter()
+                .find(|p| p.namespace == svc.namespace && p.services.contains(&svc.name))
+                .map_or_else(|| default_policy.clone(), |p| Arc::new(p.policy.clone()));
             for port in &svc.ports {
                 let before = prev.and_then(|p| p.service_in(&svc.namespace, &svc.name, port.port));
                 let picked = match slices.get(&(svc.namespace.as_str(), svc.name.as_str())) {

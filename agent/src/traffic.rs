@@ -300,7 +300,9 @@ pub struct ServiceTraffic {
     pending: AtomicU32,
     connections: AtomicU32,
     freed: Notify,
-    budget: Vec<BudgetSlot>,
+    /// Made on the first request: most services of a large cluster never see one from
+    /// this node.
+    budget: std::sync::OnceLock<Box<[BudgetSlot]>>,
     pub bucket: TokenBucket,
     /// Requests routed to it, for the golden signals over the last minute.
     pub golden: crate::telemetry::window::Golden,
@@ -314,10 +316,17 @@ impl Default for ServiceTraffic {
             pending: AtomicU32::new(0),
             connections: AtomicU32::new(0),
             freed: Notify::new(),
-            budget: (0..BUDGET_SLOTS).map(|_| BudgetSlot::default()).collect(),
+            budget: std::sync::OnceLock::new(),
             bucket: TokenBucket::default(),
             golden: Default::default(),
         }
+    }
+}
+
+impl ServiceTraffic {
+    fn budget(&self) -> &[BudgetSlot] {
+        self.budget
+            .get_or_init(|| (0..BUDGET_SLOTS).map(|_| BudgetSlot::default()).collect())
     }
 }
 
@@ -369,7 +378,7 @@ impl ServiceTraffic {
     }
 
     fn slot(&self, second: u64) -> &BudgetSlot {
-        let s = &self.budget[second as usize % BUDGET_SLOTS];
+        let s = &self.budget()[second as usize % BUDGET_SLOTS];
         let seen = s.second.load(Relaxed);
         if seen != second
             && s.second
@@ -394,7 +403,7 @@ impl ServiceTraffic {
         let now = now_ns() / 1_000_000_000;
         let ttl = b.ttl.as_secs().clamp(1, BUDGET_SLOTS as u64);
         let (mut requests, mut retries) = (0u64, 0u64);
-        for s in &self.budget {
+        for s in self.budget() {
             let sec = s.second.load(Relaxed);
             if sec <= now && now - sec < ttl {
                 requests += u64::from(s.requests.load(Relaxed));
