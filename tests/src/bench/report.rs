@@ -624,9 +624,10 @@ const OUTRO: &str = "
   table shows where it stands.
 - **Memory.** The agent is one process per node: its memory grows with the configuration
   (services, endpoints) and the number of open connections, not with the number of pods.
-  In Kubernetes mode it is far more than it should be at 10,000 services: the watch
-  caches hold the API's JSON and the configuration is kept in more than one form (see the
-  targets table; open work).
+  In Kubernetes mode it is still far more than it should be at 10,000 services: the
+  EndpointSlices are cached compactly, but Services and Pods stay in the watch caches as
+  the API's JSON, the configuration is kept in more than one form, and a full rebuild
+  holds the old and the new state at once (see the targets table; open work).
 - **Changes in a cluster.** An EndpointSlice change (pods coming and going, the common
   case) is applied to the services it touches only: its cost hardly grows with the
   cluster. Any other change (a Service, a Pod, a route) still rebuilds the node's whole
