@@ -668,12 +668,6 @@ pub(super) fn convert(
     // Mesh routes attach to Services and match by address: the Gateway API's mesh
     // profile ignores their hostnames, and so does weft.
     let _ = &spec.hostnames;
-    if spec.parent_refs.is_empty() {
-        return Err(err(
-            "spec.parentRefs".into(),
-            "a mesh route needs at least one Service parent".into(),
-        ));
-    }
     let parents = convert_parents(spec.parent_refs, &namespace, refs.services)?;
     let mut rules = vec![];
     for (r, raw) in spec.rules.into_iter().enumerate() {
@@ -883,12 +877,6 @@ pub(super) fn convert_grpc(
 ) -> Result<HttpRoute, (String, String)> {
     // As for HTTPRoutes: mesh routes match by address, hostnames are ignored.
     let _ = &spec.hostnames;
-    if spec.parent_refs.is_empty() {
-        return Err((
-            "spec.parentRefs".into(),
-            "a mesh route needs at least one Service parent".into(),
-        ));
-    }
     let parents = convert_parents(spec.parent_refs, &namespace, refs.services)?;
     let mut rules = vec![];
     for (r, raw) in spec.rules.into_iter().enumerate() {
@@ -996,6 +984,12 @@ fn convert_parents(
     services: &ServicePorts<'_>,
 ) -> Result<Vec<Parent>, (String, String)> {
     let err = |f: String, m: String| (f, m);
+    if refs.is_empty() {
+        return Err(err(
+            "spec.parentRefs".into(),
+            "a mesh route needs at least one Service parent".into(),
+        ));
+    }
     let mut parents = vec![];
     for (i, p) in refs.into_iter().enumerate() {
         let f = |x: &str| format!("spec.parentRefs[{i}]{x}");
