@@ -71,6 +71,7 @@ impl std::fmt::Display for ConfigSource {
 /// The configuration source, opened.
 enum Feed {
     Files(PathBuf),
+    #[cfg(feature = "kubernetes")]
     Kubernetes(crate::k8s::Cluster, crate::k8s::status::StatusWriter),
 }
 
@@ -78,6 +79,11 @@ impl Feed {
     async fn open(opts: &AgentOptions) -> anyhow::Result<Self> {
         match &opts.config {
             ConfigSource::Files(p) => Ok(Self::Files(p.clone())),
+            #[cfg(not(feature = "kubernetes"))]
+            ConfigSource::Kubernetes { .. } => {
+                anyhow::bail!("this weft-agent was built without the kubernetes feature")
+            }
+            #[cfg(feature = "kubernetes")]
             ConfigSource::Kubernetes {
                 kubeconfig,
                 namespace,
@@ -107,9 +113,12 @@ impl Feed {
 
     /// The configuration `loaded` was applied: what it made of each object goes into the
     /// objects' status (Kubernetes; files have `weftctl status`).
+    #[cfg_attr(not(feature = "kubernetes"), expect(unused_variables))]
     fn applied(&self, loaded: &config::Loaded) {
-        if let Self::Kubernetes(_, writer) = self {
-            writer.publish(loaded);
+        match self {
+            Self::Files(_) => {}
+            #[cfg(feature = "kubernetes")]
+            Self::Kubernetes(_, writer) => writer.publish(loaded),
         }
     }
 
@@ -117,6 +126,7 @@ impl Feed {
     fn load(&self, prev: Option<&Config>) -> Result<config::Loaded, config::ConfigError> {
         match self {
             Self::Files(p) => config::load_objects([config::Source::Path(p)], prev),
+            #[cfg(feature = "kubernetes")]
             Self::Kubernetes(c, _) => Ok(config::from_api(
                 c.objects(),
                 c.slices().iter().map(|s| &**s),
@@ -129,6 +139,7 @@ impl Feed {
     async fn changed(&self) {
         match self {
             Self::Files(_) => std::future::pending().await,
+            #[cfg(feature = "kubernetes")]
             Self::Kubernetes(c, _) => c.changed.notified().await,
         }
     }
@@ -137,6 +148,7 @@ impl Feed {
     fn fingerprint(&self) -> Option<u64> {
         match self {
             Self::Files(p) => config::watch::fingerprint(p),
+            #[cfg(feature = "kubernetes")]
             Self::Kubernetes(..) => None,
         }
     }
@@ -488,6 +500,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 // Kubernetes: when only EndpointSlices changed, only their services are
                 // rebuilt and written (anything else reads the whole cluster again).
                 let slices_only = match &feed {
+                    #[cfg(feature = "kubernetes")]
                     Feed::Kubernetes(cluster, _) if changed => {
                         let ch = cluster.take_changes();
                         !ch.everything && !ch.slices.is_empty() && tokio::task::block_in_place(|| {
@@ -539,6 +552,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Some(cmd) = control_rx.recv() => {
                 // In a cluster a quarantine is the pod's annotation, for every node: the
                 // API carries it, and the watch brings it back here like any change.
+                #[cfg(feature = "kubernetes")]
                 if let Feed::Kubernetes(cluster, _) = &feed {
                     let answer = quarantine_through_api(cluster, cmd.what, &state.load()).await;
                     let _ = cmd.reply.send(answer.map(|()| generation));
@@ -634,6 +648,7 @@ fn effective(accepted: &Config, opts: &AgentOptions, overrides: &Overrides) -> C
     cfg
 }
 
+#[cfg(feature = "kubernetes")]
 /// Apply a change of these EndpointSlices alone: read them from the cache, rebuild only
 /// the services they belong to, write only those to the maps, swap the state. `false`
 /// (nothing changed) when the change needs the full path: a slice refused now or before,
@@ -691,6 +706,7 @@ fn slices_changed(
     true
 }
 
+#[cfg(feature = "kubernetes")]
 /// Carry out a quarantine change asked for through the admin API by annotating the pod
 /// through the Kubernetes API (`weft.dev/quarantine`, `weft.dev/quarantine-allow-from`).
 async fn quarantine_through_api(

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod enroll;
 pub mod handoff;
 pub mod identity;
+#[cfg(feature = "kubernetes")]
 pub mod k8s;
 pub mod metrics;
 pub mod netns;
