@@ -140,7 +140,7 @@ impl Feed {
         match self {
             Self::Files(_) => std::future::pending().await,
             #[cfg(feature = "kubernetes")]
-            Self::Kubernetes(c, _) => c.changed.notified().await,
+            Self::Kubernetes(c, _) => c.changed().notified().await,
         }
     }
 

@@ -171,17 +171,81 @@ pub struct Changes {
 /// cluster's objects, kept compact instead of as JSON.
 type Slices = HashMap<(String, String), Arc<SliceRead>>;
 
+/// How a watcher tells the control loop a cache changed: the change logged, the
+/// generation moved, the loop woken.
+#[derive(Clone, Default)]
+struct Signal {
+    changes: Arc<std::sync::Mutex<Changes>>,
+    /// Woken whenever a cache changed (an object applied or deleted, or a re-list done).
+    changed: Arc<Notify>,
+    /// Counts those changes.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Signal {
+    /// A change of the EndpointSlice `slice`, or of anything (`None`).
+    fn raise(&self, slice: Option<(String, String)>) {
+        {
+            let mut log = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+            match slice {
+                Some(k) => log.slices.push(k),
+                None => log.everything = true,
+            }
+        }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+}
+
+/// Whether a kind's watch is failing, so a failure is logged once and its end too.
+struct Health {
+    kind: &'static str,
+    failing: bool,
+}
+
+impl Health {
+    fn ok(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!(kind = self.kind, "watching again");
+        }
+    }
+
+    /// The watcher backs off and retries (a fresh list after 410 Gone).
+    fn failed(&mut self, e: &watcher::Error) {
+        if std::mem::replace(&mut self.failing, true) {
+            tracing::debug!(kind = self.kind, error = %e, "watching still fails");
+        } else {
+            tracing::warn!(kind = self.kind, error = %e, "watching failed; retrying with backoff");
+        }
+    }
+}
+
+/// An object as the API serves it, apiVersion and kind filled in.
+fn as_served(o: impl serde::Serialize, ar: &ApiResource) -> Option<Value> {
+    let mut v = serde_json::to_value(o).ok()?;
+    if let Value::Object(m) = &mut v {
+        m.insert("apiVersion".into(), Value::from(ar.api_version.as_str()));
+        m.insert("kind".into(), Value::from(ar.kind.as_str()));
+    }
+    Some(v)
+}
+
+/// An object's namespace and name.
+fn key_of(o: &DynamicObject) -> (String, String) {
+    (
+        o.metadata.namespace.clone().unwrap_or_default(),
+        o.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
 /// The caches of every watched kind.
 pub struct Cluster {
     client: Client,
-    changes: Arc<std::sync::Mutex<Changes>>,
     caches: Vec<(&'static Kind, ApiResource, reflector::Store<DynamicObject>)>,
     /// EndpointSlices, when watched, and whether they have been listed once.
     slices: Option<(Arc<std::sync::RwLock<Slices>>, watch::Receiver<bool>)>,
-    /// Woken whenever a cache changed (an object applied or deleted, or a re-list done).
-    pub changed: Arc<Notify>,
-    /// Counts those changes.
-    generation: Arc<std::sync::atomic::AtomicU64>,
+    signal: Signal,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -201,9 +265,7 @@ impl Cluster {
 
     /// Start watching the kinds named (every kind weft reads when `None`).
     pub async fn watch_only(client: &Client, only: Option<&[&str]>) -> Self {
-        let changed = Arc::new(Notify::new());
-        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let changes = Arc::new(std::sync::Mutex::new(Changes::default()));
+        let signal = Signal::default();
         let mut caches = Vec::new();
         let mut tasks = Vec::new();
         let mut slices = None;
@@ -220,9 +282,7 @@ impl Cluster {
                     ar,
                     map: map.clone(),
                     listed,
-                    changes: changes.clone(),
-                    changed: changed.clone(),
-                    generation: generation.clone(),
+                    signal: signal.clone(),
                 };
                 tasks.push(tokio::spawn(sink.run(api)));
                 slices = Some((map, ready));
@@ -235,12 +295,13 @@ impl Cluster {
                 .default_backoff()
                 .modify(move |o: &mut DynamicObject| trim(kind.kind, o))
                 .reflect(writer);
-            let changed = changed.clone();
-            let generation = generation.clone();
-            let log = changes.clone();
+            let signal = signal.clone();
             tasks.push(tokio::spawn(async move {
                 let mut stream = std::pin::pin!(stream);
-                let mut failing = false;
+                let mut health = Health {
+                    kind: kind.kind,
+                    failing: false,
+                };
                 while let Some(event) = stream.next().await {
                     match event {
                         Ok(
@@ -248,33 +309,20 @@ impl Cluster {
                             | watcher::Event::Delete(_)
                             | watcher::Event::InitDone,
                         ) => {
-                            log.lock().unwrap_or_else(|p| p.into_inner()).everything = true;
-                            if std::mem::take(&mut failing) {
-                                tracing::info!(kind = kind.kind, "watching again");
-                            }
-                            generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            changed.notify_one();
+                            health.ok();
+                            signal.raise(None);
                         }
                         Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                        // The watcher backs off and retries (a fresh list after 410 Gone).
-                        Err(e) if !failing => {
-                            failing = true;
-                            tracing::warn!(kind = kind.kind, error = %e, "watching failed; retrying with backoff");
-                        }
-                        Err(e) => {
-                            tracing::debug!(kind = kind.kind, error = %e, "watching still fails")
-                        }
+                        Err(e) => health.failed(&e),
                     }
                 }
             }));
         }
         Self {
             client: client.clone(),
-            changes,
             caches,
             slices,
-            changed,
-            generation,
+            signal,
             tasks,
         }
     }
@@ -301,22 +349,20 @@ impl Cluster {
         .map(|_| ())
     }
 
-    /// What changed since the last call.
-    pub fn take_changes(&self) -> Changes {
-        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Wakes whenever a cache changed (an object applied or deleted, or a re-list done).
+    pub fn changed(&self) -> &Notify {
+        &self.signal.changed
     }
 
-    /// One cached object of `kind`, as the API serves it; `None` when it is not there.
-    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let (_, ar, store) = self.caches.iter().find(|(k, _, _)| k.kind == kind)?;
-        let key = reflector::ObjectRef::new_with(name, ar.clone()).within(namespace);
-        let o = store.get(&key)?;
-        let mut v = serde_json::to_value(&*o).ok()?;
-        if let Value::Object(m) = &mut v {
-            m.insert("apiVersion".into(), Value::from(ar.api_version.as_str()));
-            m.insert("kind".into(), Value::from(ar.kind.as_str()));
-        }
-        Some(v)
+    /// What changed since the last call.
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(
+            &mut *self
+                .signal
+                .changes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// Every EndpointSlice, as read.
@@ -341,7 +387,9 @@ impl Cluster {
 
     /// A number that moves whenever any cache changed.
     pub fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+        self.signal
+            .generation
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Wait until every required kind has been listed once; the kinds still missing when
@@ -385,16 +433,7 @@ impl Cluster {
     pub fn objects(&self) -> Vec<Value> {
         let mut out = Vec::new();
         for (_, ar, store) in &self.caches {
-            for o in store.state() {
-                let Ok(mut v) = serde_json::to_value(&*o) else {
-                    continue;
-                };
-                if let Value::Object(m) = &mut v {
-                    m.insert("apiVersion".into(), Value::from(ar.api_version.as_str()));
-                    m.insert("kind".into(), Value::from(ar.kind.as_str()));
-                }
-                out.push(v);
-            }
+            out.extend(store.state().iter().filter_map(|o| as_served(&**o, ar)));
         }
         out
     }
@@ -407,46 +446,28 @@ struct SliceSink {
     ar: ApiResource,
     map: Arc<std::sync::RwLock<Slices>>,
     listed: watch::Sender<bool>,
-    changes: Arc<std::sync::Mutex<Changes>>,
-    changed: Arc<Notify>,
-    generation: Arc<std::sync::atomic::AtomicU64>,
+    signal: Signal,
 }
 
 impl SliceSink {
     fn read(&self, o: DynamicObject) -> ((String, String), Arc<SliceRead>) {
-        let key = (
-            o.metadata.namespace.clone().unwrap_or_default(),
-            o.metadata.name.clone().unwrap_or_default(),
-        );
-        let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            m.insert(
-                "apiVersion".into(),
-                Value::from(self.ar.api_version.as_str()),
-            );
-            m.insert("kind".into(), Value::from(self.ar.kind.as_str()));
-        }
+        let key = key_of(&o);
+        let v = as_served(o, &self.ar).unwrap_or(Value::Null);
         (key, Arc::new(crate::config::endpoint_slice_from_api(v)))
     }
 
-    fn changed(&self, key: Option<(String, String)>) {
-        {
-            let mut log = self.changes.lock().unwrap_or_else(|p| p.into_inner());
-            match key {
-                Some(k) => log.slices.push(k),
-                None => log.everything = true,
-            }
-        }
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.changed.notify_one();
+    fn slices(&self) -> std::sync::RwLockWriteGuard<'_, Slices> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn run(self, api: Api<DynamicObject>) {
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         let mut stream = std::pin::pin!(stream);
         let mut listing: Option<Slices> = None;
-        let mut failing = false;
+        let mut health = Health {
+            kind: "EndpointSlice",
+            failing: false,
+        };
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init) => listing = Some(Slices::new()),
@@ -455,40 +476,22 @@ impl SliceSink {
                     listing.get_or_insert_with(Slices::new).insert(k, v);
                 }
                 Ok(watcher::Event::InitDone) => {
-                    let fresh = listing.take().unwrap_or_default();
-                    *self.map.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                    *self.slices() = listing.take().unwrap_or_default();
                     self.listed.send_replace(true);
-                    if std::mem::take(&mut failing) {
-                        tracing::info!(kind = "EndpointSlice", "watching again");
-                    }
-                    self.changed(None);
+                    health.ok();
+                    self.signal.raise(None);
                 }
                 Ok(watcher::Event::Apply(o)) => {
                     let (k, v) = self.read(o);
-                    self.map
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(k.clone(), v);
-                    self.changed(Some(k));
+                    self.slices().insert(k.clone(), v);
+                    self.signal.raise(Some(k));
                 }
                 Ok(watcher::Event::Delete(o)) => {
-                    let k = (
-                        o.metadata.namespace.clone().unwrap_or_default(),
-                        o.metadata.name.clone().unwrap_or_default(),
-                    );
-                    self.map
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&k);
-                    self.changed(Some(k));
+                    let k = key_of(&o);
+                    self.slices().remove(&k);
+                    self.signal.raise(Some(k));
                 }
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(kind = "EndpointSlice", error = %e, "watching failed; retrying with backoff");
-                }
-                Err(e) => {
-                    tracing::debug!(kind = "EndpointSlice", error = %e, "watching still fails")
-                }
+                Err(e) => health.failed(&e),
             }
         }
     }
