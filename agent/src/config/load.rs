@@ -132,6 +132,23 @@ pub struct Rejected {
 }
 
 impl Rejected {
+    /// The object `kind` `namespace/name` refused for the field `e` names (nothing of it
+    /// kept, until [`Builder::reject`] says otherwise).
+    fn of(kind: &str, namespace: Option<&str>, name: &str, e: ConfigError) -> Self {
+        let ConfigError::Field { at, field, message } = e else {
+            unreachable!("objects are refused for their fields");
+        };
+        Self {
+            kind: kind.to_owned(),
+            namespace: namespace.map(str::to_owned),
+            name: name.to_owned(),
+            at,
+            field,
+            message,
+            kept_previous: false,
+        }
+    }
+
     /// The refusal as a [`ConfigError`].
     pub fn error(&self) -> ConfigError {
         ConfigError::field(&self.at, &self.field, &self.message)
@@ -242,16 +259,8 @@ pub fn from_api<'a>(
     }
     let mut loaded = build(docs, slices, prev, Strictness::Api);
     for e in unnamed {
-        if let ConfigError::Field { at, field, message } = e {
-            loaded.rejected.push(Rejected {
-                kind: String::new(),
-                namespace: None,
-                name: String::new(),
-                at,
-                field,
-                message,
-                kept_previous: false,
-            });
+        if matches!(e, ConfigError::Field { .. }) {
+            loaded.rejected.push(Rejected::of("", None, "", e));
         }
     }
     loaded
@@ -270,27 +279,13 @@ pub type SliceRead = Result<Option<EndpointSlice>, Box<Rejected>>;
 
 /// Read one EndpointSlice as the API serves it (see [`SliceRead`]).
 pub fn endpoint_slice_from_api(obj: Value) -> SliceRead {
-    let refused = |e: ConfigError, namespace: Option<String>, name: String| {
-        let ConfigError::Field { at, field, message } = e else {
-            unreachable!("objects are refused for their fields");
-        };
-        Box::new(Rejected {
-            kind: "EndpointSlice".into(),
-            namespace,
-            name,
-            at,
-            field,
-            message,
-            kept_previous: false,
-        })
-    };
-    let doc = doc_of(api_location(), obj).map_err(|e| refused(e, None, String::new()))?;
+    const KIND: &str = "EndpointSlice";
+    let doc = doc_of(api_location(), obj).map_err(|e| Rejected::of(KIND, None, "", e))?;
     let ns = doc.namespace();
     let name = doc.meta.name.clone();
-    check_name(&doc.at, "metadata.name", &doc.meta.name)
-        .map_err(|e| refused(e, Some(ns.clone()), name.clone()))?;
-    super::kube_shapes::endpoint_slice(&doc.at, doc.meta, ns.clone(), doc.rest)
-        .map_err(|e| refused(e, Some(ns), name))
+    let refused = |e| Box::new(Rejected::of(KIND, Some(&ns), &name, e));
+    check_name(&doc.at, "metadata.name", &doc.meta.name).map_err(refused)?;
+    super::kube_shapes::endpoint_slice(&doc.at, doc.meta, ns.clone(), doc.rest).map_err(refused)
 }
 
 fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
@@ -586,19 +581,9 @@ impl Builder<'_> {
     /// Report `e` against the object of `doc`'s kind and name, keeping its previous
     /// version if there is one.
     fn reject(&mut self, kind: &str, namespace: Option<&str>, name: &str, e: ConfigError) {
-        let ConfigError::Field { at, field, message } = e else {
-            unreachable!("objects are refused for their fields");
-        };
-        let kept_previous = self.keep_previous(kind, namespace.unwrap_or("default"), name);
-        self.rejected.push(Rejected {
-            kind: kind.to_owned(),
-            namespace: namespace.map(str::to_owned),
-            name: name.to_owned(),
-            at,
-            field,
-            message,
-            kept_previous,
-        });
+        let mut r = Rejected::of(kind, namespace, name, e);
+        r.kept_previous = self.keep_previous(kind, namespace.unwrap_or("default"), name);
+        self.rejected.push(r);
     }
 
     /// Put the previously accepted version of an object back, if there is one that still
@@ -639,30 +624,18 @@ impl Builder<'_> {
                 };
                 self.add_service(s.clone()).is_ok()
             }
-            "EndpointSlice" => prev
-                .endpoint_slices
-                .iter()
-                .find(|s| same(&s.namespace, &s.name))
-                .map(|s| self.cfg.endpoint_slices.push(s.clone()))
-                .is_some(),
-            "HTTPRoute" | "GRPCRoute" => prev
-                .routes
-                .iter()
-                .find(|r| r.kind.as_str() == kind && same(&r.namespace, &r.name))
-                .map(|r| self.cfg.routes.push(r.clone()))
-                .is_some(),
-            "ReferenceGrant" => prev
-                .grants
-                .iter()
-                .find(|g| same(&g.namespace, &g.name))
-                .map(|g| self.cfg.grants.push(g.clone()))
-                .is_some(),
-            "TLSRoute" => prev
-                .tls_routes
-                .iter()
-                .find(|r| same(&r.namespace, &r.name))
-                .map(|r| self.cfg.tls_routes.push(r.clone()))
-                .is_some(),
+            "EndpointSlice" => restore(&prev.endpoint_slices, &mut self.cfg.endpoint_slices, |s| {
+                same(&s.namespace, &s.name)
+            }),
+            "HTTPRoute" | "GRPCRoute" => restore(&prev.routes, &mut self.cfg.routes, |r| {
+                r.kind.as_str() == kind && same(&r.namespace, &r.name)
+            }),
+            "ReferenceGrant" => restore(&prev.grants, &mut self.cfg.grants, |g| {
+                same(&g.namespace, &g.name)
+            }),
+            "TLSRoute" => restore(&prev.tls_routes, &mut self.cfg.tls_routes, |r| {
+                same(&r.namespace, &r.name)
+            }),
             "TrafficPolicy" => {
                 let Some(p) = prev.policies.iter().find(|p| same(&p.namespace, &p.name)) else {
                     return false;
@@ -675,12 +648,11 @@ impl Builder<'_> {
                 self.cfg.policies.push(p.clone());
                 true
             }
-            "AuthorizationPolicy" => prev
-                .authorization
-                .iter()
-                .find(|p| same(&p.namespace, &p.name))
-                .map(|p| self.cfg.authorization.push(p.clone()))
-                .is_some(),
+            "AuthorizationPolicy" => {
+                restore(&prev.authorization, &mut self.cfg.authorization, |p| {
+                    same(&p.namespace, &p.name)
+                })
+            }
             _ => false,
         }
     }
@@ -711,6 +683,14 @@ impl Builder<'_> {
 enum RouteDoc {
     Http(route::RouteSpec),
     Grpc(route::GrpcRouteSpec),
+}
+
+/// Put the object of `prev` that `is_it` picks back into `into`; whether there was one.
+fn restore<T: Clone>(prev: &[T], into: &mut Vec<T>, is_it: impl Fn(&T) -> bool) -> bool {
+    prev.iter()
+        .find(|o| is_it(o))
+        .map(|o| into.push(o.clone()))
+        .is_some()
 }
 
 /// A document waiting for the objects it refers to.
@@ -777,18 +757,7 @@ fn build<'a>(
                 format!("duplicate {}, first declared at {first}", doc.at.object),
             );
             // The first declaration stands: nothing of the duplicate is kept.
-            let ConfigError::Field { at, field, message } = e else {
-                unreachable!()
-            };
-            b.rejected.push(Rejected {
-                kind,
-                namespace: ns_of.map(str::to_owned),
-                name,
-                at,
-                field,
-                message,
-                kept_previous: false,
-            });
+            b.rejected.push(Rejected::of(&kind, ns_of, &name, e));
             continue;
         }
         seen.insert(identity, doc.at.clone());
