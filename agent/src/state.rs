@@ -735,31 +735,24 @@ impl Attaches for TlsRoute {
 type Attached<R> = (Vec<Arc<R>>, BTreeMap<String, Vec<Arc<R>>>);
 
 fn attached<R: Attaches>(routes: &[R], svc: &Service, port: u16) -> Attached<R> {
-    let mut own = Vec::new();
-    let mut others: BTreeMap<String, Vec<Arc<R>>> = BTreeMap::new();
-    for r in routes {
-        let attaches = r.parents().iter().any(|p| {
+    let mut by_namespace: BTreeMap<String, Vec<Arc<R>>> = BTreeMap::new();
+    for r in routes.iter().filter(|r| {
+        r.parents().iter().any(|p| {
             p.namespace == svc.namespace
                 && p.service == svc.name
                 && p.port.is_none_or(|p| p == port)
-        });
-        if !attaches {
-            continue;
-        }
-        if r.namespace() == svc.namespace {
-            own.push(Arc::new(r.clone()));
-        } else {
-            others
-                .entry(r.namespace().to_owned())
-                .or_default()
-                .push(Arc::new(r.clone()));
-        }
+        })
+    }) {
+        by_namespace
+            .entry(r.namespace().to_owned())
+            .or_default()
+            .push(Arc::new(r.clone()));
     }
-    own.sort_by(|a, b| a.name().cmp(b.name()));
-    for rs in others.values_mut() {
+    for rs in by_namespace.values_mut() {
         rs.sort_by(|a, b| a.name().cmp(b.name()));
     }
-    (own, others)
+    let own = by_namespace.remove(&svc.namespace).unwrap_or_default();
+    (own, by_namespace)
 }
 
 #[cfg(test)]

@@ -136,7 +136,7 @@ pub struct BackendRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolution {
     Resolved,
-    /// No such Service (or it has no such TCP port): `BackendNotFound`.
+    /// No such Service: `BackendNotFound` (a Service without the port is refused).
     NotFound,
     /// A Service of another namespace with no ReferenceGrant allowing it:
     /// `RefNotPermitted`.

@@ -99,11 +99,13 @@ async fn handle(ctx: ConnCtx, clients: Arc<Clients>, conn: TcpStream) {
     }
     // TLS to a service with TLSRoutes (for this client's namespace): the backend service
     // is chosen by server name.
-    let tls_routes = {
+    let tls_routes = if proto == Detected::Tls {
         let state = inputs.state.load();
         svc.tls_routes_for(state.namespace_of(pod.ip)).to_vec()
+    } else {
+        Vec::new()
     };
-    let svc = if proto == Detected::Tls && !tls_routes.is_empty() {
+    let svc = if !tls_routes.is_empty() {
         let name = {
             // Bounded: each read holds a 16 KiB buffer.
             let Ok(_peek) = inputs.sni_peeks.acquire().await else {

@@ -143,6 +143,13 @@ pub async fn serve(
         let (io, control) = framing::Inspected::new(conn);
         (io, Some(control))
     };
+    let (source, namespace) = {
+        let state = ctx.inputs().state.load();
+        (
+            state.peer(ctx.pod.ip),
+            state.namespace_of(ctx.pod.ip).map(str::to_owned),
+        )
+    };
     let st = Arc::new(HttpConn {
         clients,
         svc,
@@ -151,13 +158,8 @@ pub async fn serve(
         clock: Clock::start(),
         framing,
         seen: AtomicU64::new(0),
-        source: ctx.inputs().state.load().peer(ctx.pod.ip),
-        namespace: ctx
-            .inputs()
-            .state
-            .load()
-            .namespace_of(ctx.pod.ip)
-            .map(str::to_owned),
+        source,
+        namespace,
         series: Arc::default(),
         ctx,
     });
